@@ -1,0 +1,71 @@
+//! The Nix helpers: unique derivations, a private daemon, isolated stores.
+
+use std::path::Path;
+
+use sluice_test_support::nix::{realise_in, run, IsolatedStore, NixCommands, NixDaemon, NixEnv};
+
+const HELLO: &str = r#"{ hello = mkDrv { name = "hello"; args = [ "-c" "echo hello > $out" ]; }; }"#;
+
+#[test]
+fn derivations_are_unique_per_environment() {
+    let (a, b) = (NixEnv::new(), NixEnv::new());
+    let da = a.instantiate(HELLO, &["hello"]);
+    let db = b.instantiate(HELLO, &["hello"]);
+    assert_ne!(da, db, "two environments must never share a .drv");
+    assert!(da[0].contains(a.nonce()), "{da:?}");
+    assert!(Path::new(&da[0]).is_file());
+}
+
+#[test]
+fn isolated_store_starts_empty_and_keeps_its_builds() {
+    let env = NixEnv::new();
+    let store = IsolatedStore::new();
+    let drv = env.instantiate_in(&store, HELLO, &["hello"]).remove(0);
+    assert!(
+        !Path::new(&drv).exists(),
+        "the .drv was written to the isolated store, not the host's"
+    );
+    assert!(store.host_path(&drv).is_file());
+    let out = realise_in(&store, &drv).remove(0);
+    let content = std::fs::read_to_string(store.host_path(&out)).expect("output in isolated store");
+    assert_eq!(content, "hello\n");
+    assert!(!Path::new(&out).exists(), "the output must not appear in the host's store");
+    let check = env
+        .command("nix-store")
+        .args(["--check-validity", &out])
+        .output()
+        .expect("nix-store");
+    assert!(!check.status.success(), "the host's store must not know {out}");
+}
+
+#[test]
+fn private_daemon_serves_the_host_store() {
+    let env = NixEnv::new();
+    let drv = env.instantiate(HELLO, &["hello"]).remove(0);
+    let daemon = NixDaemon::start();
+    let out = run(env
+        .command("nix-store")
+        .args(["--store", &daemon.store_uri(), "--realise", &drv]));
+    let out = out.trim();
+    assert_eq!(std::fs::read_to_string(out).expect("output"), "hello\n");
+}
+
+#[test]
+fn daemon_in_isolated_store_serves_only_that_store() {
+    let env = NixEnv::new();
+    let store = IsolatedStore::new();
+    let daemon = store.start_daemon();
+    // A path of the host's store is unknown to the isolated daemon.
+    let host_drv = env.instantiate(HELLO, &["hello"]).remove(0);
+    let status = env
+        .command("nix-store")
+        .args(["--store", &daemon.store_uri(), "--check-validity", &host_drv])
+        .output()
+        .expect("nix-store");
+    assert!(!status.status.success(), "isolated daemon must not know {host_drv}");
+    // ...while one instantiated inside it is valid through the daemon.
+    let drv = env.instantiate_in(&store, HELLO, &["hello"]).remove(0);
+    run(env
+        .command("nix-store")
+        .args(["--store", &daemon.store_uri(), "--check-validity", &drv]));
+}

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The one test command: installs what is missing, then runs formatting and
+# lint checks and every test of the workspace against a real PostgreSQL and
+# a real Nix. Tests that use mount namespaces (isolated builder stores)
+# need root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked "$@"

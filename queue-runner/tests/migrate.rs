@@ -18,34 +18,101 @@ const CONTRACT_COLUMNS: &[(&str, &[&str])] = &[
     ("projects", &["name", "displayname", "owner", "enabled"]),
     (
         "jobsets",
-        &["id", "project", "name", "schedulingshares", "enabled", "emailoverride", "type", "nixexprinput", "nixexprpath", "flake"],
+        &[
+            "id",
+            "project",
+            "name",
+            "schedulingshares",
+            "enabled",
+            "emailoverride",
+            "type",
+            "nixexprinput",
+            "nixexprpath",
+            "flake",
+        ],
     ),
     (
         "builds",
         &[
-            "id", "finished", "timestamp", "jobset_id", "job", "nixname", "drvpath", "system", "maxsilent", "timeout",
-            "priority", "globalpriority", "starttime", "stoptime", "iscachedbuild", "buildstatus", "size",
-            "closuresize", "releasename", "notificationpendingsince",
+            "id",
+            "finished",
+            "timestamp",
+            "jobset_id",
+            "job",
+            "nixname",
+            "drvpath",
+            "system",
+            "maxsilent",
+            "timeout",
+            "priority",
+            "globalpriority",
+            "starttime",
+            "stoptime",
+            "iscachedbuild",
+            "buildstatus",
+            "size",
+            "closuresize",
+            "releasename",
+            "notificationpendingsince",
         ],
     ),
     ("buildoutputs", &["build", "name", "path"]),
     (
         "buildsteps",
         &[
-            "build", "stepnr", "type", "drvpath", "system", "machine", "busy", "status", "errormsg", "starttime",
-            "stoptime", "propagatedfrom", "overhead", "timesbuilt", "isnondeterministic", "resolveddrvpath",
+            "build",
+            "stepnr",
+            "type",
+            "drvpath",
+            "system",
+            "machine",
+            "busy",
+            "status",
+            "errormsg",
+            "starttime",
+            "stoptime",
+            "propagatedfrom",
+            "overhead",
+            "timesbuilt",
+            "isnondeterministic",
+            "resolveddrvpath",
         ],
     ),
     ("buildstepoutputs", &["build", "stepnr", "name", "path"]),
     (
         "buildproducts",
-        &["build", "productnr", "type", "subtype", "filesize", "sha256hash", "path", "name", "defaultpath"],
+        &[
+            "build",
+            "productnr",
+            "type",
+            "subtype",
+            "filesize",
+            "sha256hash",
+            "path",
+            "name",
+            "defaultpath",
+        ],
     ),
-    ("buildmetrics", &["build", "name", "unit", "value", "project", "jobset", "job", "timestamp"]),
+    (
+        "buildmetrics",
+        &[
+            "build",
+            "name",
+            "unit",
+            "value",
+            "project",
+            "jobset",
+            "job",
+            "timestamp",
+        ],
+    ),
     ("failedpaths", &["path"]),
     ("systemstatus", &["what", "status"]),
     ("nrbuilds", &["what", "count"]),
-    ("jobsetevals", &["id", "jobset_id", "timestamp", "hasnewbuilds"]),
+    (
+        "jobsetevals",
+        &["id", "jobset_id", "timestamp", "hasnewbuilds"],
+    ),
     ("jobsetevalmembers", &["eval", "build", "isnew"]),
     ("schemaversion", &["version"]),
 ];
@@ -67,15 +134,24 @@ async fn applies_twice_to_an_empty_database_with_the_contracts_schema() {
     let mut conn = connect(&pg).await;
     let first = migrate::migrate(&mut conn).await.expect("first migrate");
     assert_eq!(first.hydra_schema, HydraSchema::Ours);
-    assert!(first.applied.iter().any(|id| id.starts_with("hydra/")), "{first:?}");
+    assert!(
+        first.applied.iter().any(|id| id.starts_with("hydra/")),
+        "{first:?}"
+    );
     let second = migrate::migrate(&mut conn).await.expect("second migrate");
-    assert!(second.applied.is_empty(), "nothing to do the second time: {second:?}");
+    assert!(
+        second.applied.is_empty(),
+        "nothing to do the second time: {second:?}"
+    );
     assert_eq!(second.hydra_schema, HydraSchema::Ours);
 
     for (table, wanted) in CONTRACT_COLUMNS {
         let have = columns_of(&mut conn, table).await;
         for col in *wanted {
-            assert!(have.iter().any(|c| c == col), "{table}.{col} missing; have {have:?}");
+            assert!(
+                have.iter().any(|c| c == col),
+                "{table}.{col} missing; have {have:?}"
+            );
         }
     }
     let version: i32 = sqlx::query_scalar("select version from SchemaVersion")
@@ -144,7 +220,10 @@ async fn cancelling_a_build_fires_builds_cancelled() {
             .expect("recv");
         channels.push(n.channel().to_string());
     }
-    assert_eq!(channels, ["builds_bumped", "builds_cancelled", "builds_restarted"]);
+    assert_eq!(
+        channels,
+        ["builds_bumped", "builds_cancelled", "builds_restarted"]
+    );
 }
 
 #[tokio::test]
@@ -164,7 +243,12 @@ async fn resolved_steps_need_a_resolved_drv_path_and_failed_paths_are_idempotent
         .bind(resolved)
     };
     assert!(insert_step(1, 13, None).execute(&mut conn).await.is_err());
-    assert!(insert_step(2, 0, Some("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-x.drv")).execute(&mut conn).await.is_err());
+    assert!(
+        insert_step(2, 0, Some("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-x.drv"))
+            .execute(&mut conn)
+            .await
+            .is_err()
+    );
     insert_step(3, 13, Some("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-x.drv"))
         .execute(&mut conn)
         .await
@@ -202,7 +286,10 @@ async fn schema_fingerprint(conn: &mut PgConnection) -> Vec<String> {
 async fn hydra_created_database(pg: &TestPg, version: i32) -> PgConnection {
     let mut conn = connect(pg).await;
     for m in HYDRA_MIGRATIONS {
-        sqlx::raw_sql(m.sql).execute(&mut conn).await.expect("hydra schema");
+        sqlx::raw_sql(m.sql)
+            .execute(&mut conn)
+            .await
+            .expect("hydra schema");
     }
     sqlx::query("update SchemaVersion set version = $1")
         .bind(version)
@@ -225,12 +312,20 @@ async fn migrate_leaves_a_hydra_database_alone() {
     let pg = TestPg::start();
     let mut conn = hydra_created_database(&pg, 87).await;
     let before = schema_fingerprint(&mut conn).await;
-    assert!(before.len() > 100, "the fingerprint sees the schema: {}", before.len());
+    assert!(
+        before.len() > 100,
+        "the fingerprint sees the schema: {}",
+        before.len()
+    );
 
     for _ in 0..2 {
         let out = run_cli(&["migrate", "--database-url", &pg.url()]);
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(stdout.contains("created by Hydra"), "{stdout}");
     }
     let after = schema_fingerprint(&mut conn).await;
@@ -249,7 +344,10 @@ async fn migrate_refuses_a_hydra_database_too_old_for_us() {
     let out = run_cli(&["migrate", "--database-url", &pg.url()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("schema version 80") && stderr.contains("hydra-init"), "{stderr}");
+    assert!(
+        stderr.contains("schema version 80") && stderr.contains("hydra-init"),
+        "{stderr}"
+    );
 }
 
 /// The one line a failed `migrate` prints, checked for shape.
@@ -290,7 +388,11 @@ async fn a_wrong_password_is_one_line_naming_server_and_cause() {
         .expect("role");
     // Trust only the superuser; everyone else must give a password.
     let hba = pg.dir().join("data/pg_hba.conf");
-    std::fs::write(&hba, "local all postgres trust\nlocal all all scram-sha-256\n").expect("pg_hba");
+    std::fs::write(
+        &hba,
+        "local all postgres trust\nlocal all all scram-sha-256\n",
+    )
+    .expect("pg_hba");
     sqlx::raw_sql("select pg_reload_conf()")
         .execute(&mut conn)
         .await
@@ -298,6 +400,9 @@ async fn a_wrong_password_is_one_line_naming_server_and_cause() {
     let url = pg.url().replace("postgres@", "alice:wrong@");
     let msg = failing_migrate(&url);
     assert!(msg.contains("password authentication failed"), "{msg}");
-    assert!(msg.contains(&pg.dir().join("sock").display().to_string()), "{msg}");
+    assert!(
+        msg.contains(&pg.dir().join("sock").display().to_string()),
+        "{msg}"
+    );
     assert!(!msg.contains("wrong@"), "{msg}");
 }

@@ -61,8 +61,12 @@ pub trait NixCommands {
 
 fn configured(program: &str) -> Command {
     let mut cmd = Command::new(program);
+    // `NIX_REMOTE=local` on purpose: with the store left to "auto", a Nix
+    // that cannot yet write a fresh store's state directory falls back to
+    // the daemon socket, and a daemon's worker would then connect to its
+    // own daemon, forever.
     cmd.env("NIX_CONFIG", NIX_CONFIG)
-        .env_remove("NIX_REMOTE")
+        .env("NIX_REMOTE", "local")
         .env_remove("NIX_DAEMON_SOCKET_PATH");
     cmd
 }
@@ -126,7 +130,12 @@ impl NixEnv {
     }
 
     /// Like [`NixEnv::instantiate`], in the store that `store` commands see.
-    pub fn instantiate_in(&self, store: &dyn NixCommands, expr: &str, attrs: &[&str]) -> Vec<String> {
+    pub fn instantiate_in(
+        &self,
+        store: &dyn NixCommands,
+        expr: &str,
+        attrs: &[&str],
+    ) -> Vec<String> {
         let file = self.write_expr(expr);
         attrs
             .iter()

@@ -4,7 +4,8 @@ use std::path::Path;
 
 use sluice_test_support::nix::{realise_in, run, IsolatedStore, NixCommands, NixDaemon, NixEnv};
 
-const HELLO: &str = r#"{ hello = mkDrv { name = "hello"; args = [ "-c" "echo hello > $out" ]; }; }"#;
+const HELLO: &str =
+    r#"{ hello = mkDrv { name = "hello"; args = [ "-c" "echo hello > $out" ]; }; }"#;
 
 #[test]
 fn derivations_are_unique_per_environment() {
@@ -29,13 +30,19 @@ fn isolated_store_starts_empty_and_keeps_its_builds() {
     let out = realise_in(&store, &drv).remove(0);
     let content = std::fs::read_to_string(store.host_path(&out)).expect("output in isolated store");
     assert_eq!(content, "hello\n");
-    assert!(!Path::new(&out).exists(), "the output must not appear in the host's store");
+    assert!(
+        !Path::new(&out).exists(),
+        "the output must not appear in the host's store"
+    );
     let check = env
         .command("nix-store")
         .args(["--check-validity", &out])
         .output()
         .expect("nix-store");
-    assert!(!check.status.success(), "the host's store must not know {out}");
+    assert!(
+        !check.status.success(),
+        "the host's store must not know {out}"
+    );
 }
 
 #[test]
@@ -43,9 +50,10 @@ fn private_daemon_serves_the_host_store() {
     let env = NixEnv::new();
     let drv = env.instantiate(HELLO, &["hello"]).remove(0);
     let daemon = NixDaemon::start();
-    let out = run(env
-        .command("nix-store")
-        .args(["--store", &daemon.store_uri(), "--realise", &drv]));
+    let out =
+        run(env
+            .command("nix-store")
+            .args(["--store", &daemon.store_uri(), "--realise", &drv]));
     let out = out.trim();
     assert_eq!(std::fs::read_to_string(out).expect("output"), "hello\n");
 }
@@ -59,10 +67,18 @@ fn daemon_in_isolated_store_serves_only_that_store() {
     let host_drv = env.instantiate(HELLO, &["hello"]).remove(0);
     let status = env
         .command("nix-store")
-        .args(["--store", &daemon.store_uri(), "--check-validity", &host_drv])
+        .args([
+            "--store",
+            &daemon.store_uri(),
+            "--check-validity",
+            &host_drv,
+        ])
         .output()
         .expect("nix-store");
-    assert!(!status.status.success(), "isolated daemon must not know {host_drv}");
+    assert!(
+        !status.status.success(),
+        "isolated daemon must not know {host_drv}"
+    );
     // ...while one instantiated inside it is valid through the daemon.
     let drv = env.instantiate_in(&store, HELLO, &["hello"]).remove(0);
     run(env

@@ -10,8 +10,13 @@ use sqlx::Connection;
 async fn throwaway_server_serves_queries_and_is_removed_on_drop() {
     let pg = TestPg::start();
     let dir = pg.dir().to_path_buf();
-    let mut conn = sqlx::PgConnection::connect(&pg.url()).await.expect("connect");
-    let (one,): (i32,) = sqlx::query_as("select 1").fetch_one(&mut conn).await.expect("query");
+    let mut conn = sqlx::PgConnection::connect(&pg.url())
+        .await
+        .expect("connect");
+    let (one,): (i32,) = sqlx::query_as("select 1")
+        .fetch_one(&mut conn)
+        .await
+        .expect("query");
     assert_eq!(one, 1);
     let listen: String = sqlx::query_scalar("show listen_addresses")
         .fetch_one(&mut conn)
@@ -20,14 +25,21 @@ async fn throwaway_server_serves_queries_and_is_removed_on_drop() {
     assert_eq!(listen, "", "the server must listen on its Unix socket only");
     conn.close().await.expect("close");
     drop(pg);
-    assert!(!dir.exists(), "the server's directory must be removed on drop");
+    assert!(
+        !dir.exists(),
+        "the server's directory must be removed on drop"
+    );
 }
 
 #[tokio::test]
 async fn two_servers_run_side_by_side() {
     let (a, b) = (TestPg::start(), TestPg::start());
-    let mut ca = sqlx::PgConnection::connect(&a.url()).await.expect("connect a");
-    let mut cb = sqlx::PgConnection::connect(&b.url()).await.expect("connect b");
+    let mut ca = sqlx::PgConnection::connect(&a.url())
+        .await
+        .expect("connect a");
+    let mut cb = sqlx::PgConnection::connect(&b.url())
+        .await
+        .expect("connect b");
     sqlx::query("create table only_in_a (x int)")
         .execute(&mut ca)
         .await
@@ -48,7 +60,11 @@ fn server_stops_when_dropped_during_a_panic() {
         panic!("a failing test");
     });
     assert!(result.is_err());
-    let socket = socket.lock().expect("lock").clone().expect("socket path recorded");
+    let socket = socket
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("socket path recorded");
     assert!(
         sluice_test_support::wait_until(Duration::from_secs(5), || !socket.exists()),
         "the server must be gone after a panicking test"

@@ -1,0 +1,111 @@
+//! Everything that can happen to the core: the closed [`Event`] enum and the
+//! plain data it carries.
+//!
+//! Events are converted from database rows, store reads and gRPC messages by
+//! the driver; nothing here knows those formats. Input that reaches the core
+//! from a builder may be wrong or hostile: the core never panics on an event,
+//! it answers a nonsensical one with [`crate::Command::EventRejected`].
+
+use crate::types::{BuildId, DrvPath, JobsetId, MachineId, StepFailure};
+
+/// One input to [`crate::Core::handle`].
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A queued build and the derivations it needs built.
+    ///
+    /// Contract: `steps` holds every derivation of the build's closure whose
+    /// outputs are not all valid in the store, and only those. An input
+    /// derivation absent from `steps` counts as already built. So a build
+    /// whose `top_drv` is absent from `steps` (and not already a step of
+    /// another build) finishes at once as a cached success.
+    BuildQueued {
+        build: BuildSpec,
+        steps: Vec<StepSpec>,
+    },
+    /// The build was cancelled in the database (`builds_cancelled`): forget
+    /// it. Steps no other build needs are dropped; running ones are
+    /// cancelled with [`crate::Command::CancelStep`].
+    BuildCancelled { build: BuildId },
+    /// The build's `globalPriority` changed (`builds_bumped`).
+    BuildBumped {
+        build: BuildId,
+        global_priority: i32,
+    },
+    /// A builder connected. Reusing the id of a connected machine first
+    /// disconnects the old one.
+    MachineConnected(MachineSpec),
+    /// A builder went away: its running steps are aborted (status 3) and
+    /// retried like any infrastructure failure.
+    MachineDisconnected { machine: MachineId },
+    /// A builder reports the end of an attempt at a step it was given with
+    /// [`crate::Command::Dispatch`].
+    StepFinished {
+        drv_path: DrvPath,
+        machine: MachineId,
+        outcome: StepOutcome,
+    },
+    /// Time passed. Retries whose backoff ended become runnable; steps that
+    /// stayed unsupported for the grace period fail. Every event does this
+    /// too; `Tick` is for when nothing else happens (see
+    /// [`crate::Core::next_deadline`]).
+    Tick,
+}
+
+/// A build as the evaluator queued it.
+#[derive(Clone, Debug)]
+pub struct BuildSpec {
+    pub id: BuildId,
+    /// Not used by the core yet: reserved for jobset scheduling shares.
+    pub jobset: JobsetId,
+    /// `Builds.globalPriority`.
+    pub global_priority: i32,
+    /// `Builds.priority`.
+    pub priority: i32,
+    /// `Builds.timestamp`: unix seconds when queued. The oldest build is
+    /// found by id (ids grow with queue time, as in Hydra); the core does
+    /// not use this yet.
+    pub timestamp: i64,
+    pub top_drv: DrvPath,
+}
+
+/// One derivation to build, as read from the store.
+#[derive(Clone, Debug)]
+pub struct StepSpec {
+    pub drv_path: DrvPath,
+    /// The derivation's `system`; `"builtin"` is built by any machine.
+    pub system: String,
+    /// `requiredSystemFeatures`.
+    pub required_features: Vec<String>,
+    /// The input derivations (all of them: those whose outputs are valid are
+    /// simply absent from the event's `steps`).
+    pub input_drvs: Vec<DrvPath>,
+}
+
+/// A builder's capabilities.
+#[derive(Clone, Debug)]
+pub struct MachineSpec {
+    pub id: MachineId,
+    /// Host name, for `BuildSteps.machine` and `/status/machines`.
+    pub name: String,
+    pub systems: Vec<String>,
+    pub supported_features: Vec<String>,
+    /// Features a step must require to be sent here (implicitly supported).
+    pub mandatory_features: Vec<String>,
+    /// Number of slots: steps it builds at once.
+    pub max_jobs: u32,
+    /// Faster machines are filled first.
+    pub speed_factor: f32,
+}
+
+/// How an attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// The outputs are now valid in the queue runner's store.
+    Success,
+    /// The attempt failed. With `can_retry` (infrastructure trouble), the
+    /// step is tried again after a backoff until `Config::max_tries`.
+    Failed {
+        failure: StepFailure,
+        can_retry: bool,
+    },
+}

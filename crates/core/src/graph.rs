@@ -1,0 +1,201 @@
+//! The step graph: [`Step`]s and [`Build`]s, shaped by `Arc` and `Weak`.
+//!
+//! Ownership runs from builds down to the derivations they need: a build
+//! holds an `Arc` to its top-level step, a step holds `Arc`s to its
+//! *unfinished* dependencies, and everything else (reverse dependencies,
+//! the index by derivation path, runnable queues, machine slots, retry
+//! timers) holds `Weak`s. So a step lives exactly as long as some unfinished
+//! build needs it, and dropping the last build that needs a sub-graph frees
+//! it. The core releases steps through `Core::release` (in `core.rs`), which
+//! walks the freed sub-graph iteratively to keep its own indexes and
+//! counters in step; `Drop for Step` is iterative as well, so dropping a
+//! long dependency chain never recurses deeply.
+//!
+//! Invariants kept by the core, checked by `Core::check_invariants` in
+//! tests:
+//! - a step is `Waiting` iff it has unfinished dependencies;
+//! - `Step::state.priority` is the [`Priority::join`] over every unfinished
+//!   build that needs the step;
+//! - each step mutex is locked by one function at a time, never two step
+//!   mutexes at once (the core is single-threaded; the mutex provides the
+//!   interior mutability a shared `Arc` needs).
+
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+
+use crate::order::Priority;
+use crate::queue::ClassId;
+use crate::types::{BuildId, DrvPath, MachineId, Millis};
+
+/// One derivation to build, shared by every build that needs it.
+pub(crate) struct Step {
+    pub drv_path: DrvPath,
+    /// The (system, required features) queue this step belongs to.
+    pub class: ClassId,
+    pub state: Mutex<StepState>,
+}
+
+pub(crate) struct StepState {
+    /// Unfinished dependencies; empty once runnable.
+    pub deps: Vec<Arc<Step>>,
+    /// Steps that need this one. May contain dead entries (pruned lazily).
+    pub rdeps: Vec<Weak<Step>>,
+    /// Builds whose top-level step this is. May contain dead entries.
+    pub builds: Vec<Weak<Build>>,
+    pub priority: Priority,
+    pub phase: Phase,
+    /// Identifies the one live entry of this step in a runnable queue or in
+    /// the retry timers; other entries for it are stale.
+    pub ticket: u64,
+    /// Failed attempts so far.
+    pub tries: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Some dependency is unfinished.
+    Waiting,
+    /// In its class's runnable queue.
+    Runnable { since: Millis },
+    /// Waiting out a retry backoff.
+    Delayed { until: Millis },
+    /// Occupies a slot on `machine`, attempt recorded under `build`.
+    Running { machine: MachineId, build: BuildId },
+    /// Built or failed for good; no longer in the index.
+    Finished,
+}
+
+impl Step {
+    pub fn new(drv_path: DrvPath, class: ClassId, deps: Vec<Arc<Step>>) -> Step {
+        Step {
+            drv_path,
+            class,
+            state: Mutex::new(StepState {
+                deps,
+                rdeps: Vec::new(),
+                builds: Vec::new(),
+                priority: Priority::NONE,
+                phase: Phase::Waiting,
+                ticket: 0,
+                tries: 0,
+            }),
+        }
+    }
+}
+
+impl StepState {
+    /// Adds a reverse dependency, dropping dead ones when the vector would
+    /// grow, so the vector stays proportional to the live ones.
+    pub fn add_rdep(&mut self, rdep: Weak<Step>) {
+        if self.rdeps.len() == self.rdeps.capacity() {
+            self.rdeps.retain(|r| r.strong_count() > 0);
+        }
+        self.rdeps.push(rdep);
+    }
+
+    pub fn add_build(&mut self, build: Weak<Build>) {
+        if self.builds.len() == self.builds.capacity() {
+            self.builds.retain(|b| b.strong_count() > 0);
+        }
+        self.builds.push(build);
+    }
+
+    /// The lowest id among the live builds whose top-level step this is.
+    pub fn lowest_direct_build(&self) -> Option<BuildId> {
+        self.builds
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|b| b.id)
+            .min()
+    }
+}
+
+impl Drop for Step {
+    /// Frees a chain of dependencies this step was the last owner of
+    /// without recursion.
+    fn drop(&mut self) {
+        let mut orphans = std::mem::take(&mut self.state.get_mut().deps);
+        while let Some(dep) = orphans.pop() {
+            if let Some(mut dep) = Arc::into_inner(dep) {
+                orphans.append(&mut dep.state.get_mut().deps);
+            }
+        }
+    }
+}
+
+/// An unfinished build. Owned by the core's build table alone; steps refer
+/// to it weakly.
+pub(crate) struct Build {
+    pub id: BuildId,
+    pub local_priority: i32,
+    pub top: Arc<Step>,
+    global_priority: Mutex<i32>,
+}
+
+impl Build {
+    pub fn new(id: BuildId, global_priority: i32, local_priority: i32, top: Arc<Step>) -> Build {
+        Build {
+            id,
+            local_priority,
+            top,
+            global_priority: Mutex::new(global_priority),
+        }
+    }
+
+    pub fn global_priority(&self) -> i32 {
+        *self.global_priority.lock()
+    }
+
+    pub fn set_global_priority(&self, value: i32) {
+        *self.global_priority.lock() = value;
+    }
+
+    pub fn priority(&self) -> Priority {
+        Priority {
+            global: self.global_priority(),
+            local: self.local_priority,
+            lowest_build: self.id,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropping_a_long_chain_does_not_overflow_the_stack() {
+        let mut head = Arc::new(Step::new(DrvPath::from("/0"), ClassId(0), Vec::new()));
+        for i in 1..200_000 {
+            head = Arc::new(Step::new(
+                DrvPath::from(format!("/{i}")),
+                ClassId(0),
+                vec![head],
+            ));
+        }
+        let weak_tail = {
+            let mut step = head.clone();
+            loop {
+                let next = step.state.lock().deps.first().cloned();
+                match next {
+                    Some(next) => step = next,
+                    None => break Arc::downgrade(&step),
+                }
+            }
+        };
+        drop(head);
+        assert!(weak_tail.upgrade().is_none(), "the whole chain was freed");
+    }
+
+    #[test]
+    fn a_step_stays_small() {
+        // 144 bytes on x86_64 today (plus 16 for the Arc counts); 270k
+        // queued steps must fit in little memory.
+        assert!(
+            std::mem::size_of::<Step>() <= 144,
+            "{}",
+            std::mem::size_of::<Step>()
+        );
+    }
+}

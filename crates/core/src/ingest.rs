@@ -1,0 +1,196 @@
+//! Attaching a queued build and its derivation closure to the step graph.
+//!
+//! A derivation that already has a live step is shared, never duplicated:
+//! a second build needing it adds a reference, and the step's priority
+//! becomes the join of both builds'. New steps are created dependencies
+//! first, so every step is created with all its unfinished dependencies in
+//! place. Priorities are propagated from the build's top-level step
+//! downwards, stopping where nothing changes; that is exact because a
+//! dependency's priority always covers each of its parents'.
+//!
+//! Invariant: the graph is only modified once the closure is known to be
+//! acyclic; a cyclic closure (which Nix cannot produce) aborts the build
+//! without touching the graph.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::command::{BuildFinished, Command, EventError};
+use crate::event::{BuildSpec, StepSpec};
+use crate::graph::{Build, Phase, Step};
+use crate::order::{Priority, StepOrder};
+use crate::types::{DrvPath, Status};
+use crate::Core;
+
+impl<O: StepOrder> Core<O> {
+    pub(crate) fn queue_build(&mut self, spec: BuildSpec, steps: Vec<StepSpec>) {
+        if self.builds.contains_key(&spec.id) {
+            self.reject(EventError::BuildAlreadyQueued(spec.id));
+            return;
+        }
+        let (top, new_steps) = match self.lookup(spec.top_drv.as_str()) {
+            Some(top) => (top, Vec::new()),
+            None => {
+                let mut by_path: HashMap<&str, &StepSpec> = HashMap::with_capacity(steps.len());
+                for step in &steps {
+                    by_path.entry(step.drv_path.as_str()).or_insert(step);
+                }
+                if !by_path.contains_key(spec.top_drv.as_str()) {
+                    self.finish_without_steps(&spec, Status::Success, true);
+                    return;
+                }
+                match creation_order(&spec.top_drv, &by_path, |drv| self.lookup(drv).is_some()) {
+                    Ok(order) => {
+                        let created = self.create_steps(&order);
+                        // The top is always last in `order`, so this
+                        // `else` is unreachable; finish rather than panic.
+                        let Some(top) = created.last().cloned() else {
+                            self.finish_without_steps(&spec, Status::Success, true);
+                            return;
+                        };
+                        (top, created)
+                    }
+                    Err(drv_path) => {
+                        self.reject(EventError::DependencyCycle {
+                            build: spec.id,
+                            drv_path,
+                        });
+                        self.finish_without_steps(&spec, Status::Aborted, false);
+                        return;
+                    }
+                }
+            }
+        };
+        let build = Arc::new(Build::new(
+            spec.id,
+            spec.global_priority,
+            spec.priority,
+            top.clone(),
+        ));
+        top.state.lock().add_build(Arc::downgrade(&build));
+        let priority = build.priority();
+        self.builds.insert(spec.id, build);
+        self.propagate_priority(top, priority);
+        for step in new_steps {
+            let runnable = {
+                let state = step.state.lock();
+                state.deps.is_empty() && state.phase == Phase::Waiting
+            };
+            if runnable {
+                self.make_runnable(&step);
+            }
+        }
+    }
+
+    /// A build that needs no step: cached (outputs valid) or aborted.
+    fn finish_without_steps(&mut self, spec: &BuildSpec, status: Status, cached: bool) {
+        self.counts.record_build_finished(status);
+        self.out.push(Command::BuildFinished(BuildFinished {
+            build: spec.id,
+            status,
+            cached,
+            failed_step: None,
+            dependents: Vec::new(),
+        }));
+    }
+
+    /// Creates the steps of `order` (dependencies first), the top-level
+    /// step last. Only the top's future build will own the new steps: the
+    /// caller must attach the top to a build before dropping the result.
+    fn create_steps(&mut self, order: &[&StepSpec]) -> Vec<Arc<Step>> {
+        let mut created: Vec<Arc<Step>> = Vec::with_capacity(order.len());
+        for spec in order {
+            let (class, is_new) =
+                self.classes
+                    .intern(&spec.system, &spec.required_features, self.now);
+            if is_new {
+                self.attach_class(class);
+            }
+            let mut deps: Vec<Arc<Step>> = spec
+                .input_drvs
+                .iter()
+                .filter_map(|input| self.lookup(input.as_str()))
+                .collect();
+            deps.sort_by_key(Arc::as_ptr);
+            deps.dedup_by(|a, b| Arc::ptr_eq(a, b));
+            let step = Arc::new(Step::new(spec.drv_path.clone(), class, deps.clone()));
+            for dep in deps {
+                dep.state.lock().add_rdep(Arc::downgrade(&step));
+            }
+            self.index
+                .insert(spec.drv_path.clone(), Arc::downgrade(&step));
+            self.counts.enter(Phase::Waiting);
+            created.push(step);
+        }
+        created
+    }
+
+    /// Joins `priority` into `top` and everything below it, stopping at
+    /// steps it does not change; re-keys runnable steps that changed.
+    pub(crate) fn propagate_priority(&mut self, top: Arc<Step>, priority: Priority) {
+        let mut pending = vec![top];
+        let mut changed_runnable = Vec::new();
+        while let Some(step) = pending.pop() {
+            let mut state = step.state.lock();
+            let joined = state.priority.join(priority);
+            if joined == state.priority {
+                continue;
+            }
+            state.priority = joined;
+            pending.extend(state.deps.iter().cloned());
+            let runnable = matches!(state.phase, Phase::Runnable { .. });
+            drop(state);
+            if runnable {
+                changed_runnable.push(step);
+            }
+        }
+        for step in changed_runnable {
+            self.requeue(&step);
+        }
+    }
+}
+
+/// The specs to create, dependencies before dependents, for the closure of
+/// `top` without the derivations that already have a step (`exists`) and
+/// those absent from `specs` (already valid). Fails with a derivation on a
+/// dependency cycle.
+fn creation_order<'a>(
+    top: &'a DrvPath,
+    specs: &HashMap<&'a str, &'a StepSpec>,
+    exists: impl Fn(&str) -> bool,
+) -> Result<Vec<&'a StepSpec>, DrvPath> {
+    enum Mark {
+        Open,
+        Done,
+    }
+    let mut marks: HashMap<&str, Mark> = HashMap::new();
+    let mut order = Vec::new();
+    // (derivation, children already pushed)
+    let mut stack: Vec<(&'a str, bool)> = vec![(top.as_str(), false)];
+    while let Some((drv, leaving)) = stack.pop() {
+        let Some(&spec) = specs.get(drv) else {
+            continue;
+        };
+        if leaving {
+            marks.insert(drv, Mark::Done);
+            order.push(spec);
+            continue;
+        }
+        match marks.get(drv) {
+            Some(Mark::Done) => continue,
+            // Every open derivation is on the current path: a back edge.
+            Some(Mark::Open) => return Err(spec.drv_path.clone()),
+            None => {}
+        }
+        if exists(drv) {
+            marks.insert(drv, Mark::Done);
+            continue;
+        }
+        marks.insert(drv, Mark::Open);
+        stack.push((drv, true));
+        for input in &spec.input_drvs {
+            stack.push((input.as_str(), false));
+        }
+    }
+    Ok(order)
+}

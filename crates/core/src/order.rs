@@ -1,0 +1,147 @@
+//! Dispatch order: which runnable step goes first.
+//!
+//! The order is pluggable through [`StepOrder`]: it maps a read-only
+//! [`StepView`] to a key, and the step with the *smallest* key is dispatched
+//! first. The core computes a step's key when the step enters a runnable
+//! queue and again whenever an input of the view changes (a build added,
+//! bumped, cancelled or finished changes [`Priority`]); so a key must be a
+//! pure function of the view. [`HydraOrder`] is Hydra's order: global
+//! priority, then build priority, then the oldest build.
+
+use std::cmp::Reverse;
+use std::sync::Arc;
+
+use crate::types::{BuildId, DrvPath, Millis};
+
+/// The priorities a step inherits from the builds that need it: the maximum
+/// global and local priority and the lowest build id over every unfinished
+/// build that depends on the step, directly or through other steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Priority {
+    /// `Builds.globalPriority` (raised by "bump"); higher goes first.
+    pub global: i32,
+    /// `Builds.priority` (`meta.schedulingPriority`); higher goes first.
+    pub local: i32,
+    /// The oldest build needing the step.
+    pub lowest_build: BuildId,
+}
+
+impl Priority {
+    /// The priority of a step no build needs: the neutral element of
+    /// [`Priority::join`].
+    pub const NONE: Priority = Priority {
+        global: i32::MIN,
+        local: i32::MIN,
+        lowest_build: BuildId(i32::MAX),
+    };
+
+    /// The priority of a step needed by both `self`'s and `other`'s builds.
+    pub fn join(self, other: Priority) -> Priority {
+        Priority {
+            global: self.global.max(other.global),
+            local: self.local.max(other.local),
+            lowest_build: self.lowest_build.min(other.lowest_build),
+        }
+    }
+}
+
+/// What an order may look at. Borrowed from the core for the duration of
+/// one [`StepOrder::key`] call.
+#[derive(Debug)]
+pub struct StepView<'a> {
+    pub drv_path: &'a DrvPath,
+    pub system: &'a str,
+    /// Sorted and deduplicated.
+    pub required_features: &'a [Arc<str>],
+    pub priority: Priority,
+    /// When the step last became runnable.
+    pub runnable_since: Millis,
+    /// Failed attempts so far.
+    pub tries: u32,
+}
+
+/// A dispatch order. The step with the smallest key goes first; ties go to
+/// the step that became runnable first.
+pub trait StepOrder {
+    type Key: Ord + Clone;
+
+    /// Must depend only on `step` (and on immutable state of `self`).
+    fn key(&self, step: &StepView<'_>) -> Self::Key;
+}
+
+/// Hydra's order: higher global priority, then higher build priority, then
+/// lower (older) build id.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HydraOrder;
+
+/// The key of [`HydraOrder`]; field order is comparison order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HydraKey {
+    global: Reverse<i32>,
+    local: Reverse<i32>,
+    lowest_build: BuildId,
+}
+
+impl StepOrder for HydraOrder {
+    type Key = HydraKey;
+
+    fn key(&self, step: &StepView<'_>) -> HydraKey {
+        HydraKey {
+            global: Reverse(step.priority.global),
+            local: Reverse(step.priority.local),
+            lowest_build: step.priority.lowest_build,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(drv: &DrvPath, global: i32, local: i32, build: i32) -> StepView<'_> {
+        StepView {
+            drv_path: drv,
+            system: "x86_64-linux",
+            required_features: &[],
+            priority: Priority {
+                global,
+                local,
+                lowest_build: BuildId(build),
+            },
+            runnable_since: Millis::ZERO,
+            tries: 0,
+        }
+    }
+
+    #[test]
+    fn hydra_order_compares_global_then_local_then_oldest_build() {
+        let drv = DrvPath::from("/nix/store/x.drv");
+        let key = |g, l, b| HydraOrder.key(&view(&drv, g, l, b));
+        assert!(key(1, 0, 9) < key(0, 100, 1), "global priority wins");
+        assert!(key(0, 5, 9) < key(0, 4, 1), "then build priority");
+        assert!(key(0, 0, 1) < key(0, 0, 2), "then the oldest build");
+    }
+
+    #[test]
+    fn join_takes_the_most_urgent_of_each_component() {
+        let a = Priority {
+            global: 1,
+            local: 0,
+            lowest_build: BuildId(7),
+        };
+        let b = Priority {
+            global: 0,
+            local: 3,
+            lowest_build: BuildId(2),
+        };
+        assert_eq!(
+            a.join(b),
+            Priority {
+                global: 1,
+                local: 3,
+                lowest_build: BuildId(2)
+            }
+        );
+        assert_eq!(a.join(Priority::NONE), a);
+    }
+}

@@ -1,0 +1,624 @@
+//! A simulated world for testing the core without IO or sleeps: a DAG of
+//! derivations, a fleet of simulated builders, a simulated clock, and a
+//! trace of what the core asked for.
+//!
+//! Scenarios read like data: [`Dag::parse`] takes lines such as
+//! `d: x86_64-linux big <- b c`, and [`Sim::run`] takes a script of actions,
+//! each followed by the trace lines (`> …`) it must produce, exactly.
+//!
+//! Every command the core returns is checked against the simulated world
+//! (a step is dispatched only to a connected, compatible machine with a
+//! free slot, only once its inputs are valid, never twice at once; a build
+//! finishes once), and `Core::check_invariants` runs after every event.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::{
+    BuildFinished, BuildId, BuildSpec, Command, Config, Core, DrvPath, Event, JobsetId, MachineId,
+    MachineSpec, Millis, Status, StepFailure, StepOrder, StepOutcome, StepSpec,
+};
+
+/// A derivation graph, by short name.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Dag {
+    pub nodes: BTreeMap<String, Node>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Node {
+    pub system: String,
+    pub features: Vec<String>,
+    pub inputs: Vec<String>,
+}
+
+/// The store path of a simulated derivation.
+pub(crate) fn drv(name: &str) -> DrvPath {
+    DrvPath::from(format!("/nix/store/sim-{name}.drv"))
+}
+
+/// The short name of a simulated derivation.
+pub(crate) fn name(drv: &DrvPath) -> String {
+    short(drv.as_str())
+}
+
+fn short(text: &str) -> String {
+    text.replace("/nix/store/sim-", "").replace(".drv", "")
+}
+
+impl Dag {
+    /// One node a line: `name: system [feature…] [<- input…]`. Blank lines
+    /// and `#` comments are skipped.
+    pub fn parse(text: &str) -> Dag {
+        let mut dag = Dag::default();
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (name, rest) = line
+                .split_once(':')
+                .expect("a DAG line is `name: system …`");
+            let (left, inputs) = rest.split_once("<-").unwrap_or((rest, ""));
+            let mut words = left.split_whitespace();
+            let system = words.next().expect("a DAG node needs a system").to_string();
+            dag.nodes.insert(
+                name.trim().to_string(),
+                Node {
+                    system,
+                    features: words.map(str::to_string).collect(),
+                    inputs: inputs.split_whitespace().map(str::to_string).collect(),
+                },
+            );
+        }
+        for node in dag.nodes.values() {
+            for input in &node.inputs {
+                assert!(dag.nodes.contains_key(input), "unknown input {input}");
+            }
+        }
+        dag
+    }
+
+    /// `top` and everything it depends on.
+    pub fn closure(&self, top: &str) -> BTreeSet<String> {
+        let mut seen = BTreeSet::new();
+        let mut pending = vec![top.to_string()];
+        while let Some(name) = pending.pop() {
+            if seen.insert(name.clone()) {
+                pending.extend(self.nodes[&name].inputs.iter().cloned());
+            }
+        }
+        seen
+    }
+
+    /// What the driver would send: the closure of `top` without the
+    /// derivations whose outputs are `valid`.
+    pub fn step_specs(&self, top: &str, valid: &BTreeSet<String>) -> Vec<StepSpec> {
+        self.closure(top)
+            .into_iter()
+            .filter(|name| !valid.contains(name))
+            .map(|name| {
+                let node = &self.nodes[&name];
+                StepSpec {
+                    drv_path: drv(&name),
+                    system: node.system.clone(),
+                    required_features: node.features.clone(),
+                    input_drvs: node.inputs.iter().map(|i| drv(i)).collect(),
+                }
+            })
+            .collect()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct SimMachine {
+    pub id: MachineId,
+    pub spec: MachineSpec,
+}
+
+/// The simulated world around one core.
+pub(crate) struct Sim<O: StepOrder = crate::HydraOrder> {
+    pub core: Core<O>,
+    pub dag: Dag,
+    pub now: Millis,
+    /// Derivations whose outputs are valid in the simulated store.
+    pub valid: BTreeSet<String>,
+    pub machines: BTreeMap<String, SimMachine>,
+    /// Every machine id ever connected, with its name.
+    names: BTreeMap<MachineId, String>,
+    next_machine: u64,
+    /// Derivation → (machine name, build) for every step being built.
+    pub running: BTreeMap<String, (String, BuildId)>,
+    /// Unfinished builds the core was told about, with their top.
+    pub queued: BTreeMap<BuildId, String>,
+    pub finished: BTreeMap<BuildId, Status>,
+    pub cancelled: BTreeSet<BuildId>,
+    /// (global, local) priority of each queued build, as the core was told.
+    priorities: BTreeMap<BuildId, (i32, i32)>,
+    /// Steps waiting out a retry backoff, until when.
+    delayed: BTreeMap<String, Millis>,
+    /// Whether to check each dispatch against a model of Hydra's order
+    /// (true for cores with [`crate::HydraOrder`]).
+    pub check_hydra_order: bool,
+    pub trace: Vec<String>,
+}
+
+impl Sim {
+    pub fn new(dag: &str, config: Config) -> Sim {
+        let mut sim = Sim::with_core(Dag::parse(dag), Core::new(config));
+        sim.check_hydra_order = true;
+        sim
+    }
+}
+
+impl<O: StepOrder> Sim<O> {
+    pub fn with_core(dag: Dag, core: Core<O>) -> Sim<O> {
+        Sim {
+            core,
+            dag,
+            now: Millis::ZERO,
+            valid: BTreeSet::new(),
+            machines: BTreeMap::new(),
+            names: BTreeMap::new(),
+            next_machine: 1,
+            running: BTreeMap::new(),
+            queued: BTreeMap::new(),
+            finished: BTreeMap::new(),
+            cancelled: BTreeSet::new(),
+            priorities: BTreeMap::new(),
+            delayed: BTreeMap::new(),
+            check_hydra_order: false,
+            trace: Vec::new(),
+        }
+    }
+
+    /// Runs a script: one action a line, each followed by the exact trace
+    /// lines (`> …`) it produces. See [`Sim::act`] for the actions.
+    pub fn run(&mut self, script: &str) {
+        let mut steps: Vec<(String, Vec<String>)> = Vec::new();
+        for line in script.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if let Some(expected) = line.strip_prefix('>') {
+                let (_, lines) = steps.last_mut().expect("a `>` line follows an action");
+                lines.push(expected.trim().to_string());
+            } else {
+                steps.push((line.to_string(), Vec::new()));
+            }
+        }
+        for (action, expected) in steps {
+            self.act(&action);
+            let produced = std::mem::take(&mut self.trace);
+            assert_eq!(produced, expected, "trace after `{action}`");
+        }
+    }
+
+    /// Performs one scripted action:
+    /// - `connect NAME SYSTEM[,SYSTEM…] [slots=N] [features=F,…] [mandatory=F,…] [speed=X]`
+    /// - `disconnect NAME`
+    /// - `valid DRV…` (outputs already in the store)
+    /// - `queue #ID TOP [global=N] [prio=N]`
+    /// - `ok DRV` / `fail DRV [STATUS] [retry]` (for the machine building it)
+    /// - `report NAME DRV ok` (a result from a machine, believed or not)
+    /// - `cancel #ID`, `bump #ID GLOBAL`
+    /// - `advance SECONDS` (then a tick), `tick`
+    pub fn act(&mut self, action: &str) {
+        let words: Vec<&str> = action.split_whitespace().collect();
+        let option = |key: &str| {
+            words
+                .iter()
+                .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        };
+        let list = |key: &str| -> Vec<String> {
+            option(key)
+                .map(|v| v.split(',').map(str::to_string).collect())
+                .unwrap_or_default()
+        };
+        let build = |word: &str| BuildId(word.trim_start_matches('#').parse().expect("a build id"));
+        match words.as_slice() {
+            ["connect", name, systems, ..] => {
+                let slots = option("slots").map_or(1, |v| v.parse().expect("slots"));
+                let speed = option("speed").map_or(1.0, |v| v.parse().expect("speed"));
+                self.connect(
+                    name,
+                    systems.split(',').map(str::to_string).collect(),
+                    list("features"),
+                    list("mandatory"),
+                    slots,
+                    speed,
+                );
+            }
+            ["disconnect", name] => self.disconnect(name),
+            ["valid", names @ ..] => self.valid.extend(names.iter().map(|n| n.to_string())),
+            ["queue", id, top, ..] => {
+                let global = option("global").map_or(0, |v| v.parse().expect("global"));
+                let prio = option("prio").map_or(0, |v| v.parse().expect("prio"));
+                self.queue(build(id), top, global, prio);
+            }
+            ["ok", drv] => self.finish(drv, StepOutcome::Success),
+            ["fail", drv, rest @ ..] => {
+                let failure = match rest.first().copied() {
+                    None | Some("failed") | Some("retry") => StepFailure::Failed,
+                    Some("aborted") => StepFailure::Aborted,
+                    Some("timed-out") => StepFailure::TimedOut,
+                    Some(other) => panic!("unknown failure {other}"),
+                };
+                let can_retry = rest.contains(&"retry");
+                self.finish(drv, StepOutcome::Failed { failure, can_retry });
+            }
+            ["report", machine, drv_name, "ok"] => {
+                let machine = self.machines[*machine].id;
+                self.handle(Event::StepFinished {
+                    drv_path: drv(drv_name),
+                    machine,
+                    outcome: StepOutcome::Success,
+                });
+            }
+            ["cancel", id] => self.cancel(build(id)),
+            ["bump", id, global] => {
+                let global_priority = global.parse().expect("a priority");
+                if let Some((g, _)) = self.priorities.get_mut(&build(id)) {
+                    *g = global_priority;
+                }
+                self.handle(Event::BuildBumped {
+                    build: build(id),
+                    global_priority,
+                });
+            }
+            ["advance", secs] => self.advance(Duration::from_secs(
+                secs.trim_end_matches('s').parse().expect("seconds"),
+            )),
+            ["tick"] => self.handle(Event::Tick),
+            _ => panic!("unknown action `{action}`"),
+        }
+    }
+
+    pub fn connect(
+        &mut self,
+        name: &str,
+        systems: Vec<String>,
+        supported_features: Vec<String>,
+        mandatory_features: Vec<String>,
+        max_jobs: u32,
+        speed_factor: f32,
+    ) {
+        self.disconnect(name);
+        let id = MachineId(self.next_machine);
+        self.next_machine += 1;
+        let spec = MachineSpec {
+            id,
+            name: name.to_string(),
+            systems,
+            supported_features,
+            mandatory_features,
+            max_jobs,
+            speed_factor,
+        };
+        self.machines.insert(
+            name.to_string(),
+            SimMachine {
+                id,
+                spec: spec.clone(),
+            },
+        );
+        self.names.insert(id, name.to_string());
+        self.handle(Event::MachineConnected(spec));
+    }
+
+    pub fn disconnect(&mut self, name: &str) {
+        let Some(machine) = self.machines.remove(name) else {
+            return;
+        };
+        self.running.retain(|_, (m, _)| m != name);
+        self.handle(Event::MachineDisconnected {
+            machine: machine.id,
+        });
+    }
+
+    pub fn queue(&mut self, id: BuildId, top: &str, global_priority: i32, priority: i32) {
+        let steps = self.dag.step_specs(top, &self.valid);
+        self.queued.insert(id, top.to_string());
+        self.priorities.insert(id, (global_priority, priority));
+        self.handle(Event::BuildQueued {
+            build: BuildSpec {
+                id,
+                jobset: JobsetId(1),
+                global_priority,
+                priority,
+                timestamp: 0,
+                top_drv: drv(top),
+            },
+            steps,
+        });
+    }
+
+    /// The machine building `drv_name` reports `outcome`.
+    pub fn finish(&mut self, drv_name: &str, outcome: StepOutcome) {
+        let (machine, _) = self
+            .running
+            .remove(drv_name)
+            .unwrap_or_else(|| panic!("{drv_name} is not running"));
+        if outcome == StepOutcome::Success {
+            self.valid.insert(drv_name.to_string());
+        }
+        let machine = self.machines[&machine].id;
+        self.handle(Event::StepFinished {
+            drv_path: drv(drv_name),
+            machine,
+            outcome,
+        });
+    }
+
+    pub fn cancel(&mut self, id: BuildId) {
+        if self.queued.remove(&id).is_some() {
+            self.cancelled.insert(id);
+        }
+        self.handle(Event::BuildCancelled { build: id });
+    }
+
+    pub fn advance(&mut self, by: Duration) {
+        self.now = self.now.saturating_add(by);
+        self.handle(Event::Tick);
+    }
+
+    pub fn handle(&mut self, event: Event) {
+        let commands = self.core.handle(event, self.now);
+        for command in commands {
+            self.observe(command);
+        }
+        if let Err(broken) = self.core.check_invariants() {
+            panic!("core invariant broken: {broken}");
+        }
+    }
+
+    fn machine_name(&self, id: MachineId) -> String {
+        self.names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("unknown-{}", id.0))
+    }
+
+    /// Checks one command against the world, applies it, and traces it.
+    fn observe(&mut self, command: Command) {
+        let line = match command {
+            Command::Dispatch {
+                drv_path,
+                machine,
+                build,
+                attempt,
+            } => {
+                let step = name(&drv_path);
+                let machine_name = self.machine_name(machine);
+                self.check_dispatch(&step, &machine_name, build);
+                if self.check_hydra_order {
+                    self.check_hydra_order(&step, &machine_name);
+                }
+                self.delayed.remove(&step);
+                self.running
+                    .insert(step.clone(), (machine_name.clone(), build));
+                let attempt = if attempt > 1 {
+                    format!(" (attempt {attempt})")
+                } else {
+                    String::new()
+                };
+                format!("dispatch {step} -> {machine_name} for {build}{attempt}")
+            }
+            Command::CancelStep {
+                drv_path, machine, ..
+            } => {
+                let step = name(&drv_path);
+                let machine_name = self.machine_name(machine);
+                let was = self.running.remove(&step);
+                assert_eq!(
+                    was.map(|(m, _)| m),
+                    Some(machine_name.clone()),
+                    "cancelled {step} was running"
+                );
+                format!("cancel {step} on {machine_name}")
+            }
+            Command::StepRequeued {
+                drv_path,
+                machine,
+                tries,
+                not_before,
+                ..
+            } => {
+                let step = name(&drv_path);
+                assert!(
+                    !self.running.contains_key(&step),
+                    "requeued {step} still running"
+                );
+                self.delayed.insert(step.clone(), not_before);
+                format!(
+                    "requeue {step} from {} (try {tries}) until {not_before}",
+                    self.machine_name(machine)
+                )
+            }
+            Command::StepUnsupported { drv_path, builds } => {
+                let builds: Vec<String> = builds.iter().map(|b| b.to_string()).collect();
+                format!("unsupported {}: {}", name(&drv_path), builds.join(" "))
+            }
+            Command::BuildFinished(finished) => self.check_finished(&finished),
+            Command::EventRejected(error) => format!("rejected: {}", short(&error.to_string())),
+        };
+        self.trace.push(line);
+    }
+
+    /// The steps `top` needs built: its closure, not descending into
+    /// derivations whose outputs are valid.
+    fn needed(&self, top: &str) -> BTreeSet<String> {
+        let mut seen = BTreeSet::new();
+        let mut pending = vec![top.to_string()];
+        while let Some(name) = pending.pop() {
+            if !self.valid.contains(&name) && seen.insert(name.clone()) {
+                pending.extend(self.dag.nodes[&name].inputs.iter().cloned());
+            }
+        }
+        seen
+    }
+
+    /// The compatibility rule, modelled independently of the core.
+    fn can_build(machine: &MachineSpec, node: &Node) -> bool {
+        let has = |list: &[String], x: &String| list.contains(x);
+        machine.max_jobs > 0
+            && (node.system == "builtin" || has(&machine.systems, &node.system))
+            && node
+                .features
+                .iter()
+                .all(|f| has(&machine.supported_features, f) || has(&machine.mandatory_features, f))
+            && machine
+                .mandatory_features
+                .iter()
+                .all(|f| has(&node.features, f))
+    }
+
+    /// Hydra's order, modelled independently of the core: no step the
+    /// machine could have taken instead was more urgent than `step`.
+    fn check_hydra_order(&self, step: &str, machine_name: &str) {
+        // Per needed step: (highest global, highest local, oldest build).
+        let mut keys: BTreeMap<String, (i32, i32, i32)> = BTreeMap::new();
+        for (&build, top) in &self.queued {
+            let (global, local) = self.priorities[&build];
+            for name in self.needed(top) {
+                let key = keys.entry(name).or_insert((i32::MIN, i32::MIN, i32::MAX));
+                *key = (key.0.max(global), key.1.max(local), key.2.min(build.0));
+            }
+        }
+        let urgency =
+            |key: (i32, i32, i32)| (std::cmp::Reverse(key.0), std::cmp::Reverse(key.1), key.2);
+        let Some(&chosen) = keys.get(step) else {
+            panic!("{step} dispatched but no queued build needs it")
+        };
+        let machine = &self.machines[machine_name].spec;
+        for (other, &key) in &keys {
+            let node = &self.dag.nodes[other];
+            let runnable = other != step
+                && !self.running.contains_key(other)
+                && node.inputs.iter().all(|i| self.valid.contains(i))
+                && self
+                    .delayed
+                    .get(other)
+                    .is_none_or(|until| *until <= self.now);
+            if runnable && Self::can_build(machine, node) {
+                assert!(
+                    urgency(key) >= urgency(chosen),
+                    "{step} {chosen:?} sent to {machine_name} before more urgent {other} {key:?}"
+                );
+            }
+        }
+    }
+
+    fn check_dispatch(&self, step: &str, machine_name: &str, build: BuildId) {
+        assert!(
+            !self.running.contains_key(step),
+            "{step} dispatched twice at once"
+        );
+        assert!(
+            !self.valid.contains(step),
+            "{step} dispatched although built"
+        );
+        let node = &self.dag.nodes[step];
+        for input in &node.inputs {
+            assert!(
+                self.valid.contains(input),
+                "{step} dispatched before its input {input} was built"
+            );
+        }
+        let machine = &self.machines[machine_name].spec;
+        let busy = self
+            .running
+            .values()
+            .filter(|(m, _)| m == machine_name)
+            .count();
+        assert!(
+            busy < machine.max_jobs as usize,
+            "{machine_name} has no free slot for {step}"
+        );
+        assert!(
+            Self::can_build(machine, node),
+            "{step} sent to {machine_name}, which cannot build it"
+        );
+        let top = self
+            .queued
+            .get(&build)
+            .unwrap_or_else(|| panic!("{step} dispatched for finished {build}"));
+        assert!(
+            self.dag.closure(top).contains(step),
+            "{build} does not need {step}"
+        );
+    }
+
+    fn check_finished(&mut self, finished: &BuildFinished) -> String {
+        let BuildFinished {
+            build,
+            status,
+            cached,
+            failed_step,
+            dependents,
+        } = finished;
+        let all = std::iter::once((*build, *status))
+            .chain(dependents.iter().map(|d| (d.build, d.status)));
+        let mut parts = Vec::new();
+        for (id, status) in all {
+            let top = self
+                .queued
+                .remove(&id)
+                .unwrap_or_else(|| panic!("{id} finished but was not queued (or finished twice)"));
+            self.finished.insert(id, status);
+            match failed_step {
+                None if status == Status::Success => {
+                    assert!(
+                        self.valid.contains(&top) || *cached,
+                        "{id} succeeded without its top built"
+                    )
+                }
+                None => {}
+                Some(step) => assert!(
+                    self.dag.closure(&top).contains(&name(step)),
+                    "{id} failed by {} which it does not need",
+                    name(step)
+                ),
+            }
+            parts.push(format!("{id} {status}"));
+        }
+        let mut line = format!("finished {}", parts.join(", "));
+        if *cached {
+            line.push_str(" (cached)");
+        }
+        if let Some(step) = failed_step {
+            line.push_str(&format!(" by {}", name(step)));
+        }
+        line
+    }
+
+    /// Connects a machine that can build anything, then succeeds every
+    /// running step and lets time pass until no build is left. Returns
+    /// false if builds remain after `max_rounds`.
+    pub fn drain(&mut self, max_rounds: usize) -> bool {
+        let systems: BTreeSet<String> = self.dag.nodes.values().map(|n| n.system.clone()).collect();
+        let features: BTreeSet<String> = self
+            .dag
+            .nodes
+            .values()
+            .flat_map(|n| n.features.clone())
+            .collect();
+        self.connect(
+            "drain",
+            systems.into_iter().collect(),
+            features.into_iter().collect(),
+            Vec::new(),
+            4,
+            1.0,
+        );
+        for _ in 0..max_rounds {
+            if self.queued.is_empty() {
+                return true;
+            }
+            match self.running.keys().next().cloned() {
+                Some(step) => self.finish(&step, StepOutcome::Success),
+                None => self.advance(Duration::from_secs(3600)),
+            }
+        }
+        self.queued.is_empty()
+    }
+}

@@ -1,0 +1,93 @@
+//! Steps live exactly as long as an unfinished build needs them.
+
+use std::sync::{Arc, Weak};
+
+use crate::graph::Step;
+use crate::sim::{drv, Sim};
+use crate::Config;
+
+fn weak_step(sim: &Sim, name: &str) -> Weak<Step> {
+    let step = sim
+        .core
+        .lookup(drv(name).as_str())
+        .unwrap_or_else(|| panic!("{name} has a step"));
+    Arc::downgrade(&step)
+}
+
+const GRAPH: &str = "
+    base: x86_64-linux
+    left: x86_64-linux <- base
+    right: x86_64-linux <- base
+";
+
+#[test]
+fn a_step_is_freed_when_the_last_build_needing_it_goes() {
+    let mut sim = Sim::new(GRAPH, Config::default());
+    sim.run("queue #1 left\nqueue #2 right");
+    let (base, left, right) = (
+        weak_step(&sim, "base"),
+        weak_step(&sim, "left"),
+        weak_step(&sim, "right"),
+    );
+
+    sim.run("cancel #1");
+    assert!(left.upgrade().is_none(), "left was only needed by #1");
+    assert!(base.upgrade().is_some(), "#2 still needs base");
+    assert!(sim.core.lookup(drv("left").as_str()).is_none());
+    assert_eq!(sim.core.index.len(), 2, "the index forgets freed steps");
+
+    sim.run("cancel #2");
+    assert!(right.upgrade().is_none());
+    assert!(base.upgrade().is_none());
+    assert!(sim.core.index.is_empty());
+    assert_eq!(
+        sim.core.stats().steps_runnable + sim.core.stats().steps_waiting,
+        0
+    );
+}
+
+#[test]
+fn a_built_step_is_freed_and_a_failed_closure_with_it() {
+    let mut sim = Sim::new(GRAPH, Config::default());
+    sim.run(
+        "
+        connect m1 x86_64-linux
+        queue #1 left
+        > dispatch base -> m1 for #1
+        ",
+    );
+    let (base, left) = (weak_step(&sim, "base"), weak_step(&sim, "left"));
+    sim.run("ok base\n> dispatch left -> m1 for #1");
+    assert!(
+        base.upgrade().is_none(),
+        "a built step is dropped by its parents"
+    );
+    sim.run("fail left\n> finished #1 failed by left");
+    assert!(left.upgrade().is_none());
+    assert!(sim.core.index.is_empty());
+    assert!(sim.core.builds.is_empty());
+}
+
+#[test]
+fn a_late_build_shares_the_live_step_instead_of_creating_one() {
+    let mut sim = Sim::new(GRAPH, Config::default());
+    sim.run("queue #1 left");
+    let base = weak_step(&sim, "base");
+    sim.run("queue #2 right");
+    let again = weak_step(&sim, "base");
+    assert!(Weak::ptr_eq(&base, &again));
+    let rdeps = base.upgrade().map(|b| b.state.lock().rdeps.len());
+    assert_eq!(rdeps, Some(2));
+}
+
+#[test]
+fn a_drv_path_is_stored_once_for_the_step_and_the_index() {
+    let mut sim = Sim::new(GRAPH, Config::default());
+    sim.run("queue #1 left");
+    let step = sim.core.lookup(drv("base").as_str()).unwrap();
+    let (key, _) = sim.core.index.get_key_value(drv("base").as_str()).unwrap();
+    assert!(std::ptr::eq(
+        key.as_str().as_ptr(),
+        step.drv_path.as_str().as_ptr()
+    ));
+}

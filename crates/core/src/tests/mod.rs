@@ -1,0 +1,6 @@
+//! Tests of the core through the simulation harness.
+
+mod lifetime;
+mod order;
+mod props;
+mod scenarios;

@@ -275,12 +275,15 @@ impl NixDaemon {
             .spawn()
             .unwrap_or_else(|e| panic!("test harness: cannot start nix-daemon: {e}"));
         let mut daemon = NixDaemon { child, dir };
+        // The socket file appears just before the daemon listens on it:
+        // wait until a connection is accepted, not until the file exists.
         let up = crate::wait_until(Duration::from_secs(30), || {
-            socket.exists() || matches!(daemon.child.try_wait(), Ok(Some(_)))
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+                || matches!(daemon.child.try_wait(), Ok(Some(_)))
         });
         assert!(
-            up && socket.exists(),
-            "test harness: nix-daemon did not create its socket {}",
+            up && std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+            "test harness: nix-daemon is not accepting connections on {}",
             socket.display()
         );
         daemon

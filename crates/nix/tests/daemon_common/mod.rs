@@ -1,0 +1,89 @@
+//! Helpers shared by the daemon tests.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use sluice_nix::daemon::{ClientError, DaemonClient};
+use sluice_nix::derivation::Derivation;
+use sluice_nix::store_path::{StoreDir, StorePath};
+use sluice_test_support::nix::{NixCommands, NixDaemon};
+
+pub fn store_path(full: &str) -> StorePath {
+    StoreDir::default()
+        .parse_path(full.trim())
+        .unwrap_or_else(|e| panic!("'{full}' is not a store path: {e}"))
+}
+
+/// Connects to `daemon`. The harness reports a daemon as up once its socket
+/// file exists, which is just before it listens: retry refusals briefly.
+pub async fn connect(daemon: &NixDaemon) -> DaemonClient {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match DaemonClient::connect(&daemon.socket_path()).await {
+            Ok(client) => return client,
+            Err(ClientError::Connect { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("connecting to the test daemon: {e}"),
+        }
+    }
+}
+
+/// A client on `nix-daemon --stdio` for the store `store` commands see.
+pub async fn spawn_stdio(store: &dyn NixCommands) -> DaemonClient {
+    let mut cmd = store.command("nix-daemon");
+    cmd.arg("--stdio");
+    DaemonClient::spawn(tokio::process::Command::from(cmd))
+        .await
+        .expect("starting nix-daemon --stdio")
+}
+
+/// Reads and parses a `.drv` file of the host store.
+pub fn read_drv(drv_path: &str) -> (StorePath, Derivation) {
+    let path = store_path(drv_path);
+    let text = std::fs::read(Path::new(drv_path.trim())).expect("reading a .drv file");
+    let drv = Derivation::parse_drv_file(&StoreDir::default(), &path, &text)
+        .expect("parsing a .drv file");
+    (path, drv)
+}
+
+/// The NAR of `path` as the daemon behind `client` exports it.
+pub async fn export_nar(client: &mut DaemonClient, path: &StorePath) -> Vec<u8> {
+    let mut nar = Vec::new();
+    let summary = client
+        .nar_from_path(path, &mut nar)
+        .await
+        .expect("exporting a NAR");
+    assert_eq!(summary.nar_size, nar.len() as u64);
+    nar
+}
+
+/// Waits, without blocking the runtime, until `cond` holds.
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether process `pid` is gone (or a zombie).
+pub fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+    }
+}

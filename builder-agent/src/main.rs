@@ -1,24 +1,57 @@
 //! `builder-agent`: runs on a build machine, dials the queue runner and
-//! builds the steps it is given with the local Nix.
+//! builds the steps it is given with the local Nix. A thin front over the
+//! `sluice_builder_agent` library.
 //!
-//! Not built yet: the end-to-end issue brings registration, assignment,
-//! input fetch, builds and output upload. Until then this binary refuses to
-//! start rather than pretend.
+//! Errors reach the user as one line on stderr and a non-zero exit code.
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use sluice_builder_agent::Cli;
 
-#[derive(Parser)]
-#[command(
-    name = "builder-agent",
-    version,
-    about = "Sluice builder agent (not functional yet: it exits with an error)"
-)]
-struct Cli {}
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
 
-fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    eprintln!("error: the builder agent is not implemented yet");
-    ExitCode::FAILURE
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let config = match cli.resolve().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        name = config.name,
+        systems = ?config.systems,
+        max_jobs = config.max_jobs,
+        queue_runner = config.queue_runner,
+        "builder agent starting"
+    );
+    match sluice_builder_agent::run(config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

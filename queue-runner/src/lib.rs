@@ -5,4 +5,17 @@
 //! - [`db`]: the PostgreSQL adapter: connecting with one-line errors, and
 //!   the migrations that create (or recognise) Hydra's schema.
 
+pub mod agents;
+pub mod config;
 pub mod db;
+pub mod driver;
+pub mod embedded;
+pub mod grpc;
+pub mod http;
+pub mod ingest;
+pub mod logs;
+pub mod nix_support;
+pub mod service;
+pub mod status;
+pub mod store;
+pub mod submit;

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use sluice_queue_runner::db;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use sluice_queue_runner::{config, db, embedded, service, submit};
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +26,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the queue runner: load queued builds, schedule their steps onto
+    /// the builder agents that connect, and record the results.
+    ///
+    /// Without a database URL it starts a private PostgreSQL under the data
+    /// directory (kept across restarts) and creates the schema there.
+    Serve(ServeArgs),
     /// Create or upgrade the database schema, then exit.
     ///
     /// On an empty database, creates Hydra's tables (schema version 87) and
@@ -38,6 +47,68 @@ enum Command {
         #[arg(long, default_value_t = 15)]
         connect_timeout: u64,
     },
+    /// Queue builds the way an evaluator does: Builds and BuildOutputs rows,
+    /// then `builds_added`.
+    ///
+    /// Jobs are given as `--job NAME` followed by one or more targets, each
+    /// a `.drv` path or `FILE.nix -A ATTR` (instantiated with
+    /// nix-instantiate). Example:
+    /// `submit --job hello examples/jobs.nix -A hello --job dep /nix/store/…-dep.drv`
+    Submit(SubmitArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// PostgreSQL URL. Without it, a private PostgreSQL is started under
+    /// --data-dir.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// State directory: build logs (the web UI's HYDRA_DATA) and the
+    /// embedded database [default: /var/lib/sluice]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address the builder agents dial [default: 127.0.0.1:50051]
+    #[arg(long)]
+    grpc_listen: Option<SocketAddr>,
+    /// Address of /status, /status/machines and /metrics [default: 127.0.0.1:9198]
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    /// File with the tokens agents must present, one per line.
+    #[arg(long)]
+    agent_token_file: Option<PathBuf>,
+    /// Nix daemon socket of the queue runner's store. Without it, the local
+    /// store is served by `nix-daemon --stdio` children (needs root).
+    #[arg(long)]
+    store_socket: Option<PathBuf>,
+    /// TOML file with the same settings (kebab-case keys); flags win.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct SubmitArgs {
+    /// PostgreSQL URL. Without it, the embedded database of the queue runner
+    /// running with --data-dir is used.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Data directory of the queue runner whose embedded database to use.
+    #[arg(long, default_value = "/var/lib/sluice")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "sluice")]
+    project: String,
+    #[arg(long, default_value = "default")]
+    jobset: String,
+    /// Follow the builds until they finish; exit 0 only if all succeeded.
+    #[arg(long)]
+    wait: bool,
+    /// `--job NAME (DRV | FILE.nix -A ATTR)...`, repeated.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "JOBS"
+    )]
+    jobs: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +138,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(args) => serve(args).await,
         Command::Migrate {
             database_url,
             connect_timeout,
@@ -88,7 +160,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Submit(args) => submit(args).await,
     }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => config::FileConfig::load(path)?,
+        None => config::FileConfig::default(),
+    };
+    let config = config::ServeConfig::resolve(
+        file,
+        config::Overrides {
+            database_url: args.database_url,
+            data_dir: args.data_dir,
+            grpc_listen: args.grpc_listen,
+            http_listen: args.http_listen,
+            agent_token_file: args.agent_token_file,
+            store_socket: args.store_socket,
+        },
+    )?;
+    service::run(config, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+    let jobs = submit::resolve_jobs(submit::parse_jobs(&args.jobs)?)?;
+    let url = match args.database_url {
+        Some(url) => url,
+        None => embedded::url_if_running(&args.data_dir).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no --database-url and no embedded database running under {}; start `queue-runner serve --data-dir {}` first",
+                args.data_dir.display(),
+                args.data_dir.display()
+            )
+        })?,
+    };
+    let pool = db::pool(&url, 2, Duration::from_secs(15)).await?;
+    let ids = submit::queue(&pool, &args.project, &args.jobset, &jobs).await?;
+    for (job, id) in jobs.iter().zip(&ids) {
+        println!("queued build {id}: {} ({})", job.name, job.drv_path);
+    }
+    if args.wait {
+        let ok = submit::wait(&pool, &ids, Duration::from_millis(500)).await?;
+        if !ok {
+            anyhow::bail!("not every build succeeded");
+        }
+        println!("all {} builds succeeded", ids.len());
+    }
+    Ok(())
 }
 
 fn one_line(s: &str) -> String {

@@ -107,8 +107,8 @@ pub async fn migrate(conn: &mut PgConnection) -> Result<MigrateReport, MigrateEr
 /// [`migrate`] with explicit sets, for tests.
 pub async fn migrate_sets(
     conn: &mut PgConnection,
-    hydra: &[Migration],
-    sluice: &[Migration],
+    hydra: &'static [Migration],
+    sluice: &'static [Migration],
 ) -> Result<MigrateReport, MigrateError> {
     let mut tx = conn.begin().await.map_err(state_err)?;
     sqlx::query("select pg_advisory_xact_lock($1)")
@@ -116,7 +116,7 @@ pub async fn migrate_sets(
         .execute(&mut *tx)
         .await
         .map_err(state_err)?;
-    sqlx::raw_sql(
+    sqlx::query(
         "create table if not exists SluiceSchemaMigrations (
              id         text primary key,
              checksum   text not null,
@@ -135,18 +135,27 @@ pub async fn migrate_sets(
             .into_iter()
             .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
             .collect();
-    let recorded_checksum = |id: &str| {
-        recorded
-            .iter()
-            .find(|(r, _)| r == id)
-            .map(|(_, c)| c.clone())
-    };
 
     let we_created_hydra = recorded.iter().any(|(id, _)| id.starts_with("hydra/"));
     let hydra_version = if we_created_hydra {
         None
     } else {
-        hydra_schema_version(&mut tx).await?
+        let exists: Option<String> =
+            sqlx::query_scalar("select to_regclass('schemaversion')::text")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(state_err)?;
+        match exists {
+            None => None,
+            Some(_) => {
+                let version: Option<i32> =
+                    sqlx::query_scalar("select max(version) from SchemaVersion")
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(state_err)?;
+                Some(version.unwrap_or(0))
+            }
+        }
     };
     let hydra_schema = match hydra_version {
         Some(version) if version < MIN_HYDRA_SCHEMA_VERSION => {
@@ -159,15 +168,18 @@ pub async fn migrate_sets(
         None => HydraSchema::Ours,
     };
 
-    let sets: Vec<&Migration> = match hydra_schema {
-        HydraSchema::Ours => hydra.iter().chain(sluice).collect(),
-        HydraSchema::Hydra { .. } => sluice.iter().collect(),
-    };
+    // Owned copies (Migration is Copy): holding references into the
+    // slices across awaits trips up the Send check of this future.
+    let sets = pending_sets(&hydra_schema, hydra, sluice);
     let mut applied = Vec::new();
     for m in sets {
         let id = m.id();
         let checksum = m.checksum();
-        match recorded_checksum(&id) {
+        let recorded_checksum = recorded
+            .iter()
+            .find(|(r, _)| *r == id)
+            .map(|(_, c)| c.clone());
+        match recorded_checksum {
             Some(c) if c == checksum => continue,
             Some(c) => {
                 return Err(MigrateError::Edited {
@@ -178,8 +190,8 @@ pub async fn migrate_sets(
             }
             None => {}
         }
-        sqlx::raw_sql(m.sql)
-            .execute(&mut *tx)
+        // A plain `&str` runs as a simple query: several statements at once.
+        sqlx::Executor::execute(&mut *tx, m.sql)
             .await
             .map_err(|e| MigrateError::Apply {
                 id: id.clone(),
@@ -201,18 +213,10 @@ pub async fn migrate_sets(
     })
 }
 
-/// `SchemaVersion.version` if the table exists.
-async fn hydra_schema_version(conn: &mut PgConnection) -> Result<Option<i32>, MigrateError> {
-    let exists: Option<String> = sqlx::query_scalar("select to_regclass('schemaversion')::text")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(state_err)?;
-    if exists.is_none() {
-        return Ok(None);
+/// The sets to consider, in order.
+fn pending_sets(schema: &HydraSchema, hydra: &[Migration], sluice: &[Migration]) -> Vec<Migration> {
+    match schema {
+        HydraSchema::Ours => hydra.iter().chain(sluice).copied().collect(),
+        HydraSchema::Hydra { .. } => sluice.to_vec(),
     }
-    let version: Option<i32> = sqlx::query_scalar("select max(version) from SchemaVersion")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(state_err)?;
-    Ok(Some(version.unwrap_or(0)))
 }

@@ -5,7 +5,11 @@
 //! message fits one line and names the server and the cause, never the
 //! password.
 
+pub mod held;
 pub mod migrate;
+pub mod notify;
+pub mod queue;
+pub mod results;
 
 use std::str::FromStr;
 use std::time::Duration;

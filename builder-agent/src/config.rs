@@ -1,0 +1,213 @@
+//! The agent's command line ([`Cli`]) and the settings it resolves to
+//! ([`AgentConfig`]): the token read from its file, the name and systems
+//! filled in from the host when not given.
+//!
+//! Invariant: an [`AgentConfig`] is complete and checked (a token, at
+//! least one system, at least one job slot); the session code never
+//! re-validates it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use thiserror::Error;
+
+/// Builds Nix derivations for a Sluice queue runner: dials it over gRPC,
+/// registers, receives steps, fetches their missing inputs, builds them
+/// with the local Nix, streams the log, and uploads the outputs.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "builder-agent", version)]
+pub struct Cli {
+    /// The queue runner's gRPC address, e.g. http://queue-runner.example:50051
+    #[arg(long, value_name = "URL")]
+    pub queue_runner: String,
+
+    /// File holding this agent's token: its first line that is neither empty
+    /// nor a '#' comment (of a `name:token` line, the part after the ':')
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+
+    /// The name the queue runner shows for this machine [default: the host name]
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Systems this machine builds for [default: the local Nix's system
+    /// (builtins.currentSystem) and `builtin`]
+    #[arg(long, num_args = 1.., value_name = "SYSTEM")]
+    pub systems: Vec<String>,
+
+    /// Features this machine supports (e.g. kvm big-parallel)
+    #[arg(long, num_args = 1.., value_name = "FEATURE")]
+    pub features: Vec<String>,
+
+    /// Features a step must require to be built here
+    #[arg(long, num_args = 1.., value_name = "FEATURE")]
+    pub mandatory_features: Vec<String>,
+
+    /// How many steps to build at once
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_jobs: u32,
+
+    /// Relative speed, used by the queue runner to prefer faster machines
+    #[arg(long, default_value_t = 1.0)]
+    pub speed_factor: f32,
+
+    /// The Nix daemon socket of the store to build in [default: start
+    /// `nix-daemon --stdio`, which as root serves the local store itself]
+    #[arg(long, value_name = "PATH")]
+    pub store_socket: Option<PathBuf>,
+
+    /// First delay before reconnecting after the connection drops, in ms
+    #[arg(long, default_value_t = 500, value_name = "MS")]
+    pub reconnect_min_ms: u64,
+
+    /// Longest delay between reconnection attempts, in ms (the delay
+    /// doubles from the first up to this)
+    #[arg(long, default_value_t = 60_000, value_name = "MS")]
+    pub reconnect_max_ms: u64,
+}
+
+/// How the agent reaches its own Nix store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalNix {
+    /// A daemon socket.
+    Socket(PathBuf),
+    /// `nix-daemon --stdio`, started per connection with the agent's
+    /// environment.
+    Stdio,
+}
+
+/// Everything the agent runs with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub queue_runner: String,
+    pub token: String,
+    pub name: String,
+    pub systems: Vec<String>,
+    pub features: Vec<String>,
+    pub mandatory_features: Vec<String>,
+    pub max_jobs: u32,
+    pub speed_factor: f32,
+    pub store: LocalNix,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Where `/proc` is (load, memory and pressure figures).
+    pub proc_root: PathBuf,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading the token file '{path}': {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the token file '{0}' has no token")]
+    NoToken(PathBuf),
+    #[error("--systems: give at least one system")]
+    NoSystems,
+}
+
+/// The token in a token file: its first non-empty line, after the first
+/// ':' if it is a `name:token` line.
+pub fn read_token(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::TokenFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .ok_or_else(|| ConfigError::NoToken(path.to_owned()))?;
+    let token = line.split_once(':').map_or(line, |(_, t)| t).trim();
+    if token.is_empty() {
+        return Err(ConfigError::NoToken(path.to_owned()));
+    }
+    Ok(token.to_owned())
+}
+
+impl Cli {
+    /// Reads the token and fills in the defaults from the host.
+    pub async fn resolve(self) -> Result<AgentConfig, ConfigError> {
+        let token = read_token(&self.token_file)?;
+        let name = match self.name {
+            Some(n) => n,
+            None => crate::host::hostname(Path::new("/proc")),
+        };
+        let systems = if self.systems.is_empty() {
+            vec![crate::host::nix_system().await, "builtin".to_owned()]
+        } else {
+            self.systems
+        };
+        if systems.iter().all(|s| s.trim().is_empty()) {
+            return Err(ConfigError::NoSystems);
+        }
+        Ok(AgentConfig {
+            queue_runner: self.queue_runner,
+            token,
+            name,
+            systems,
+            features: self.features,
+            mandatory_features: self.mandatory_features,
+            max_jobs: self.max_jobs,
+            speed_factor: self.speed_factor,
+            store: match self.store_socket {
+                Some(p) => LocalNix::Socket(p),
+                None => LocalNix::Stdio,
+            },
+            reconnect_min: Duration::from_millis(self.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(self.reconnect_max_ms),
+            proc_root: PathBuf::from("/proc"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_and_defaults_parse() {
+        let cli = Cli::try_parse_from([
+            "builder-agent",
+            "--queue-runner",
+            "http://127.0.0.1:1",
+            "--token-file",
+            "/t",
+            "--systems",
+            "x86_64-linux",
+            "builtin",
+            "--features",
+            "kvm",
+        ])
+        .expect("parses");
+        assert_eq!(cli.systems, ["x86_64-linux", "builtin"]);
+        assert_eq!(cli.features, ["kvm"]);
+        assert_eq!(cli.max_jobs, 1);
+        assert!(Cli::try_parse_from(["builder-agent", "--token-file", "/t"]).is_err());
+        assert!(Cli::try_parse_from([
+            "builder-agent",
+            "--queue-runner",
+            "u",
+            "--token-file",
+            "/t",
+            "--max-jobs",
+            "0"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn the_token_is_the_first_line_or_its_part_after_the_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "\n# comment\nbuilder1:secret-token-value\nother\n").expect("write");
+        assert_eq!(read_token(&file).expect("token"), "secret-token-value");
+        std::fs::write(&file, "  plain-token  \n").expect("write");
+        assert_eq!(read_token(&file).expect("token"), "plain-token");
+        std::fs::write(&file, "\n\n").expect("write");
+        assert!(matches!(read_token(&file), Err(ConfigError::NoToken(_))));
+        assert!(read_token(&dir.path().join("missing")).is_err());
+    }
+}

@@ -1,0 +1,335 @@
+//! One assignment, from the first phase update to the report: fetch the
+//! inputs the local store lacks, build the basic derivation with the local
+//! Nix daemon while streaming its log, upload the outputs, report.
+//!
+//! Invariants: every assignment that is not cancelled gets exactly one
+//! report; a failure of the agent's own machinery (store, transfers,
+//! malformed assignment) is reported as aborted (status 3, may be retried
+//! elsewhere), a failure of the build with the Hydra code for how it
+//! failed. Success is reported only after every output was uploaded.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sluice_nix::daemon::{
+    BuildMode, BuildStatus, ClientError, ClientOptions, DaemonClient, PathInfo,
+};
+use sluice_nix::derivation::{BasicDerivation, Derivation};
+use sluice_nix::store_path::{StoreDir, StorePath};
+use sluice_proto::v1 as pb;
+use thiserror::Error;
+
+use crate::session::SessionCtx;
+use crate::{logs, nix_store, transfer};
+
+/// Hydra's busy phases (`BuildSteps.busy`).
+const SENDING_INPUTS: u32 = 20;
+const BUILDING: u32 = 30;
+const RECEIVING_OUTPUTS: u32 = 40;
+
+/// Hydra's step statuses.
+const SUCCEEDED: u32 = 0;
+const FAILED: u32 = 1;
+const ABORTED: u32 = 3;
+const TIMED_OUT: u32 = 7;
+const LOG_LIMIT: u32 = 10;
+const OUTPUT_LIMIT: u32 = 11;
+const NOT_DETERMINISTIC: u32 = 12;
+
+/// Why a job could not do its part (reported as status 3).
+#[derive(Debug, Error)]
+pub(crate) enum JobError {
+    #[error("the assignment is malformed: {0}")]
+    Assignment(String),
+    #[error("the agent's Nix store: {0}")]
+    Store(#[from] ClientError),
+    #[error("fetching inputs: {0}")]
+    Fetch(#[from] transfer::FetchError),
+    #[error("uploading output '{output}': {source}")]
+    Upload {
+        output: String,
+        source: transfer::UploadError,
+    },
+    #[error("the build reported no path for output '{0}'")]
+    MissingOutput(String),
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Hydra's step status for how Nix says a build ended.
+pub(crate) fn hydra_status(status: BuildStatus) -> u32 {
+    match status {
+        BuildStatus::Built
+        | BuildStatus::Substituted
+        | BuildStatus::AlreadyValid
+        | BuildStatus::ResolvesToAlreadyValid => SUCCEEDED,
+        BuildStatus::PermanentFailure
+        | BuildStatus::InputRejected
+        | BuildStatus::OutputRejected => FAILED,
+        BuildStatus::TimedOut => TIMED_OUT,
+        BuildStatus::LogLimitExceeded => LOG_LIMIT,
+        BuildStatus::NotDeterministic => NOT_DETERMINISTIC,
+        BuildStatus::TransientFailure
+        | BuildStatus::MiscFailure
+        | BuildStatus::CachedFailure
+        | BuildStatus::DependencyFailed
+        | BuildStatus::NoSubstituters
+        | BuildStatus::Unknown(_) => ABORTED,
+    }
+}
+
+fn result(ctx: &SessionCtx, step: &str, status: u32, error_msg: String) -> pb::StepResult {
+    let now = unix_now();
+    pb::StepResult {
+        session_id: ctx.id.clone(),
+        step_id: step.to_owned(),
+        status,
+        error_msg,
+        start_time: now,
+        stop_time: now,
+        ..Default::default()
+    }
+}
+
+async fn report(ctx: &SessionCtx, step: &str, result: pb::StepResult) {
+    let status = result.status;
+    match ctx.client.clone().report_result(result).await {
+        Ok(_) => tracing::info!(step, status, "step reported"),
+        Err(e) => tracing::warn!(
+            step,
+            status,
+            "reporting the step's result failed: {}",
+            e.message()
+        ),
+    }
+}
+
+/// Reports an assignment the agent will not run.
+pub(crate) async fn refuse(ctx: Arc<SessionCtx>, step: String, why: &'static str) {
+    report(&ctx, &step, result(&ctx, &step, ABORTED, why.to_owned())).await;
+}
+
+/// Runs an assignment and reports its result.
+pub(crate) async fn run(ctx: Arc<SessionCtx>, assignment: pb::Assignment) {
+    let step = assignment.step_id.clone();
+    tracing::info!(step, drv = assignment.drv_path, "step assigned");
+    let outcome = match build(&ctx, &assignment).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            tracing::warn!(step, drv = assignment.drv_path, "step aborted: {e}");
+            result(&ctx, &step, ABORTED, e.to_string())
+        }
+    };
+    report(&ctx, &step, outcome).await;
+}
+
+fn store_path(what: &str, path: &str) -> Result<StorePath, JobError> {
+    StoreDir::default()
+        .parse_path(path)
+        .map_err(|e| JobError::Assignment(format!("{what} '{path}': {e}")))
+}
+
+async fn build(ctx: &SessionCtx, a: &pb::Assignment) -> Result<pb::StepResult, JobError> {
+    let step = a.step_id.as_str();
+    ctx.phase(step, SENDING_INPUTS).await;
+    let dir = StoreDir::default();
+    let drv_path = store_path("drv_path", &a.drv_path)?;
+    let drv = Derivation::parse_drv_file(&dir, &drv_path, &a.drv)
+        .map_err(|e| JobError::Assignment(format!("derivation: {e}")))?;
+    if !drv.input_drvs.is_empty() {
+        return Err(JobError::Assignment(
+            "the derivation still has input derivations".into(),
+        ));
+    }
+    let (basic, _) = drv.into_basic();
+    let mut nix = nix_store::connect(&ctx.config.store).await?;
+    let outcome = build_with(ctx, a, &drv_path, &basic, &mut nix).await;
+    // A clean goodbye, so the daemon does not log a broken connection.
+    nix.close(Duration::from_secs(1)).await;
+    outcome
+}
+
+async fn build_with(
+    ctx: &SessionCtx,
+    a: &pb::Assignment,
+    drv_path: &StorePath,
+    basic: &BasicDerivation,
+    nix: &mut DaemonClient,
+) -> Result<pb::StepResult, JobError> {
+    let step = a.step_id.as_str();
+    let dir = StoreDir::default();
+    let copying = Instant::now();
+    let inputs = a
+        .inputs
+        .iter()
+        .map(|i| store_path("input", &i.path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let valid = nix.query_valid_paths(inputs.iter(), false).await?;
+    let missing: Vec<StorePath> = inputs.into_iter().filter(|p| !valid.contains(p)).collect();
+    if !missing.is_empty() {
+        tracing::debug!(step, count = missing.len(), "fetching inputs");
+        transfer::fetch_inputs(ctx, step, &missing, nix).await?;
+    }
+    let mut overhead = copying.elapsed();
+
+    ctx.phase(step, BUILDING).await;
+    nix.set_options(&ClientOptions {
+        max_silent_time: a.max_silent_time_s,
+        build_timeout: (a.build_timeout_s > 0).then_some(u64::from(a.build_timeout_s)),
+        max_log_size: (a.max_log_bytes > 0).then_some(a.max_log_bytes),
+        verbose_build: true,
+        ..ClientOptions::default()
+    })
+    .await?;
+    let (log_tx, log_rx) = tokio::sync::mpsc::unbounded_channel();
+    nix.log_to(log_tx);
+    let building = async {
+        let built = nix
+            .build_derivation(drv_path, basic, BuildMode::Normal)
+            .await;
+        // Drops the log sender, which ends the log stream.
+        nix.set_logger(|_| {});
+        built
+    };
+    let (built, ()) = tokio::join!(building, logs::forward(ctx, step, log_rx));
+    let built = built?;
+
+    let status = hydra_status(built.status);
+    let mut res = pb::StepResult {
+        session_id: ctx.id.clone(),
+        step_id: step.to_owned(),
+        status,
+        error_msg: built.error_msg.clone(),
+        times_built: u32::try_from(built.times_built).unwrap_or(u32::MAX),
+        is_non_deterministic: built.is_non_deterministic,
+        start_time: i64::try_from(built.start_time).unwrap_or(0),
+        stop_time: i64::try_from(built.stop_time).unwrap_or(0),
+        ..Default::default()
+    };
+    if res.start_time == 0 {
+        res.start_time = unix_now();
+        res.stop_time = res.start_time;
+    }
+    if status != SUCCEEDED {
+        res.overhead_ms = u64::try_from(overhead.as_millis()).unwrap_or(u64::MAX);
+        return Ok(res);
+    }
+
+    ctx.phase(step, RECEIVING_OUTPUTS).await;
+    let uploading = Instant::now();
+    let mut infos = BTreeMap::new();
+    for name in basic.outputs.keys() {
+        let out = built
+            .built_outputs
+            .get(name)
+            .map(|o| o.out_path.clone())
+            .ok_or_else(|| JobError::MissingOutput(name.clone()))?;
+        let info = nix
+            .query_path_info(&out)
+            .await?
+            .ok_or_else(|| JobError::MissingOutput(name.clone()))?;
+        infos.insert(name.clone(), info);
+    }
+    let total: u64 = infos.values().map(|i| i.nar_size).sum();
+    if a.max_output_bytes > 0 && total > a.max_output_bytes {
+        res.status = OUTPUT_LIMIT;
+        res.error_msg = format!(
+            "the outputs total {total} bytes, more than the limit of {}",
+            a.max_output_bytes
+        );
+        return Ok(res);
+    }
+    for name in upload_order(&infos) {
+        let Some(info) = infos.get(&name) else {
+            continue;
+        };
+        transfer::upload_output(ctx, step, &name, info, nix)
+            .await
+            .map_err(|source| JobError::Upload {
+                output: name.clone(),
+                source,
+            })?;
+        res.outputs.push(pb::BuildOutput {
+            name: name.clone(),
+            path: dir.print(&info.path),
+        });
+    }
+    overhead += uploading.elapsed();
+    res.overhead_ms = u64::try_from(overhead.as_millis()).unwrap_or(u64::MAX);
+    Ok(res)
+}
+
+/// Output names ordered so that an output comes after the outputs it
+/// refers to (the queue runner checks references against what it knows).
+fn upload_order(infos: &BTreeMap<String, PathInfo>) -> Vec<String> {
+    let mut done: BTreeSet<&StorePath> = BTreeSet::new();
+    let mut order = Vec::with_capacity(infos.len());
+    let mut left: Vec<(&String, &PathInfo)> = infos.iter().collect();
+    while !left.is_empty() {
+        let before = left.len();
+        left.retain(|(name, info)| {
+            let ready = infos.values().all(|other| {
+                other.path == info.path
+                    || !info.references.contains(&other.path)
+                    || done.contains(&other.path)
+            });
+            if ready {
+                done.insert(&info.path);
+                order.push((*name).clone());
+            }
+            !ready
+        });
+        if left.len() == before {
+            // A cycle between outputs cannot be built by Nix; keep going.
+            order.extend(left.drain(..).map(|(n, _)| n.clone()));
+        }
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_nix::hash::Hash;
+
+    #[test]
+    fn nix_statuses_map_to_hydra_codes() {
+        assert_eq!(hydra_status(BuildStatus::Built), 0);
+        assert_eq!(hydra_status(BuildStatus::AlreadyValid), 0);
+        assert_eq!(hydra_status(BuildStatus::PermanentFailure), 1);
+        assert_eq!(hydra_status(BuildStatus::OutputRejected), 1);
+        assert_eq!(hydra_status(BuildStatus::TimedOut), 7);
+        assert_eq!(hydra_status(BuildStatus::LogLimitExceeded), 10);
+        assert_eq!(hydra_status(BuildStatus::NotDeterministic), 12);
+        assert_eq!(hydra_status(BuildStatus::TransientFailure), 3);
+        assert_eq!(hydra_status(BuildStatus::MiscFailure), 3);
+        assert_eq!(hydra_status(BuildStatus::Unknown(99)), 3);
+    }
+
+    #[test]
+    fn referenced_outputs_are_uploaded_first() {
+        let dir = StoreDir::default();
+        let p = |s: &str| dir.parse_path(s).expect("path");
+        let out = p("/nix/store/7n8pyd8s1sxgxhcw6xm9f5cbqqzk3c8p-x");
+        let dev = p("/nix/store/1f0xy7krxh1hbbi2pvdq8cp5bjq6vqq3-x-dev");
+        let lib = p("/nix/store/2f0xy7krxh1hbbi2pvdq8cp5bjq6vqq3-x-lib");
+        let info = |path: &StorePath, refs: &[&StorePath]| {
+            let mut i = PathInfo::new(path.clone(), Hash::sha256(b""), 0);
+            i.references = refs.iter().map(|r| (*r).clone()).collect();
+            i
+        };
+        let infos: BTreeMap<String, PathInfo> = [
+            ("dev".to_owned(), info(&dev, &[&out, &lib, &dev])),
+            ("lib".to_owned(), info(&lib, &[])),
+            ("out".to_owned(), info(&out, &[&lib])),
+        ]
+        .into();
+        assert_eq!(upload_order(&infos), ["lib", "out", "dev"]);
+    }
+}

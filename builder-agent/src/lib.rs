@@ -1,0 +1,132 @@
+//! The Sluice builder agent as a library: the `builder-agent` binary is a
+//! thin front over [`run`], and tests run the agent in-process with it.
+//!
+//! An agent dials the queue runner over gRPC, checks the protocol version,
+//! registers its capabilities, sends heartbeats with its load, and opens a
+//! work stream. For each assignment it fetches the inputs its own Nix store
+//! lacks, builds the derivation through its local Nix daemon while
+//! streaming the log, uploads the outputs and reports the result. When the
+//! connection drops it reconnects with capped exponential backoff and
+//! registers again as a new session.
+//!
+//! - [`config`]: command line and resolved settings.
+//! - `session`: one connection: registration, heartbeats, the work stream,
+//!   and the running jobs.
+//! - `job`: one assignment from start to report; `transfer`: NARs in and
+//!   out; `logs`: the log stream.
+//! - [`host`]: load, memory and pressure figures from `/proc`.
+//!
+//! Invariants: nothing the queue runner sends can panic the agent; every
+//! channel is bounded except the one the Nix client's synchronous logger
+//! feeds (bounded in practice by the build's log limit); a job that ends,
+//! is cancelled or loses its session drops its daemon connection, which
+//! makes the daemon stop the build.
+
+pub mod config;
+pub mod host;
+mod job;
+mod logs;
+mod nix_store;
+mod session;
+mod transfer;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+
+pub use config::{AgentConfig, Cli, ConfigError, LocalNix};
+
+/// Why the agent stopped for good (anything else is retried).
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("the queue runner refused this agent: {0}")]
+    Refused(String),
+}
+
+/// Runs the agent until `shutdown` completes (`Ok`) or the queue runner
+/// refuses it for good (a wrong token, an incompatible protocol version, a
+/// registration it rejects).
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let config = Arc::new(config);
+    let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
+    tokio::pin!(shutdown);
+    loop {
+        let ended = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            ended = session::run(&config, &mut backoff) => ended,
+        };
+        match ended {
+            session::Ended::Refused(why) => return Err(AgentError::Refused(why)),
+            session::Ended::Lost(why) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(
+                    "connection to the queue runner lost: {why}; reconnecting in {} ms",
+                    delay.as_millis()
+                );
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter; reset once a session is up.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Backoff {
+        let min = min.max(Duration::from_millis(1));
+        Backoff {
+            min,
+            max: max.max(min),
+            next: min,
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// The delay before the next attempt: the current step plus up to a
+    /// quarter of jitter, never above the cap; the step then doubles.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let jitter = base / 4 * (nanos % 1000) / 1000;
+        (base + jitter).min(self.max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(700));
+        let delays: Vec<Duration> = (0..5).map(|_| b.next_delay()).collect();
+        let ms = |d: &Duration| d.as_millis();
+        assert!((100..=125).contains(&ms(&delays[0])), "{delays:?}");
+        assert!((200..=250).contains(&ms(&delays[1])), "{delays:?}");
+        assert!((400..=500).contains(&ms(&delays[2])), "{delays:?}");
+        assert!(delays[3..].iter().all(|d| ms(d) == 700), "{delays:?}");
+        b.reset();
+        assert!(ms(&b.next_delay()) <= 125);
+    }
+}

@@ -1,0 +1,281 @@
+//! One connection to the queue runner: version check, registration,
+//! heartbeats, the work stream, and the jobs it starts.
+//!
+//! Invariants: a session's jobs live in a `JoinSet` that the session owns,
+//! so when the session ends (stream closed, heartbeats refused, shutdown)
+//! every job is dropped and its build stopped: the queue runner has already
+//! given those attempts up. At most `max_jobs` jobs run at once; an
+//! assignment beyond that is reported as aborted (status 3) rather than
+//! queued.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_proto::v1 as pb;
+use sluice_proto::v1::queue_runner_client::QueueRunnerClient;
+use sluice_proto::PROTOCOL_VERSION;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::config::AgentConfig;
+use crate::{host, job, Backoff};
+
+const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Phase updates buffered towards the queue runner.
+const EVENT_BUFFER: usize = 64;
+/// Heartbeat failures in a row that end the session.
+const MAX_HEARTBEAT_FAILURES: u32 = 3;
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub(crate) struct Bearer(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub(crate) type Client = QueueRunnerClient<InterceptedService<Channel, Bearer>>;
+
+/// How a session ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// Try again later.
+    Lost(String),
+    /// The queue runner will not take this agent as configured.
+    Refused(String),
+}
+
+/// What jobs share with their session.
+pub(crate) struct SessionCtx {
+    pub(crate) id: String,
+    pub(crate) client: Client,
+    pub(crate) config: Arc<AgentConfig>,
+    /// Largest message the queue runner accepts.
+    pub(crate) max_message: usize,
+    /// The work stream, for phase updates.
+    events: mpsc::Sender<pb::AgentEvent>,
+}
+
+impl SessionCtx {
+    /// Reports a busy phase (Hydra's `BuildSteps.busy` code) of a step.
+    pub(crate) async fn phase(&self, step_id: &str, busy: u32) {
+        let event = pb::AgentEvent {
+            session_id: self.id.clone(),
+            event: Some(pb::agent_event::Event::Phase(pb::PhaseUpdate {
+                step_id: step_id.to_owned(),
+                busy,
+            })),
+        };
+        // A closed stream ends the session, which drops this job anyway.
+        let _ = self.events.send(event).await;
+    }
+}
+
+fn lost(what: &str, status: &Status) -> Ended {
+    Ended::Lost(format!("{what}: {}", status.message()))
+}
+
+/// Errors that no retry will fix.
+fn classify(what: &str, status: Status) -> Ended {
+    match status.code() {
+        Code::Unauthenticated | Code::FailedPrecondition | Code::InvalidArgument => {
+            Ended::Refused(format!("{what}: {}", status.message()))
+        }
+        _ => lost(what, &status),
+    }
+}
+
+async fn connect(config: &AgentConfig) -> Result<Client, Ended> {
+    let token: MetadataValue<Ascii> = format!("Bearer {}", config.token).parse().map_err(|_| {
+        Ended::Refused("the token contains characters HTTP headers cannot carry".into())
+    })?;
+    let endpoint = Endpoint::from_shared(config.queue_runner.clone())
+        .map_err(|e| Ended::Refused(format!("--queue-runner '{}': {e}", config.queue_runner)))?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Ended::Lost(format!("connecting to {}: {e}", config.queue_runner)))?;
+    Ok(QueueRunnerClient::with_interceptor(channel, Bearer(token)))
+}
+
+/// Runs one session until it ends.
+pub(crate) async fn run(config: &Arc<AgentConfig>, backoff: &mut Backoff) -> Ended {
+    match serve(config, backoff).await {
+        Ok(never) => match never {},
+        Err(ended) => ended,
+    }
+}
+
+async fn serve(
+    config: &Arc<AgentConfig>,
+    backoff: &mut Backoff,
+) -> Result<std::convert::Infallible, Ended> {
+    let mut client = connect(config).await?;
+    let version = client
+        .version(pb::VersionRequest {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: AGENT_VERSION.to_owned(),
+        })
+        .await
+        .map_err(|s| classify("version check", s))?
+        .into_inner();
+    if version.protocol_version != PROTOCOL_VERSION {
+        return Err(Ended::Refused(format!(
+            "the queue runner ({}) speaks protocol {}, this agent {PROTOCOL_VERSION}",
+            version.runner_version, version.protocol_version
+        )));
+    }
+    let host = host::load(&config.proc_root);
+    let registered = client
+        .register(pb::RegisterRequest {
+            name: config.name.clone(),
+            systems: config.systems.clone(),
+            supported_features: config.features.clone(),
+            mandatory_features: config.mandatory_features.clone(),
+            max_jobs: config.max_jobs,
+            speed_factor: config.speed_factor,
+            total_mem_bytes: host.mem_total_bytes,
+        })
+        .await
+        .map_err(|s| classify("registration", s))?
+        .into_inner();
+    backoff.reset();
+    let max_message = usize::try_from(registered.max_message_bytes)
+        .unwrap_or(usize::MAX)
+        .max(64 << 10);
+    let client = client
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+
+    let (events, events_rx) = mpsc::channel(EVENT_BUFFER);
+    let hello = pb::AgentEvent {
+        session_id: registered.session_id.clone(),
+        event: Some(pb::agent_event::Event::Hello(pb::Hello {})),
+    };
+    // The channel is empty: this cannot wait.
+    let _ = events.try_send(hello);
+    let mut commands = client
+        .clone()
+        .work(ReceiverStream::new(events_rx))
+        .await
+        .map_err(|s| lost("opening the work stream", &s))?
+        .into_inner();
+    tracing::info!(
+        session = %registered.session_id,
+        queue_runner = %config.queue_runner,
+        "registered with the queue runner"
+    );
+    let ctx = Arc::new(SessionCtx {
+        id: registered.session_id,
+        client,
+        config: config.clone(),
+        max_message,
+        events,
+    });
+    let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms).max(100));
+    let heartbeats = heartbeat(ctx.clone(), interval);
+    tokio::pin!(heartbeats);
+
+    let mut jobs = JoinSet::new();
+    let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    let mut by_task: HashMap<tokio::task::Id, String> = HashMap::new();
+    loop {
+        tokio::select! {
+            ended = &mut heartbeats => return Err(ended),
+            Some(done) = jobs.join_next_with_id(), if !jobs.is_empty() => {
+                let id = match &done {
+                    Ok((id, ())) => *id,
+                    Err(e) => e.id(),
+                };
+                if let Some(step) = by_task.remove(&id) {
+                    running.remove(&step);
+                }
+                if let Err(e) = done {
+                    if e.is_panic() {
+                        tracing::error!("a job panicked: {e}");
+                    }
+                }
+            }
+            message = commands.message() => {
+                let command = match message {
+                    Ok(Some(pb::RunnerCommand { command: Some(c) })) => c,
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Err(Ended::Lost("the queue runner closed the work stream".into())),
+                    Err(status) => return Err(lost("work stream", &status)),
+                };
+                match command {
+                    pb::runner_command::Command::Assign(a) => {
+                        let step = a.step_id.clone();
+                        if running.contains_key(&step) {
+                            tracing::warn!(step, "assigned a step that is already running; ignored");
+                        } else if running.len() >= config.max_jobs as usize {
+                            tracing::warn!(step, "assigned a step with every slot busy; refusing it");
+                            jobs.spawn(job::refuse(ctx.clone(), step, "every job slot of the agent is busy"));
+                        } else {
+                            let handle = jobs.spawn(job::run(ctx.clone(), a));
+                            by_task.insert(handle.id(), step.clone());
+                            running.insert(step, handle);
+                        }
+                    }
+                    pb::runner_command::Command::Cancel(c) => {
+                        if let Some(handle) = running.remove(&c.step_id) {
+                            tracing::info!(step = c.step_id, "cancelled by the queue runner");
+                            handle.abort();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends heartbeats until the queue runner forgets the session or they
+/// keep failing; returns why.
+async fn heartbeat(ctx: Arc<SessionCtx>, interval: Duration) -> Ended {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures = 0;
+    loop {
+        ticks.tick().await;
+        let load = host::load(&ctx.config.proc_root);
+        let request = pb::HeartbeatRequest {
+            session_id: ctx.id.clone(),
+            load1: load.load1,
+            mem_used_bytes: load.mem_used_bytes,
+            pressure: Some(pb::Pressure {
+                cpu_some_avg10: load.cpu_pressure,
+                memory_some_avg10: load.memory_pressure,
+                io_some_avg10: load.io_pressure,
+            }),
+        };
+        match ctx.client.clone().heartbeat(request).await {
+            Ok(_) => failures = 0,
+            Err(s) if matches!(s.code(), Code::NotFound | Code::PermissionDenied) => {
+                return lost("heartbeat", &s)
+            }
+            Err(s) if s.code() == Code::Unauthenticated => return classify("heartbeat", s),
+            Err(s) => {
+                failures += 1;
+                tracing::warn!("heartbeat failed ({failures} in a row): {}", s.message());
+                if failures >= MAX_HEARTBEAT_FAILURES {
+                    return lost("heartbeats", &s);
+                }
+            }
+        }
+    }
+}

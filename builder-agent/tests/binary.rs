@@ -1,0 +1,117 @@
+//! The `builder-agent` binary: its command line, and a real run against
+//! the queue runner's gRPC service (the test plays the driver; the agent
+//! builds in a store of its own).
+
+#[path = "../../queue-runner/tests/support/mod.rs"]
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use sluice_queue_runner::agents::AttemptId;
+use sluice_test_support::nix::{IsolatedStore, NixEnv};
+use support::*;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_builder-agent");
+
+#[test]
+fn help_lists_every_option() {
+    let out = Command::new(AGENT).arg("--help").output().expect("runs");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for option in [
+        "--queue-runner",
+        "--token-file",
+        "--name",
+        "--systems",
+        "--features",
+        "--mandatory-features",
+        "--max-jobs",
+        "--store-socket",
+        "--reconnect-min-ms",
+        "--reconnect-max-ms",
+    ] {
+        assert!(help.contains(option), "{option} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn a_missing_token_file_is_a_one_line_error() {
+    let out = Command::new(AGENT)
+        .args([
+            "--queue-runner",
+            "http://127.0.0.1:9",
+            "--token-file",
+            "/nonexistent/token",
+            "--systems",
+            "x86_64-linux",
+        ])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("error: reading the token file '/nonexistent/token'"),
+        "{stderr}"
+    );
+}
+
+/// Kills the agent process when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_binary_builds_an_assignment_and_survives_a_restart() {
+    let env = NixEnv::new();
+    let drvs = env.instantiate(
+        r#"{ quick = mkDrv { name = "quick"; args = [ "-c" "echo from the binary; echo quick > $out" ]; }; }"#,
+        &["quick"],
+    );
+    let out = output_of(&drvs[0]);
+    let mut runner = Runner::start().await;
+    let store = IsolatedStore::new();
+    let daemon = store.start_daemon();
+    let _agent = Child(
+        Command::new(AGENT)
+            .arg("--queue-runner")
+            .arg(runner.url())
+            .arg("--token-file")
+            .arg(&runner.token_file)
+            .arg("--store-socket")
+            .arg(daemon.socket_path())
+            .args(["--name", "binary-agent", "--max-jobs", "2"])
+            .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "500"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starts the agent"),
+    );
+    let (_, info, _) = runner.connected().await;
+    assert_eq!(info.name, "binary-agent");
+    // The default systems: the local Nix's and `builtin`.
+    assert_eq!(info.systems, [system_of(&drvs[0]), "builtin".to_owned()]);
+
+    runner.restart().await;
+    let (machine, _, commands) = runner.connected().await;
+    let attempt = AttemptId(1);
+    let a = assignment(&runner.store, &drvs[0], attempt).await;
+    runner.assign(machine, &commands, a).await;
+    let (phases, report) = runner.finished(attempt, 120).await;
+    assert_eq!(report.status, 0, "{report:?}");
+    assert_eq!(report.outputs, [("out".to_owned(), out.clone())]);
+    assert_eq!(phases, [20, 30, 40]);
+    assert!(in_store(&store, &out));
+    assert_eq!(
+        std::fs::read_to_string(&out).expect("uploaded into the host store"),
+        "quick\n"
+    );
+    assert!(runner.log_of(&drvs[0]).contains("from the binary\n"));
+    tokio::time::timeout(Duration::from_secs(20), runner.stop())
+        .await
+        .expect("stops");
+}

@@ -1,0 +1,138 @@
+//! The boundary between the gRPC service (which talks to builder agents)
+//! and the driver (which owns the scheduling core).
+//!
+//! The gRPC layer converts protobuf messages into these plain types and
+//! sends them to the driver as [`FromAgent`] values over one mpsc channel;
+//! the driver answers each connected agent through the bounded
+//! `mpsc::Sender<ToAgent>` it was handed in [`FromAgent::Connected`]. No
+//! protobuf type crosses this boundary.
+//!
+//! Invariants: a [`MachineId`] names one agent session (a reconnecting
+//! agent gets a fresh one); an [`AttemptId`] names one attempt at one step
+//! and is never reused; every `Connected` is eventually followed by exactly
+//! one `Disconnected` for the same machine.
+
+use sluice_core::MachineId;
+use tokio::sync::mpsc;
+
+/// One attempt at building one step on one machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttemptId(pub u64);
+
+impl std::fmt::Display for AttemptId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "attempt-{}", self.0)
+    }
+}
+
+/// What an agent announced when it registered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentInfo {
+    pub name: String,
+    pub systems: Vec<String>,
+    pub supported_features: Vec<String>,
+    pub mandatory_features: Vec<String>,
+    pub max_jobs: u32,
+    pub speed_factor: f32,
+    pub total_mem_bytes: u64,
+}
+
+/// Load figures from a heartbeat.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AgentLoad {
+    pub load1: f32,
+    pub mem_used_bytes: u64,
+    pub cpu_pressure: f32,
+    pub memory_pressure: f32,
+    pub io_pressure: f32,
+}
+
+/// Messages from the gRPC layer to the driver.
+#[derive(Debug)]
+pub enum FromAgent {
+    /// An agent registered and opened its work stream.
+    Connected {
+        machine: MachineId,
+        info: AgentInfo,
+        commands: mpsc::Sender<ToAgent>,
+    },
+    /// The session ended (stream closed, heartbeats stopped, or error).
+    Disconnected {
+        machine: MachineId,
+    },
+    Heartbeat {
+        machine: MachineId,
+        load: AgentLoad,
+    },
+    /// The attempt entered a busy phase (Hydra's `BuildSteps.busy` codes).
+    Phase {
+        machine: MachineId,
+        attempt: AttemptId,
+        busy: i32,
+    },
+    /// The attempt ended. For a success, every output in the report has
+    /// already been uploaded, verified and imported into the queue
+    /// runner's store by the gRPC layer.
+    Finished {
+        machine: MachineId,
+        attempt: AttemptId,
+        report: StepReport,
+    },
+}
+
+/// Messages from the driver to one agent.
+#[derive(Debug, Clone)]
+pub enum ToAgent {
+    Assign(Assignment),
+    Cancel(AttemptId),
+}
+
+/// A store path with what an importing store needs to know about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathSummary {
+    /// Full store path.
+    pub path: String,
+    /// `sha256:<nix-base32>`.
+    pub nar_hash: String,
+    pub nar_size: u64,
+    pub references: Vec<String>,
+    pub deriver: Option<String>,
+    pub ca: Option<String>,
+}
+
+/// One step sent to an agent.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    pub attempt: AttemptId,
+    /// The derivation's store path, as it is named in the queue.
+    pub drv_path: String,
+    /// The basic derivation to build, as ATerm text: input derivations are
+    /// already replaced by their output paths in `inputSrcs`.
+    pub basic_drv: String,
+    /// The closure of the build's inputs, in dependency order
+    /// (references before referrers). The agent fetches what it lacks.
+    pub inputs: Vec<PathSummary>,
+    pub max_silent_time_s: u32,
+    pub build_timeout_s: u32,
+    pub max_log_bytes: u64,
+    pub max_output_bytes: u64,
+}
+
+/// How an attempt ended, as the agent reported it (and the gRPC layer
+/// checked it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Hydra step status code: 0 succeeded, 1 failed, 3 aborted (retry),
+    /// 7 timed out, 10 log limit, 11 output size limit, 12 not deterministic.
+    pub status: i32,
+    pub error_msg: String,
+    pub times_built: u32,
+    pub is_non_deterministic: bool,
+    /// Unix seconds.
+    pub start_time: i64,
+    pub stop_time: i64,
+    /// Output name → store path, for every output on success.
+    pub outputs: Vec<(String, String)>,
+    /// Milliseconds spent copying inputs and outputs.
+    pub overhead_ms: u64,
+}

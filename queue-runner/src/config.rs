@@ -1,0 +1,120 @@
+//! Settings of `queue-runner serve`, from the command line and an optional
+//! TOML file.
+//!
+//! Precedence: a command-line flag (or its environment variable) beats the
+//! file, which beats the default. Every setting has the same name in both
+//! places (`--grpc-listen` ↔ `grpc-listen`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The TOML file. Unknown keys are an error, so a typo is never ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileConfig {
+    pub database_url: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub grpc_listen: Option<SocketAddr>,
+    pub http_listen: Option<SocketAddr>,
+    pub agent_token_file: Option<PathBuf>,
+    pub store_socket: Option<PathBuf>,
+    pub unsupported_grace_s: Option<u64>,
+    pub max_tries: Option<u32>,
+    pub retry_interval_s: Option<u64>,
+    pub max_log_bytes: Option<u64>,
+    pub max_output_bytes: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {cause}")]
+    Read { path: PathBuf, cause: String },
+    #[error("config file {path}: {cause}")]
+    Parse { path: PathBuf, cause: String },
+    #[error("no agent token file: pass --agent-token-file or set agent-token-file in the config")]
+    NoTokenFile,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.into(),
+            cause: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            cause: e.message().to_string(),
+        })
+    }
+}
+
+/// Everything `serve` runs with, resolved.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// `None`: start the embedded PostgreSQL under `data_dir`.
+    pub database_url: Option<String>,
+    /// `HYDRA_DATA` of the web UI: build logs go to `<data_dir>/build-logs`.
+    pub data_dir: PathBuf,
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub agent_token_file: PathBuf,
+    /// The Nix daemon socket of the queue runner's store; `None`: serve the
+    /// local store with `nix-daemon --stdio` children.
+    pub store_socket: Option<PathBuf>,
+    pub unsupported_grace: Duration,
+    pub max_tries: u32,
+    pub retry_interval: Duration,
+    pub max_log_bytes: u64,
+    pub max_output_bytes: u64,
+}
+
+pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50051";
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9198";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/sluice";
+
+/// Command-line values; `None` where the flag was not given.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub database_url: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub grpc_listen: Option<SocketAddr>,
+    pub http_listen: Option<SocketAddr>,
+    pub agent_token_file: Option<PathBuf>,
+    pub store_socket: Option<PathBuf>,
+}
+
+impl ServeConfig {
+    pub fn resolve(file: FileConfig, cli: Overrides) -> Result<ServeConfig, ConfigError> {
+        let parse = |s: &str| s.parse::<SocketAddr>().ok();
+        Ok(ServeConfig {
+            database_url: cli.database_url.or(file.database_url),
+            data_dir: cli
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            grpc_listen: cli
+                .grpc_listen
+                .or(file.grpc_listen)
+                .or_else(|| parse(DEFAULT_GRPC_LISTEN))
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            http_listen: cli
+                .http_listen
+                .or(file.http_listen)
+                .or_else(|| parse(DEFAULT_HTTP_LISTEN))
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9198))),
+            agent_token_file: cli
+                .agent_token_file
+                .or(file.agent_token_file)
+                .ok_or(ConfigError::NoTokenFile)?,
+            store_socket: cli.store_socket.or(file.store_socket),
+            unsupported_grace: Duration::from_secs(file.unsupported_grace_s.unwrap_or(120)),
+            max_tries: file.max_tries.unwrap_or(5),
+            retry_interval: Duration::from_secs(file.retry_interval_s.unwrap_or(60)),
+            max_log_bytes: file.max_log_bytes.unwrap_or(64 << 20),
+            max_output_bytes: file.max_output_bytes.unwrap_or(2 << 30),
+        })
+    }
+}

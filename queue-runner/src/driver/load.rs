@@ -1,0 +1,259 @@
+//! Loading queued builds: from PostgreSQL (new rows only) and their
+//! closures from the store, in a background task.
+//!
+//! Invariants: at most one load runs at a time; a notification that
+//! arrives during a load schedules exactly one more; a load of new builds
+//! reads only ids above the highest id already loaded, so its cost is
+//! proportional to what is new. Restarted builds (ids below that mark) are
+//! found by id only and loaded if not held.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use sluice_core::{BuildId, BuildSpec, DrvPath, Event, JobsetId};
+
+use super::{Driver, DriverEvent};
+use crate::db::queue::QueuedBuild;
+use crate::ingest::{self, BatchClosure};
+
+/// How long a finished build is kept from being loaded again while its
+/// rows are being written.
+const RECENT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// What a load found.
+#[derive(Debug)]
+pub struct LoadedBatch {
+    pub builds: Vec<QueuedBuild>,
+    pub closure: BatchClosure,
+    /// The batch was full: more new builds may be waiting.
+    pub more: bool,
+    /// A database or store error that stopped the load; retried on the next
+    /// notification or resync.
+    pub error: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Loader {
+    batch: i64,
+    in_flight: bool,
+    want_new: bool,
+    want_restarted: bool,
+    /// Highest build id loaded (or seen finished) so far.
+    max_id: i32,
+}
+
+impl Loader {
+    pub fn new(batch: i64) -> Loader {
+        Loader {
+            batch: batch.max(1),
+            in_flight: false,
+            want_new: true,
+            want_restarted: false,
+            max_id: 0,
+        }
+    }
+}
+
+impl Driver {
+    pub(super) fn load_new(&mut self) {
+        self.loader.want_new = true;
+        self.start_load();
+    }
+
+    pub(super) fn load_restarted(&mut self) {
+        self.loader.want_restarted = true;
+        self.start_load();
+    }
+
+    fn start_load(&mut self) {
+        if self.loader.in_flight {
+            return;
+        }
+        let restarted = std::mem::take(&mut self.loader.want_restarted);
+        let new = std::mem::take(&mut self.loader.want_new);
+        if !restarted && !new {
+            return;
+        }
+        self.loader.in_flight = true;
+        let pool = self.pool.clone();
+        let store = self.store.clone();
+        let me = self.me.clone();
+        let after = self.loader.max_id;
+        let limit = self.loader.batch;
+        while self
+            .recently_finished
+            .front()
+            .is_some_and(|(at, _)| at.elapsed() > RECENT)
+        {
+            self.recently_finished.pop_front();
+        }
+        let held: HashSet<i32> = self
+            .builds
+            .keys()
+            .chain(self.recently_finished.iter().map(|(_, b)| b))
+            .map(|b| b.0)
+            .collect();
+        tokio::spawn(async move {
+            let batch = load(pool, store, after, limit, restarted, held).await;
+            let _ = me.send(DriverEvent::Loaded(batch)).await;
+        });
+    }
+
+    pub(super) fn on_loaded(&mut self, batch: LoadedBatch) {
+        self.loader.in_flight = false;
+        if let Some(error) = &batch.error {
+            // Nothing of a failed load is used: a build whose closure could
+            // not be read must not look cached. Try again shortly.
+            tracing::error!(%error, "loading queued builds failed; retrying in 5s");
+            let me = self.me.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                let _ = me.send(DriverEvent::Resync).await;
+            });
+            return;
+        }
+        if batch.more {
+            self.loader.want_new = true;
+        }
+        let recent: HashSet<BuildId> = self.recently_finished.iter().map(|(_, b)| *b).collect();
+        for build in batch.builds {
+            self.loader.max_id = self.loader.max_id.max(build.id);
+            let id = BuildId(build.id);
+            if self.builds.contains_key(&id) || recent.contains(&id) {
+                continue;
+            }
+            let steps = match batch.closure.steps_for(&build.drv_path) {
+                Ok(steps) => steps,
+                Err(e) => {
+                    tracing::error!(build = build.id, error = %e, "cannot read the build's closure");
+                    self.send_write(super::writer::WriteJob::AbortBuild {
+                        build: build.id,
+                        drv_path: build.drv_path.clone(),
+                        error: e.to_string(),
+                        time: super::unix_now(),
+                    });
+                    continue;
+                }
+            };
+            for step in &steps {
+                if let Some(d) = batch.closure.drvs.get(step.drv_path.as_str()) {
+                    self.closure
+                        .entry(step.drv_path.clone())
+                        .or_insert_with(|| d.clone());
+                }
+            }
+            let spec = BuildSpec {
+                id,
+                jobset: JobsetId(build.jobset_id),
+                global_priority: build.global_priority,
+                priority: build.priority,
+                timestamp: build.timestamp,
+                top_drv: DrvPath::from(build.drv_path.as_str()),
+            };
+            self.builds.insert(id, Arc::new(build));
+            self.apply(Event::BuildQueued { build: spec, steps });
+        }
+        self.start_load();
+    }
+
+    /// Asks the database which held builds finished (cancelled, deleted) or,
+    /// with `bumped`, changed global priority.
+    pub(super) fn check_held_builds(&mut self, bumped: bool) {
+        let held: Vec<(i32, i32)> = self
+            .builds
+            .iter()
+            .map(|(id, b)| (id.0, b.global_priority))
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        let pool = self.pool.clone();
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let ids: Vec<i32> = held.iter().map(|(id, _)| *id).collect();
+            match crate::db::held::unfinished_priorities(&pool, &ids).await {
+                Ok(live) => {
+                    let live: std::collections::HashMap<i32, i32> = live.into_iter().collect();
+                    let gone = ids
+                        .iter()
+                        .filter(|id| !live.contains_key(id))
+                        .map(|id| BuildId(*id))
+                        .collect::<Vec<_>>();
+                    if !gone.is_empty() {
+                        let _ = me.send(DriverEvent::BuildsGone(gone)).await;
+                    }
+                    if bumped {
+                        let changed = held
+                            .iter()
+                            .filter_map(|(id, old)| {
+                                live.get(id)
+                                    .filter(|new| *new != old)
+                                    .map(|new| (BuildId(*id), *new))
+                            })
+                            .collect::<Vec<_>>();
+                        if !changed.is_empty() {
+                            let _ = me.send(DriverEvent::BuildsBumped(changed)).await;
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "checking held builds failed"),
+            }
+        });
+    }
+}
+
+async fn load(
+    pool: sqlx::PgPool,
+    store: crate::store::Store,
+    after: i32,
+    limit: i64,
+    restarted: bool,
+    held: HashSet<i32>,
+) -> LoadedBatch {
+    let mut batch = LoadedBatch {
+        builds: Vec::new(),
+        closure: BatchClosure::default(),
+        more: false,
+        error: None,
+    };
+    let result: Result<(), String> = async {
+        let mut conn = pool
+            .acquire()
+            .await
+            .map_err(|e| crate::db::describe_sqlx_error(&e))?;
+        if restarted {
+            let ids = crate::db::queue::unfinished_build_ids(&mut conn, after)
+                .await
+                .map_err(|e| e.to_string())?;
+            let missing: Vec<i32> = ids.into_iter().filter(|id| !held.contains(id)).collect();
+            if !missing.is_empty() {
+                let mut b = crate::db::queue::load_builds_by_ids(&mut conn, &missing)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                batch.builds.append(&mut b);
+            }
+        }
+        let mut new = crate::db::queue::load_builds_after(&mut conn, after, limit as u32)
+            .await
+            .map_err(|e| e.to_string())?;
+        batch.more = new.len() as i64 >= limit;
+        batch.builds.append(&mut new);
+        drop(conn);
+        if batch.builds.is_empty() {
+            return Ok(());
+        }
+        let mut client = store.connect().await.map_err(|e| e.to_string())?;
+        let tops: Vec<String> = batch.builds.iter().map(|b| b.drv_path.clone()).collect();
+        let dir = store.store_dir().clone();
+        batch.closure = ingest::read_closures(&mut client, &dir, &tops, |p| async move {
+            tokio::fs::read(p).await
+        })
+        .await;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        batch.error = Some(e);
+    }
+    batch
+}

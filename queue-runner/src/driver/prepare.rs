@@ -1,0 +1,101 @@
+//! Preparing one attempt: its `BuildSteps` row, then the assignment the
+//! agent needs (the basic derivation and the closure of its inputs).
+//!
+//! Runs as a short-lived task per dispatch, so the driver never waits for
+//! the database or the store. It always ends by sending exactly one
+//! [`DriverEvent::Prepared`] for its attempt, carrying the assignment (or
+//! why there is none); the driver sends it on.
+
+use std::collections::{BTreeMap, HashMap};
+
+use sluice_core::BuildId;
+use tokio::sync::{mpsc, oneshot};
+
+use super::writer::WriteJob;
+use super::DriverEvent;
+use crate::agents::{Assignment, AttemptId};
+use crate::store::{self, Store};
+
+#[derive(Debug)]
+pub struct Preparation {
+    pub attempt: AttemptId,
+    pub build: BuildId,
+    pub drv_path: String,
+    pub system: String,
+    pub machine_name: String,
+    pub outputs: BTreeMap<String, Option<String>>,
+    pub first_for_build: bool,
+    pub started_unix: i64,
+    pub realised: HashMap<(String, String), String>,
+    pub max_log_bytes: u64,
+    pub max_output_bytes: u64,
+    /// (max silent time, timeout) in seconds, from the build.
+    pub timeouts: (u32, u32),
+}
+
+pub async fn run(
+    job: Preparation,
+    writer: mpsc::Sender<WriteJob>,
+    store: Store,
+    me: mpsc::Sender<DriverEvent>,
+) {
+    let attempt = job.attempt;
+    let (reply, created) = oneshot::channel();
+    let create = WriteJob::CreateStep {
+        build: job.build.0,
+        drv_path: job.drv_path.clone(),
+        system: job.system.clone(),
+        machine: job.machine_name.clone(),
+        outputs: job.outputs.clone(),
+        start_time: job.started_unix,
+        first_for_build: job.first_for_build,
+        reply,
+    };
+    let stepnr = if writer.send(create).await.is_err() {
+        Err("the database writer stopped".to_string())
+    } else {
+        match created.await {
+            Ok(r) => r,
+            Err(_) => Err("the database writer dropped the request".to_string()),
+        }
+    };
+    let (stepnr, assignment) = match stepnr {
+        Err(e) => (0, Err(format!("recording the step: {e}"))),
+        Ok(stepnr) => (stepnr, assignment(&job, &store).await),
+    };
+    // The driver registers the attempt with the gRPC layer and sends the
+    // assignment itself, so a cancel that came meanwhile wins cleanly.
+    let _ = me
+        .send(DriverEvent::Prepared {
+            attempt,
+            stepnr,
+            assignment: Box::new(assignment),
+        })
+        .await;
+}
+
+async fn assignment(job: &Preparation, store: &Store) -> Result<Assignment, String> {
+    let drv = store
+        .read_derivation(&job.drv_path)
+        .await
+        .map_err(|e| e.to_string())?;
+    let basic = store::basic_derivation(store, &drv, &job.realised)
+        .await
+        .map_err(|e| e.to_string())?;
+    let dir = store.store_dir().clone();
+    let mut client = store.connect().await.map_err(|e| e.to_string())?;
+    let inputs = store::closure(&mut client, &dir, basic.input_srcs.iter().cloned())
+        .await
+        .map_err(|e| e.to_string())?;
+    let basic_drv = basic.to_aterm(&dir).map_err(|e| e.to_string())?;
+    Ok(Assignment {
+        attempt: job.attempt,
+        drv_path: job.drv_path.clone(),
+        basic_drv,
+        inputs: inputs.iter().map(|i| store::summary(&dir, i)).collect(),
+        max_silent_time_s: job.timeouts.0,
+        build_timeout_s: job.timeouts.1,
+        max_log_bytes: job.max_log_bytes,
+        max_output_bytes: job.max_output_bytes,
+    })
+}

@@ -1,0 +1,84 @@
+//! `StreamLog`: a running step's build log, appended to its log file as
+//! the chunks arrive (so the web UI can follow it), through
+//! [`crate::logs::LogWriter`].
+//!
+//! Invariants: every chunk of a stream names the same session and
+//! attempt, which the caller must own; one stream writes an attempt's log
+//! at a time, and a later stream (an agent that reconnected its log
+//! stream) goes on where the previous one stopped; the file never grows
+//! past the assignment's log limit, and bytes past it are counted and
+//! dropped. The writer goes back to the registry however the stream ends.
+
+use sluice_proto::v1 as pb;
+use tonic::{Status, Streaming};
+
+use super::attempts::LogHandle;
+use super::auth::AgentIdentity;
+use super::convert;
+use super::Shared;
+use crate::agents::AttemptId;
+use crate::logs::{LogError, LogWriter};
+
+fn log_status(e: LogError) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// Receives one log stream.
+pub(crate) async fn receive(
+    shared: &Shared,
+    owner: AgentIdentity,
+    mut inbound: Streaming<pb::LogChunk>,
+) -> Result<pb::LogAck, Status> {
+    let Some(first) = inbound.message().await? else {
+        return Ok(pb::LogAck { bytes_received: 0 });
+    };
+    let session = shared.sessions.get(&first.session_id, &owner)?;
+    let attempt = convert::attempt_id(&first.step_id)?;
+    let mut writer = match shared.attempts.take_log(attempt, session.machine)? {
+        Some(LogHandle::Resume(writer)) => writer,
+        Some(LogHandle::Create {
+            drv_path,
+            max_bytes,
+        }) => match LogWriter::create(&shared.config.data_dir, &drv_path, max_bytes).await {
+            Ok(writer) => writer,
+            Err(e) => return Err(log_status(e)),
+        },
+        None => {
+            return Err(Status::failed_precondition(format!(
+                "a log stream for {attempt} is already open"
+            )))
+        }
+    };
+    let result = copy(&mut writer, first, &mut inbound, attempt).await;
+    if let Some(orphan) = shared.attempts.put_log(attempt, writer) {
+        orphan.finish().await.map_err(log_status)?;
+    }
+    Ok(pb::LogAck {
+        bytes_received: result?,
+    })
+}
+
+async fn copy(
+    writer: &mut LogWriter,
+    first: pb::LogChunk,
+    inbound: &mut Streaming<pb::LogChunk>,
+    attempt: AttemptId,
+) -> Result<u64, Status> {
+    let session_id = first.session_id.clone();
+    let step_id = first.step_id.clone();
+    let mut received = 0u64;
+    let mut chunk = Some(first);
+    while let Some(c) = chunk {
+        if c.session_id != session_id || c.step_id != step_id {
+            return Err(Status::invalid_argument(format!(
+                "a log stream for {attempt} carried a chunk for another session or step"
+            )));
+        }
+        received = received.saturating_add(c.data.len() as u64);
+        // Past the limit the writer drops what does not fit; the build
+        // itself is stopped by the agent's Nix, with status 10.
+        writer.append(&c.data).await.map_err(log_status)?;
+        chunk = inbound.message().await?;
+    }
+    Ok(received)
+}

@@ -1,0 +1,234 @@
+//! Reading the derivation closures of queued builds from the Nix store.
+//!
+//! For a batch of builds, walks the `.drv` files from each build's top
+//! derivation down, parses them, and asks the store which outputs are
+//! valid. A derivation whose outputs are all valid needs no step, and the
+//! walk does not descend below it. Everything else becomes a
+//! [`StepSpec`] for the core.
+//!
+//! Invariants: each `.drv` is read and parsed at most once per batch, so a
+//! jobset whose builds share dependencies costs the size of the union of
+//! their closures, not the sum; a derivation that cannot be read or parsed
+//! fails only the builds that need it, with a message naming the file.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use sluice_core::{DrvPath, StepSpec};
+use sluice_nix::daemon::DaemonClient;
+use sluice_nix::derivation::Derivation;
+use sluice_nix::store_path::{StoreDir, StorePath};
+
+/// Why a derivation could not be taken into the graph.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IngestError {
+    #[error("reading derivation {path}: {cause}")]
+    Read { path: String, cause: String },
+    #[error("parsing derivation {path}: {cause}")]
+    Parse { path: String, cause: String },
+    #[error("querying the store about {path}: {cause}")]
+    Store { path: String, cause: String },
+}
+
+/// One derivation of a closure, with what the driver needs besides the
+/// core's [`StepSpec`].
+#[derive(Debug, Clone)]
+pub struct ClosureDrv {
+    pub spec: StepSpec,
+    /// Output name → statically known path (`None` for floating
+    /// content-addressed and deferred outputs).
+    pub outputs: BTreeMap<String, Option<String>>,
+}
+
+/// The union closure of a batch of builds.
+#[derive(Debug, Default)]
+pub struct BatchClosure {
+    /// Derivations that need building, by path.
+    pub drvs: HashMap<String, ClosureDrv>,
+    /// Derivations whose outputs are all valid: no step.
+    pub valid: HashSet<String>,
+    /// Derivations that could not be read.
+    pub broken: HashMap<String, IngestError>,
+}
+
+impl BatchClosure {
+    /// The steps one build needs: the part of the batch closure reachable
+    /// from `top`. `Err` if a reachable derivation is broken.
+    pub fn steps_for(&self, top: &str) -> Result<Vec<StepSpec>, IngestError> {
+        let mut out = Vec::new();
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut stack = vec![top];
+        while let Some(drv) = stack.pop() {
+            if !seen.insert(drv) {
+                continue;
+            }
+            if let Some(err) = self.broken.get(drv) {
+                return Err(err.clone());
+            }
+            if let Some(d) = self.drvs.get(drv) {
+                out.push(d.spec.clone());
+                stack.extend(d.spec.input_drvs.iter().map(DrvPath::as_str));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Reads the closures of `tops` (full `.drv` paths).
+///
+/// `read_file` reads a store file by full path; it is a parameter so that
+/// the store's files can live under a different real directory than the
+/// logical store dir, as in a builder's isolated store.
+pub async fn read_closures<F, Fut>(
+    store: &mut DaemonClient,
+    store_dir: &StoreDir,
+    tops: &[String],
+    read_file: F,
+) -> BatchClosure
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Vec<u8>>>,
+{
+    let mut batch = BatchClosure::default();
+    let mut frontier: Vec<String> = tops.to_vec();
+    let mut queued: HashSet<String> = frontier.iter().cloned().collect();
+    while !frontier.is_empty() {
+        // Read and parse this level.
+        let mut parsed: Vec<(String, StorePath, Derivation)> = Vec::new();
+        for path in frontier.drain(..) {
+            match read_one(store_dir, &path, &read_file).await {
+                Ok((sp, drv)) => parsed.push((path, sp, drv)),
+                Err(e) => {
+                    batch.broken.insert(path, e);
+                }
+            }
+        }
+        // One validity query for every static output of the level.
+        let mut outputs_of: Vec<BTreeMap<String, Option<StorePath>>> = Vec::new();
+        let mut static_paths: Vec<StorePath> = Vec::new();
+        for (path, _, drv) in &parsed {
+            let mut outs = BTreeMap::new();
+            for (name, out) in &drv.outputs {
+                match out.path(store_dir, &drv.name, name) {
+                    Ok(p) => {
+                        if let Some(p) = &p {
+                            static_paths.push(p.clone());
+                        }
+                        outs.insert(name.clone(), p);
+                    }
+                    Err(e) => {
+                        batch.broken.insert(
+                            path.clone(),
+                            IngestError::Parse {
+                                path: path.clone(),
+                                cause: e.to_string(),
+                            },
+                        );
+                    }
+                }
+            }
+            outputs_of.push(outs);
+        }
+        let valid_paths = if static_paths.is_empty() {
+            Default::default()
+        } else {
+            match store.query_valid_paths(static_paths.iter(), false).await {
+                Ok(v) => v,
+                Err(e) => {
+                    for (path, _, _) in parsed {
+                        let err = IngestError::Store {
+                            path: path.clone(),
+                            cause: e.to_string(),
+                        };
+                        batch.broken.insert(path, err);
+                    }
+                    return batch;
+                }
+            }
+        };
+        for ((path, _sp, drv), outs) in parsed.into_iter().zip(outputs_of) {
+            if batch.broken.contains_key(&path) {
+                continue;
+            }
+            // Floating outputs are never known valid here: the step is
+            // built (or resolved) and the store tells the truth then.
+            let all_valid = !outs.is_empty()
+                && outs
+                    .values()
+                    .all(|p| p.as_ref().is_some_and(|p| valid_paths.contains(p)));
+            if all_valid {
+                batch.valid.insert(path);
+                continue;
+            }
+            let input_drvs: Vec<DrvPath> = drv
+                .input_drvs
+                .keys()
+                .map(|p| DrvPath::from(store_dir.print(p)))
+                .collect();
+            for input in &input_drvs {
+                if queued.insert(input.as_str().to_string()) {
+                    frontier.push(input.as_str().to_string());
+                }
+            }
+            let required_features = required_features(&drv);
+            let spec = StepSpec {
+                drv_path: DrvPath::from(path.as_str()),
+                system: drv.platform.clone(),
+                required_features,
+                input_drvs,
+            };
+            let outputs = outs
+                .into_iter()
+                .map(|(n, p)| (n, p.map(|p| store_dir.print(&p))))
+                .collect();
+            batch.drvs.insert(path, ClosureDrv { spec, outputs });
+        }
+    }
+    batch
+}
+
+async fn read_one<F, Fut>(
+    store_dir: &StoreDir,
+    path: &str,
+    read_file: &F,
+) -> Result<(StorePath, Derivation), IngestError>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Vec<u8>>>,
+{
+    let sp = store_dir.parse_path(path).map_err(|e| IngestError::Parse {
+        path: path.into(),
+        cause: e.to_string(),
+    })?;
+    let text = read_file(path.to_string())
+        .await
+        .map_err(|e| IngestError::Read {
+            path: path.into(),
+            cause: e.to_string(),
+        })?;
+    let drv =
+        Derivation::parse_drv_file(store_dir, &sp, &text).map_err(|e| IngestError::Parse {
+            path: path.into(),
+            cause: e.to_string(),
+        })?;
+    Ok((sp, drv))
+}
+
+/// `requiredSystemFeatures`, from the environment or structured attributes.
+pub fn required_features(drv: &Derivation) -> Vec<String> {
+    if let Some(json) = drv.structured_attrs() {
+        if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(json)
+        {
+            if let Some(serde_json::Value::Array(items)) = map.get("requiredSystemFeatures") {
+                return items
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect();
+            }
+        }
+        return Vec::new();
+    }
+    drv.env
+        .get("requiredSystemFeatures")
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}

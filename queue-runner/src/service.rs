@@ -1,0 +1,229 @@
+//! `queue-runner serve`: wires the database, the store, the gRPC service,
+//! the HTTP endpoints, the notification listener and the driver together,
+//! and runs them until shutdown.
+//!
+//! Invariant: start-up either brings every part up or fails with one line
+//! that names the part and the cause; nothing half-started keeps running.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sluice_core::Config as CoreConfig;
+use sqlx::postgres::PgListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::agents::FromAgent;
+use crate::config::ServeConfig;
+use crate::driver::{Driver, DriverConfig, DriverEvent};
+use crate::status::StatusSnapshot;
+use crate::store::Store;
+use crate::{db, embedded, grpc, http};
+
+/// The channels the queue runner listens to.
+pub const CHANNELS: [&str; 5] = [
+    "builds_added",
+    "builds_restarted",
+    "builds_cancelled",
+    "builds_deleted",
+    "builds_bumped",
+];
+
+/// How often the driver compares the queue with what it holds, besides
+/// reacting to notifications.
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Addresses the parts actually bound (useful with port 0 in tests).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub grpc: std::net::SocketAddr,
+    pub http: std::net::SocketAddr,
+}
+
+/// Runs the queue runner until `shutdown` completes.
+pub async fn run(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (bound_tx, _bound_rx) = tokio::sync::oneshot::channel();
+    run_with(config, shutdown, bound_tx).await
+}
+
+/// [`run`], reporting the bound addresses once everything is up.
+pub async fn run_with(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    bound: tokio::sync::oneshot::Sender<Bound>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+
+    // The database: given, or our own.
+    let (url, _embedded) = match &config.database_url {
+        Some(url) => (url.clone(), None),
+        None => {
+            let dir = config.data_dir.clone();
+            let server = tokio::task::spawn_blocking(move || embedded::Embedded::start(&dir))
+                .await
+                .context("starting the embedded PostgreSQL")?
+                .context("starting the embedded PostgreSQL")?;
+            (server.url(), Some(server))
+        }
+    };
+    let pool = db::pool(&url, 16, Duration::from_secs(30)).await?;
+    {
+        let mut conn = db::connect(&url, Duration::from_secs(30)).await?;
+        db::migrate::migrate(&mut conn).await?;
+    }
+    let aborted = {
+        let mut conn = pool.acquire().await.context("connecting to the database")?;
+        db::results::abort_busy_steps_at_startup(&mut conn, crate::driver::unix_now())
+            .await
+            .context("aborting steps left busy by a previous run")?
+    };
+    if aborted > 0 {
+        tracing::warn!(
+            aborted,
+            "marked steps left busy by a previous run as aborted"
+        );
+    }
+
+    let tokens = grpc::Tokens::from_file(&config.agent_token_file)?;
+    let connection = match &config.store_socket {
+        Some(socket) => grpc::StoreConnection::Socket(socket.clone()),
+        None => grpc::StoreConnection::local_stdio(),
+    };
+    let pool_store = grpc::LocalStore::new(connection, 8);
+    let store = Store::new(pool_store.clone());
+    store
+        .connect()
+        .await
+        .context("opening the queue runner's Nix store")?;
+
+    let (events_tx, events_rx) = mpsc::channel::<DriverEvent>(16_384);
+    let (status_tx, status_rx) = watch::channel(StatusSnapshot::default());
+    let attempts = grpc::Attempts::new();
+
+    // Agents → driver.
+    let (agents_tx, mut agents_rx) = mpsc::channel::<FromAgent>(4096);
+    {
+        let events = events_tx.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = agents_rx.recv().await {
+                if events.send(DriverEvent::Agent(msg)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let service = grpc::QueueRunnerService::new(
+        grpc::ServiceConfig::new(config.data_dir.clone()),
+        tokens,
+        pool_store,
+        attempts.clone(),
+        agents_tx,
+    );
+    let (grpc_addr, grpc_task) = service
+        .spawn(config.grpc_listen, async move {
+            let _ = grpc_stop_rx.await;
+        })
+        .await?;
+    let (http_addr, http_task) = http::spawn(config.http_listen, status_rx)
+        .await
+        .with_context(|| format!("listening for HTTP on {}", config.http_listen))?;
+
+    // Database notifications → driver.
+    let mut listener = PgListener::connect(&url)
+        .await
+        .context("listening for database notifications")?;
+    listener
+        .listen_all(CHANNELS)
+        .await
+        .context("listening for database notifications")?;
+    let listen_task = {
+        let events = events_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.try_recv().await {
+                    Ok(Some(n)) => {
+                        if events
+                            .send(DriverEvent::Notification(n.channel().to_string()))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    // The connection was lost and will be re-established:
+                    // notifications may be lost, so look again.
+                    Ok(None) => {
+                        tracing::warn!("lost the database notification connection; resyncing");
+                        if events.send(DriverEvent::Resync).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "database notifications failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
+            }
+        })
+    };
+
+    let driver_config = DriverConfig {
+        core: CoreConfig {
+            max_unsupported_time: config.unsupported_grace,
+            max_tries: config.max_tries,
+            retry_interval: config.retry_interval,
+            ..CoreConfig::default()
+        },
+        data_dir: config.data_dir.clone(),
+        max_log_bytes: config.max_log_bytes,
+        max_output_bytes: config.max_output_bytes,
+        load_batch: 2000,
+    };
+    let driver = Driver::new(
+        driver_config,
+        pool,
+        store,
+        attempts,
+        events_tx.clone(),
+        events_rx,
+        status_tx,
+    );
+    let _ = bound.send(Bound {
+        grpc: grpc_addr,
+        http: http_addr,
+    });
+    tracing::info!(%grpc_addr, %http_addr, "queue runner up");
+    // A periodic look at the queue: an evaluator's transaction may commit
+    // a build id below one already loaded, and a notification can be lost.
+    let resync_task = {
+        let events = events_tx.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(RESYNC_INTERVAL);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if events.send(DriverEvent::Resync).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    {
+        let events = events_tx.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = events.send(DriverEvent::Shutdown).await;
+        });
+    }
+    driver.run().await;
+    listen_task.abort();
+    resync_task.abort();
+    let _ = grpc_stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
+    http_task.abort();
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! What `/status`, `/status/machines` and `/metrics` show: a snapshot the
+//! driver publishes after each batch of events, so the HTTP server never
+//! touches the driver's state.
+
+use sluice_core::Stats;
+
+use crate::agents::AgentLoad;
+
+#[derive(Debug, Clone, Default)]
+pub struct StatusSnapshot {
+    pub started_unix: i64,
+    pub uptime_s: u64,
+    pub core: Stats,
+    pub builds_queued: usize,
+    pub queue_wakeups: u64,
+    pub dispatcher_wakeups: u64,
+    pub dispatch_time_ms: u64,
+    pub builds_done: u64,
+    pub steps_done: u64,
+    pub machines: Vec<MachineStatus>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MachineStatus {
+    pub id: u64,
+    pub hostname: String,
+    pub systems: Vec<String>,
+    pub max_jobs: u32,
+    pub speed_factor: f32,
+    pub supported_features: Vec<String>,
+    pub mandatory_features: Vec<String>,
+    pub running: usize,
+    pub total_mem: u64,
+    pub load: AgentLoad,
+    pub steps_done: u64,
+    pub avg_step_build_ms: u64,
+}

@@ -1,0 +1,362 @@
+//! `queue-runner submit`: queues builds the way an evaluator does.
+//!
+//! For each job it makes sure the project and jobset exist, inserts a
+//! `Builds` row and its `BuildOutputs`, records one `JobsetEvals` row for
+//! the whole submission, and sends `builds_added`. With `wait`, it then
+//! follows the builds until they are all finished.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sluice_nix::derivation::Derivation;
+use sluice_nix::store_path::StoreDir;
+use sqlx::PgPool;
+
+/// One job to queue: a name and a `.drv` path (already instantiated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub name: String,
+    pub drv_path: String,
+}
+
+/// What a target on the command line names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Drv(String),
+    Expr { file: String, attr: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("usage: {0}")]
+    Usage(String),
+    #[error("instantiating {file} -A {attr}: {cause}")]
+    Instantiate {
+        file: String,
+        attr: String,
+        cause: String,
+    },
+    #[error("reading derivation {path}: {cause}")]
+    Derivation { path: String, cause: String },
+    #[error("queueing builds: {0}")]
+    Db(String),
+}
+
+/// Parses `--job NAME (DRV | FILE.nix -A ATTR)...` sequences.
+pub fn parse_jobs(args: &[String]) -> Result<Vec<(String, Vec<Target>)>, SubmitError> {
+    let mut jobs: Vec<(String, Vec<Target>)> = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        if arg == "--job" {
+            let name = args
+                .get(i + 1)
+                .ok_or_else(|| SubmitError::Usage("--job needs a NAME".into()))?;
+            jobs.push((name.clone(), Vec::new()));
+            i += 2;
+            continue;
+        }
+        let Some((_, targets)) = jobs.last_mut() else {
+            return Err(SubmitError::Usage(format!(
+                "{arg}: every target must follow a --job NAME"
+            )));
+        };
+        if arg.ends_with(".drv") {
+            targets.push(Target::Drv(arg.clone()));
+            i += 1;
+        } else if arg.ends_with(".nix") {
+            match (args.get(i + 1).map(String::as_str), args.get(i + 2)) {
+                (Some("-A"), Some(attr)) => {
+                    targets.push(Target::Expr {
+                        file: arg.clone(),
+                        attr: attr.clone(),
+                    });
+                    i += 3;
+                }
+                _ => {
+                    return Err(SubmitError::Usage(format!(
+                        "{arg} must be followed by -A ATTR"
+                    )))
+                }
+            }
+        } else {
+            return Err(SubmitError::Usage(format!(
+                "{arg}: expected a .drv path or FILE.nix -A ATTR"
+            )));
+        }
+    }
+    if jobs.is_empty() {
+        return Err(SubmitError::Usage("no --job given".into()));
+    }
+    if let Some((name, _)) = jobs.iter().find(|(_, t)| t.is_empty()) {
+        return Err(SubmitError::Usage(format!("--job {name} has no target")));
+    }
+    Ok(jobs)
+}
+
+/// Turns targets into `.drv` paths, running `nix-instantiate` for
+/// expressions. A job with several targets becomes `name`, `name-2`, ….
+pub fn resolve_jobs(jobs: Vec<(String, Vec<Target>)>) -> Result<Vec<Job>, SubmitError> {
+    let mut out = Vec::new();
+    for (name, targets) in jobs {
+        for (n, target) in targets.into_iter().enumerate() {
+            let job_name = if n == 0 {
+                name.clone()
+            } else {
+                format!("{name}-{}", n + 1)
+            };
+            let drv_path = match target {
+                Target::Drv(p) => p,
+                Target::Expr { file, attr } => instantiate(&file, &attr)?,
+            };
+            out.push(Job {
+                name: job_name,
+                drv_path,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn instantiate(file: &str, attr: &str) -> Result<String, SubmitError> {
+    let err = |cause: String| SubmitError::Instantiate {
+        file: file.into(),
+        attr: attr.into(),
+        cause,
+    };
+    let out = std::process::Command::new("nix-instantiate")
+        .args([file, "-A", attr])
+        .output()
+        .map_err(|e| err(format!("cannot run nix-instantiate: {e}")))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(err(stderr
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or("failed")
+            .to_string()));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .map(str::trim)
+        .rfind(|l| l.ends_with(".drv"))
+        .map(str::to_string)
+        .ok_or_else(|| err("printed no .drv path".into()))
+}
+
+fn db(e: sqlx::Error) -> SubmitError {
+    SubmitError::Db(crate::db::describe_sqlx_error(&e))
+}
+
+/// Inserts the builds; returns their ids in job order.
+pub async fn queue(
+    pool: &PgPool,
+    project: &str,
+    jobset: &str,
+    jobs: &[Job],
+) -> Result<Vec<i32>, SubmitError> {
+    let dir = StoreDir::default();
+    let mut parsed = Vec::new();
+    for job in jobs {
+        let derr = |cause: String| SubmitError::Derivation {
+            path: job.drv_path.clone(),
+            cause,
+        };
+        let sp = dir
+            .parse_path(&job.drv_path)
+            .map_err(|e| derr(e.to_string()))?;
+        let text = std::fs::read(&job.drv_path).map_err(|e| derr(e.to_string()))?;
+        let drv = Derivation::parse_drv_file(&dir, &sp, &text).map_err(|e| derr(e.to_string()))?;
+        let mut outputs = BTreeMap::new();
+        for (name, out) in &drv.outputs {
+            let path = out
+                .path(&dir, &drv.name, name)
+                .map_err(|e| derr(e.to_string()))?
+                .map(|p| dir.print(&p));
+            outputs.insert(name.clone(), path);
+        }
+        parsed.push((job, drv, outputs));
+    }
+    let now = super::driver::unix_now();
+    let mut tx = pool.begin().await.map_err(db)?;
+    sqlx::query(
+        "insert into Users (userName, emailAddress, password) values ('sluice', '', '!')
+         on conflict do nothing",
+    )
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    sqlx::query(
+        "insert into Projects (name, displayName, owner) values ($1, $1, 'sluice')
+         on conflict do nothing",
+    )
+    .bind(project)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    sqlx::query(
+        "insert into Jobsets (project, name, emailOverride, type, nixExprInput, nixExprPath)
+         values ($1, $2, '', 0, 'src', 'default.nix') on conflict do nothing",
+    )
+    .bind(project)
+    .bind(jobset)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    let jobset_id: i32 =
+        sqlx::query_scalar("select id from Jobsets where project = $1 and name = $2")
+            .bind(project)
+            .bind(jobset)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+    let eval: i32 = sqlx::query_scalar(
+        "insert into JobsetEvals (jobset_id, timestamp, checkoutTime, evalTime, hasNewBuilds, hash, nrBuilds, nrSucceeded)
+         values ($1, $2, 0, 0, 1, $3, $4, 0) returning id",
+    )
+    .bind(jobset_id)
+    .bind(now as i32)
+    .bind(format!("sluice-submit-{now}"))
+    .bind(jobs.len() as i32)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db)?;
+    let mut ids = Vec::new();
+    for (job, drv, outputs) in &parsed {
+        let id: i32 = sqlx::query_scalar(
+            "insert into Builds (finished, timestamp, jobset_id, job, nixName, drvPath, system,
+                                 maxsilent, timeout, isCurrent, priority, globalPriority)
+             values (0, $1, $2, $3, $4, $5, $6, 3600, 36000, 1, 100, 0) returning id",
+        )
+        .bind(now as i32)
+        .bind(jobset_id)
+        .bind(&job.name)
+        .bind(&drv.name)
+        .bind(&job.drv_path)
+        .bind(&drv.platform)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        for (name, path) in outputs {
+            sqlx::query("insert into BuildOutputs (build, name, path) values ($1, $2, $3)")
+                .bind(id)
+                .bind(name)
+                .bind(path)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        sqlx::query("insert into JobsetEvalMembers (eval, build, isNew) values ($1, $2, 1)")
+            .bind(eval)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        ids.push(id);
+    }
+    let lowest = ids.iter().min().copied().unwrap_or(0);
+    sqlx::query("select pg_notify('builds_added', $1)")
+        .bind(lowest.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    tx.commit().await.map_err(db)?;
+    Ok(ids)
+}
+
+/// One build's state, for `--wait`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildState {
+    pub id: i32,
+    pub job: String,
+    pub finished: bool,
+    pub status: Option<i32>,
+}
+
+pub async fn states(pool: &PgPool, ids: &[i32]) -> Result<Vec<BuildState>, SubmitError> {
+    let rows: Vec<(i32, String, i32, Option<i32>)> = sqlx::query_as(
+        "select id, job, finished, buildStatus from Builds where id = any($1) order by id",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+    .map_err(db)?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, job, finished, status)| BuildState {
+            id,
+            job,
+            finished: finished != 0,
+            status,
+        })
+        .collect())
+}
+
+/// Hydra's name for a build status code.
+pub fn status_name(code: i32) -> &'static str {
+    match code {
+        0 => "succeeded",
+        1 => "failed",
+        2 => "dependency failed",
+        3 => "aborted",
+        4 => "cancelled",
+        6 => "failed with output",
+        7 => "timed out",
+        9 => "unsupported system/features",
+        10 => "log limit exceeded",
+        11 => "output limit exceeded",
+        12 => "not deterministic",
+        _ => "unknown status",
+    }
+}
+
+/// Follows `ids` until all are finished, printing each as it finishes.
+/// Returns whether all succeeded.
+pub async fn wait(pool: &PgPool, ids: &[i32], poll: Duration) -> Result<bool, SubmitError> {
+    let mut reported = std::collections::HashSet::new();
+    loop {
+        let states = states(pool, ids).await?;
+        for s in &states {
+            if s.finished && reported.insert(s.id) {
+                let code = s.status.unwrap_or(-1);
+                println!("build {} ({}): {}", s.id, s.job, status_name(code));
+            }
+        }
+        let done = states.iter().filter(|s| s.finished).count();
+        if done == ids.len() {
+            return Ok(states.iter().all(|s| s.status == Some(0)));
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn parses_jobs_and_targets() {
+        let jobs = parse_jobs(&args(
+            "--job a /nix/store/x-a.drv --job b f.nix -A b g.nix -A c",
+        ))
+        .expect("valid");
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(jobs[0].1, vec![Target::Drv("/nix/store/x-a.drv".into())]);
+        assert_eq!(jobs[1].1.len(), 2);
+    }
+
+    #[test]
+    fn rejects_bad_sequences() {
+        assert!(parse_jobs(&args("x.drv")).is_err());
+        assert!(parse_jobs(&args("--job a")).is_err());
+        assert!(parse_jobs(&args("--job a f.nix")).is_err());
+        assert!(parse_jobs(&args("--job a something")).is_err());
+        assert!(parse_jobs(&[]).is_err());
+    }
+}

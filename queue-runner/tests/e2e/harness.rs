@@ -1,0 +1,229 @@
+//! A whole deployment in one test: a throwaway PostgreSQL, the queue
+//! runner (`service::run_with`, real gRPC and HTTP on loopback) on the
+//! host's Nix store through a private daemon, and builder agents, each with
+//! an isolated store of its own and its own daemon.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sluice_queue_runner::config::ServeConfig;
+use sluice_queue_runner::service::{self, Bound};
+use sluice_test_support::nix::{IsolatedStore, NixDaemon, NixEnv};
+use sluice_test_support::pg::TestPg;
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const TOKEN: &str = "e2e-agent-token-0123456789abcdef";
+
+pub struct Deployment {
+    pub pg: TestPg,
+    pub pool: PgPool,
+    pub env: NixEnv,
+    pub host_daemon: NixDaemon,
+    pub data_dir: tempfile::TempDir,
+    pub bound: Bound,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    agents: Vec<Agent>,
+}
+
+pub struct Agent {
+    pub name: String,
+    pub store: IsolatedStore,
+    pub daemon: NixDaemon,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), sluice_builder_agent::AgentError>>,
+}
+
+impl Deployment {
+    pub async fn start() -> Deployment {
+        let pg = TestPg::start();
+        let env = NixEnv::new();
+        let host_daemon = NixDaemon::start();
+        let data_dir = tempfile::tempdir().unwrap();
+        let token_file = data_dir.path().join("tokens");
+        std::fs::write(&token_file, format!("agents:{TOKEN}\n")).unwrap();
+        let config = ServeConfig {
+            database_url: Some(pg.url()),
+            data_dir: data_dir.path().to_path_buf(),
+            grpc_listen: "127.0.0.1:0".parse().unwrap(),
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            agent_token_file: token_file,
+            store_socket: Some(host_daemon.socket_path()),
+            unsupported_grace: Duration::from_secs(120),
+            max_tries: 3,
+            retry_interval: Duration::from_secs(1),
+            max_log_bytes: 1 << 20,
+            max_output_bytes: 1 << 30,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (bound_tx, bound_rx) = oneshot::channel();
+        let task = tokio::spawn(service::run_with(
+            config,
+            async {
+                let _ = stopped.await;
+            },
+            bound_tx,
+        ));
+        let bound = match tokio::time::timeout(Duration::from_secs(60), bound_rx).await {
+            Ok(Ok(bound)) => bound,
+            _ => {
+                let result = task.await;
+                panic!("the queue runner did not come up: {result:?}");
+            }
+        };
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&pg.url())
+            .await
+            .unwrap();
+        Deployment {
+            pg,
+            pool,
+            env,
+            host_daemon,
+            data_dir,
+            bound,
+            stop: Some(stop),
+            task: Some(task),
+            agents: Vec::new(),
+        }
+    }
+
+    /// Starts an agent with an isolated, empty store.
+    pub fn add_agent(&mut self, name: &str, max_jobs: u32) {
+        let store = IsolatedStore::new();
+        let daemon = store.start_daemon();
+        let config = sluice_builder_agent::AgentConfig {
+            queue_runner: format!("http://{}", self.bound.grpc),
+            token: TOKEN.to_owned(),
+            name: name.to_owned(),
+            systems: vec![current_system(), "builtin".to_owned()],
+            features: vec![],
+            mandatory_features: vec![],
+            max_jobs,
+            speed_factor: 1.0,
+            store: sluice_builder_agent::LocalNix::Socket(daemon.socket_path()),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_millis(1000),
+            proc_root: PathBuf::from("/proc"),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(sluice_builder_agent::run(config, async {
+            let _ = stopped.await;
+        }));
+        self.agents.push(Agent {
+            name: name.to_owned(),
+            store,
+            daemon,
+            stop: Some(stop),
+            task,
+        });
+    }
+
+    pub fn agent(&self, name: &str) -> &Agent {
+        self.agents.iter().find(|a| a.name == name).unwrap()
+    }
+
+    /// Queues one build per `(job, drv)` as an evaluator would.
+    pub async fn submit(&self, jobs: &[(String, String)]) -> Vec<i32> {
+        let jobs: Vec<sluice_queue_runner::submit::Job> = jobs
+            .iter()
+            .map(|(name, drv)| sluice_queue_runner::submit::Job {
+                name: name.clone(),
+                drv_path: drv.clone(),
+            })
+            .collect();
+        sluice_queue_runner::submit::queue(&self.pool, "e2e", "jobs", &jobs)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until every build in `ids` is finished; panics after `secs`.
+    pub async fn wait_finished(&self, ids: &[i32], secs: u64) -> BTreeMap<i32, i32> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let rows: Vec<(i32, i32, Option<i32>)> =
+                sqlx::query_as("select id, finished, buildStatus from Builds where id = any($1)")
+                    .bind(ids)
+                    .fetch_all(&self.pool)
+                    .await
+                    .unwrap();
+            if rows.len() == ids.len() && rows.iter().all(|(_, f, _)| *f == 1) {
+                return rows
+                    .into_iter()
+                    .map(|(id, _, s)| (id, s.unwrap_or(-1)))
+                    .collect();
+            }
+            if tokio::time::Instant::now() > deadline {
+                let status = reqwest_status(self.bound.http).await;
+                panic!(
+                    "builds not finished after {secs}s: {:?}; queue runner status: {status}",
+                    rows.iter()
+                        .filter(|(_, f, _)| *f == 0)
+                        .map(|(id, _, _)| id)
+                        .collect::<Vec<_>>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        for agent in &mut self.agents {
+            if let Some(stop) = agent.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+        for agent in self.agents.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(10), agent.task).await;
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+pub fn current_system() -> String {
+    let out = std::process::Command::new("nix-instantiate")
+        .args(["--eval", "--expr", "builtins.currentSystem", "--json"])
+        .env("NIX_CONFIG", sluice_test_support::nix::NIX_CONFIG)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .trim_matches('"')
+        .to_string()
+}
+
+/// `GET /status` of the queue runner, as text (for failure messages).
+pub async fn reqwest_status(addr: std::net::SocketAddr) -> String {
+    http_get(addr, "/status").await.unwrap_or_else(|e| e)
+}
+
+/// A minimal HTTP/1.0 GET over a TCP stream.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(out))
+}

@@ -1,0 +1,226 @@
+//! End to end, what lands where Hydra's web UI and notifier look:
+//! `nix-support` products, metrics and release name, status 6 for a
+//! `failed` marker, failures and dependency failures, logs at the
+//! contract's path, the notifications, and a cached build.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "e2e/harness.rs"]
+mod harness;
+
+use std::time::Duration;
+
+use harness::Deployment;
+use sqlx::postgres::PgListener;
+
+const JOBS: &str = r#"
+rec {
+  products = mkDrv {
+    name = "products";
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" ''
+      echo "making products"
+      dir="$out/my docs"
+      mkdir -p $out/nix-support "$dir"
+      echo hello > "$dir/read me.txt"
+      echo "doc manual \"$dir/read me.txt\"" > $out/nix-support/hydra-build-products
+      echo "file tarball $out/nix-support" >> $out/nix-support/hydra-build-products
+      printf 'lines 42 count\nspeed 1.5\nbogus notanumber\n' > $out/nix-support/hydra-metrics
+      echo "  products-1.2.3 " > $out/nix-support/hydra-release-name
+    '' ];
+  };
+  marked = mkDrv {
+    name = "marked";
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" "mkdir -p $out/nix-support; echo broken-but-built; touch $out/nix-support/failed" ];
+  };
+  fails = mkDrv {
+    name = "fails";
+    args = [ "-c" "echo about to fail; echo boom-on-stderr >&2; exit 1" ];
+  };
+  needsFails = mkDrv {
+    name = "needs-fails";
+    dep = fails;
+    args = [ "-c" "echo never > $out" ];
+  };
+}
+"#;
+
+/// productnr, type, subtype, fileSize, sha256hash, path, name.
+type ProductRow = (
+    i32,
+    String,
+    String,
+    Option<i64>,
+    Option<String>,
+    String,
+    String,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn results_logs_and_notifications_follow_the_contract() {
+    let mut d = Deployment::start().await;
+    let mut listener = PgListener::connect(&d.pg.url()).await.unwrap();
+    listener
+        .listen_all([
+            "build_started",
+            "step_started",
+            "step_finished",
+            "build_finished",
+        ])
+        .await
+        .unwrap();
+    d.add_agent("agent", 2);
+    let names = ["products", "marked", "fails", "needsFails"];
+    let drvs = d.env.instantiate(JOBS, &names);
+    let jobs: Vec<(String, String)> = names
+        .iter()
+        .map(|n| n.to_string())
+        .zip(drvs.iter().cloned())
+        .collect();
+    let ids = d.submit(&jobs).await;
+    let statuses = d.wait_finished(&ids, 120).await;
+    let (products, marked, fails, needs_fails) = (ids[0], ids[1], ids[2], ids[3]);
+    assert_eq!(statuses[&products], 0);
+    assert_eq!(statuses[&marked], 6, "nix-support/failed gives status 6");
+    assert_eq!(statuses[&fails], 1);
+    assert_eq!(statuses[&needs_fails], 2, "a dependency failed");
+
+    // Products: the quoted path with spaces, and a directory product.
+    let rows: Vec<ProductRow> = sqlx::query_as(
+        "select productnr, type, subtype, fileSize, sha256hash, path, name from BuildProducts
+         where build = $1 order by productnr",
+    )
+    .bind(products)
+    .fetch_all(&d.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!((rows[0].1.as_str(), rows[0].2.as_str()), ("doc", "manual"));
+    assert!(rows[0].5.ends_with("/my docs/read me.txt"), "{rows:?}");
+    assert_eq!(rows[0].6, "read me.txt");
+    assert_eq!(rows[0].3, Some(6));
+    assert_eq!(
+        rows[0].4.as_deref(),
+        Some("5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"),
+        "sha256 of \"hello\\n\""
+    );
+    assert_eq!(rows[1].3, None, "a directory has no size");
+
+    let metrics: Vec<(String, Option<String>, f64)> =
+        sqlx::query_as("select name, unit, value from BuildMetrics where build = $1 order by name")
+            .bind(products)
+            .fetch_all(&d.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        metrics,
+        vec![
+            ("lines".into(), Some("count".into()), 42.0),
+            ("speed".into(), None, 1.5)
+        ]
+    );
+    let release: Option<String> =
+        sqlx::query_scalar("select releaseName from Builds where id = $1")
+            .bind(products)
+            .fetch_one(&d.pool)
+            .await
+            .unwrap();
+    assert_eq!(release.as_deref(), Some("products-1.2.3"));
+
+    // Logs at <dataDir>/build-logs/<2>/<rest>, with what the builder printed
+    // (stdout and stderr), for successes and failures alike.
+    for (drv, text) in [(&drvs[0], "making products"), (&drvs[2], "boom-on-stderr")] {
+        let base = drv.strip_prefix("/nix/store/").unwrap();
+        let path = d
+            .data_dir
+            .path()
+            .join("build-logs")
+            .join(&base[..2])
+            .join(&base[2..]);
+        let log =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(log.contains(text), "{}: {log:?}", path.display());
+    }
+
+    // The failed step carries its status and message; the dependent build
+    // has a step propagated from the failed one.
+    let (status, msg): (i32, Option<String>) =
+        sqlx::query_as("select status, errorMsg from BuildSteps where build = $1 and drvPath = $2")
+            .bind(fails)
+            .bind(&drvs[2])
+            .fetch_one(&d.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, 1);
+    assert!(msg.unwrap_or_default().contains("exit code 1"));
+    let propagated: Option<i32> = sqlx::query_scalar(
+        "select propagatedFrom from BuildSteps where build = $1 and drvPath = $2",
+    )
+    .bind(needs_fails)
+    .bind(&drvs[2])
+    .fetch_one(&d.pool)
+    .await
+    .unwrap();
+    assert_eq!(propagated, Some(fails));
+
+    // Notifications, with their payloads.
+    let mut seen: Vec<(String, String)> = Vec::new();
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await {
+        seen.push((n.channel().to_string(), n.payload().to_string()));
+    }
+    let has = |channel: &str, pred: &dyn Fn(&str) -> bool| {
+        seen.iter().any(|(c, p)| c == channel && pred(p))
+    };
+    assert!(
+        has("build_started", &|p| p == products.to_string()),
+        "{seen:?}"
+    );
+    let fails_log = format!("{}\t", fails);
+    assert!(
+        has("step_finished", &|p| p.starts_with(&fails_log)
+            && p.contains("/build-logs/")),
+        "{seen:?}"
+    );
+    assert!(
+        has("build_finished", &|p| p
+            == format!("{fails}\t{needs_fails}")),
+        "the failure finishes its dependent with it: {seen:?}"
+    );
+    assert!(
+        has("build_finished", &|p| p == products.to_string()),
+        "{seen:?}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_build_whose_outputs_exist_finishes_cached_without_dispatch() {
+    let d = Deployment::start().await;
+    let drv = d
+        .env
+        .instantiate(
+            r#"{ x = mkDrv { name = "cached"; args = [ "-c" "echo hi > $out" ]; }; }"#,
+            &["x"],
+        )
+        .remove(0);
+    d.env.realise(&drv);
+    // No agent at all: nothing can be dispatched.
+    let ids = d.submit(&[("cached".into(), drv.clone())]).await;
+    let statuses = d.wait_finished(&ids, 60).await;
+    assert_eq!(statuses[&ids[0]], 0);
+    let (cached, start, stop): (i32, i32, i32) =
+        sqlx::query_as("select isCachedBuild, startTime, stopTime from Builds where id = $1")
+            .bind(ids[0])
+            .fetch_one(&d.pool)
+            .await
+            .unwrap();
+    assert_eq!(cached, 1);
+    assert!(start > 0 && stop > 0);
+    let steps: i64 = sqlx::query_scalar("select count(*) from BuildSteps")
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
+    assert_eq!(steps, 0, "nothing was dispatched");
+    d.stop().await;
+}

@@ -6,6 +6,9 @@
 //! walk does not descend below it. Everything else becomes a
 //! [`StepSpec`] for the core.
 //!
+//! The files of each level of the walk are read concurrently, and the
+//! validity of all their outputs is asked in one query.
+//!
 //! Invariants: each `.drv` is read and parsed at most once per batch, so a
 //! jobset whose builds share dependencies costs the size of the union of
 //! their closures, not the sum; a derivation that cannot be read or parsed
@@ -13,10 +16,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use futures::StreamExt;
 use sluice_core::{DrvPath, StepSpec};
 use sluice_nix::daemon::DaemonClient;
 use sluice_nix::derivation::Derivation;
 use sluice_nix::store_path::{StoreDir, StorePath};
+
+/// How many `.drv` files are read at once.
+const READ_CONCURRENCY: usize = 64;
 
 /// Why a derivation could not be taken into the graph.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -92,10 +99,21 @@ where
     let mut frontier: Vec<String> = tops.to_vec();
     let mut queued: HashSet<String> = frontier.iter().cloned().collect();
     while !frontier.is_empty() {
-        // Read and parse this level.
+        // Read and parse this level, up to READ_CONCURRENCY files at once.
+        let level: Vec<String> = std::mem::take(&mut frontier);
+        let reads = futures::stream::iter(level.into_iter().map(|path| {
+            let read_file = &read_file;
+            async move {
+                let result = read_one(store_dir, &path, read_file).await;
+                (path, result)
+            }
+        }))
+        .buffer_unordered(READ_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
         let mut parsed: Vec<(String, StorePath, Derivation)> = Vec::new();
-        for path in frontier.drain(..) {
-            match read_one(store_dir, &path, &read_file).await {
+        for (path, result) in reads {
+            match result {
                 Ok((sp, drv)) => parsed.push((path, sp, drv)),
                 Err(e) => {
                     batch.broken.insert(path, e);

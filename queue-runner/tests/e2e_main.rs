@@ -149,5 +149,31 @@ async fn two_agents_build_a_jobset_of_35_builds_once_each() {
                 .unwrap();
         assert!(notify.is_some(), "build {id} awaits the notifier");
     }
+    // What the web UI and Prometheus read.
+    let status = harness::http_get(d.bound.http, "/status").await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["queueRunner"]["nrBuildsDone"], 35, "{status}");
+    assert_eq!(status["queueRunner"]["machinesTotal"], 2, "{status}");
+    let machines = harness::http_get(d.bound.http, "/status/machines")
+        .await
+        .unwrap();
+    let machines: serde_json::Value = serde_json::from_str(&machines).unwrap();
+    let mut hosts: Vec<&str> = machines["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["hostname"].as_str().unwrap())
+        .collect();
+    hosts.sort();
+    assert_eq!(hosts, ["agent-a", "agent-b"]);
+    let done: u64 = machines["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["stats"]["nrStepsDone"].as_u64().unwrap())
+        .sum();
+    assert_eq!(done, 35);
+    let metrics = harness::http_get(d.bound.http, "/metrics").await.unwrap();
+    assert!(metrics.contains("sluice_builds_done_total 35"), "{metrics}");
     d.stop().await;
 }

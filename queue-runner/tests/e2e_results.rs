@@ -205,8 +205,32 @@ async fn a_build_whose_outputs_exist_finishes_cached_without_dispatch() {
         )
         .remove(0);
     d.env.realise(&drv);
-    // No agent at all: nothing can be dispatched.
-    let ids = d.submit(&[("cached".into(), drv.clone())]).await;
+    // No agent at all: nothing can be dispatched. Queued with the CLI,
+    // which follows the build and exits 0 once it succeeded.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-runner"))
+        .args([
+            "submit",
+            "--database-url",
+            &d.pg.url(),
+            "--wait",
+            "--job",
+            "cached",
+            &drv,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("all 1 builds succeeded"), "{stdout}");
+    let ids: Vec<i32> = sqlx::query_scalar("select id from Builds where job = 'cached'")
+        .fetch_all(&d.pool)
+        .await
+        .unwrap();
     let statuses = d.wait_finished(&ids, 60).await;
     assert_eq!(statuses[&ids[0]], 0);
     let (cached, start, stop): (i32, i32, i32) =

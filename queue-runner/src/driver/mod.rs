@@ -547,7 +547,7 @@ impl Driver {
             },
         );
         self.by_step.insert((drv_path.clone(), machine), id);
-        let realised = self.realised_inputs();
+        let realised = self.realised_inputs(&drv_path);
         let job = prepare::Preparation {
             attempt: id,
             build,
@@ -572,13 +572,18 @@ impl Driver {
         tokio::spawn(prepare::run(job, writer, store, me));
     }
 
-    fn realised_inputs(&self) -> HashMap<(String, String), String> {
-        // Only floating outputs need this; they are rare, so the map of
-        // every built output is handed over as is.
+    /// Output paths built by this run for the input derivations of
+    /// `drv_path`: what a floating content-addressed input resolves to.
+    fn realised_inputs(&self, drv_path: &DrvPath) -> HashMap<(String, String), String> {
         let mut out = HashMap::new();
-        for (drv, built) in &self.built_outputs {
-            for (name, path) in &built.outputs {
-                out.insert((drv.as_str().to_string(), name.clone()), path.clone());
+        let Some(step) = self.closure.get(drv_path) else {
+            return out;
+        };
+        for input in &step.spec.input_drvs {
+            if let Some(built) = self.built_outputs.get(input) {
+                for (name, path) in &built.outputs {
+                    out.insert((input.as_str().to_string(), name.clone()), path.clone());
+                }
             }
         }
         out

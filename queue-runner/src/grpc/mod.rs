@@ -54,6 +54,21 @@ pub use store::{LocalStore, StoreConnection, StoreError};
 
 use sessions::Sessions;
 
+/// Accepted connections with `TCP_NODELAY` set: tonic does not apply its
+/// own setting to a custom incoming stream, and without it small messages
+/// (an assignment, a result's answer) wait for the peer's delayed ACK,
+/// about 40 ms each.
+fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
+}
+
 /// Settings of the gRPC service.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -161,7 +176,7 @@ impl QueueRunnerService {
             .http2_keepalive_interval(Some(keepalive))
             .http2_keepalive_timeout(Some(keepalive))
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(incoming(listener), async {
                 shutdown.await;
                 shared
                     .sessions

@@ -110,7 +110,23 @@ impl LocalStore {
 
     async fn open(&self) -> Result<DaemonClient, StoreError> {
         match &self.pool.connection {
-            StoreConnection::Socket(path) => DaemonClient::connect(path).await,
+            StoreConnection::Socket(path) => {
+                // Nix's daemon listens with a tiny backlog (5 in Nix 2.8):
+                // a burst of connections gets EAGAIN, which is worth a few
+                // short retries rather than a failed step.
+                let mut delay = std::time::Duration::from_millis(5);
+                let mut tries = 0;
+                loop {
+                    match DaemonClient::connect(path).await {
+                        Err(e) if tries < 8 && is_busy(&e) => {
+                            tries += 1;
+                            tokio::time::sleep(delay).await;
+                            delay *= 2;
+                        }
+                        other => break other,
+                    }
+                }
+            }
             StoreConnection::Stdio { program, args, env } => {
                 let mut cmd = tokio::process::Command::new(program);
                 cmd.args(args)
@@ -124,6 +140,13 @@ impl LocalStore {
         }
         .map_err(StoreError::Connect)
     }
+}
+
+/// Whether connecting failed because the daemon's listen queue was full
+/// (`EAGAIN` on a Unix socket).
+fn is_busy(e: &ClientError) -> bool {
+    matches!(e, ClientError::Connect { source, .. }
+        if source.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// A connection borrowed from the pool; returned to it on drop if open.

@@ -1,0 +1,799 @@
+//! Latency of the queue runner's dispatch path, end to end. Run with
+//! `cargo bench -p sluice-queue-runner --bench latency` (as root, with Nix
+//! and PostgreSQL installed); prints figures.
+//!
+//! Setup: a throwaway PostgreSQL, a private `nix-daemon` on the host store,
+//! and the whole queue runner in-process (`service::run_with`, real gRPC on
+//! loopback). One simulated agent speaks the real `sluice.v1` protocol
+//! (version, registration, heartbeats, the work stream, `UploadNar`,
+//! `ReportResult`). On an assignment it "builds" at once: for each
+//! input-addressed output of the basic derivation it writes a small file,
+//! encodes its NAR with `sluice_nix::nar::dump_path`, uploads it (the queue
+//! runner verifies and imports it into its store) and reports success.
+//!
+//! Measured:
+//! 1. `builds_added` → first dispatch: from `submit::queue` returning (the
+//!    evaluator's transaction committed, which delivers `builds_added`) to
+//!    the agent receiving the assignment of the build's one ready step.
+//! 2. runnable → assignment: on chains of derivations (each needs the
+//!    previous one's output), from `ReportResult` returning for one step to
+//!    the agent receiving the assignment of the next, for one chain at a
+//!    time and for eight chains at once.
+//! 3. The cost of one dispatch decision is the core's own bench.
+//!
+//! Everything started here is stopped on the way out; the harness types
+//! (`TestPg`, `NixDaemon`, temporary directories) clean up on drop, also
+//! when the bench panics. The outputs it uploads stay in the host store,
+//! as those of the end-to-end tests do.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use sluice_nix::derivation::Derivation;
+use sluice_nix::hash::Base;
+use sluice_nix::nar::dump_path;
+use sluice_nix::store_path::StoreDir;
+use sluice_proto::v1 as pb;
+use sluice_proto::v1::queue_runner_client::QueueRunnerClient;
+use sluice_proto::PROTOCOL_VERSION;
+use sluice_queue_runner::config::ServeConfig;
+use sluice_queue_runner::service::{self, Bound};
+use sluice_queue_runner::submit::{self, Job};
+use sluice_test_support::nix::{run as run_command, NixCommands, NixDaemon, NixEnv};
+use sluice_test_support::pg::TestPg;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+const TOKEN: &str = "bench-agent-token-0123456789abcdef";
+/// Builds measured for `builds_added` → dispatch, and warm-up builds
+/// before them (not counted).
+const READY_BUILDS: usize = 30;
+const WARM_UP: usize = 2;
+/// Steps per chain: each chain gives `CHAIN_LEN - 1` samples.
+const CHAIN_LEN: usize = 26;
+/// Chains run one at a time, then this many at once.
+const CHAINS: usize = 8;
+/// Slots of the simulated agent: enough that it is always idle for the
+/// next step of every chain.
+const AGENT_SLOTS: u32 = 8;
+/// Retries of an agent call the queue runner refused as `Unavailable`.
+const MAX_RETRIES: u32 = 20;
+/// How long any one thing may take before the bench gives up.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    runtime.block_on(bench());
+}
+
+async fn bench() {
+    let started = Instant::now();
+    print_machine();
+
+    let deployment = Deployment::start().await;
+    let drvs = Drvs::instantiate(&deployment.env);
+    let system = system_of(&drvs.ready[0]);
+    let mut agent = SimAgent::connect(deployment.bound.grpc, &system).await;
+    println!(
+        "setup (PostgreSQL, nix-daemon, queue runner, {} derivations): {:.1} s",
+        drvs.ready.len() + drvs.chains.iter().map(Vec::len).sum::<usize>(),
+        started.elapsed().as_secs_f64()
+    );
+    println!();
+
+    // 1. builds_added → first dispatch.
+    let mut committed = Vec::new();
+    let mut called = Vec::new();
+    for (i, drv) in drvs.ready.iter().enumerate() {
+        let job = Job {
+            name: format!("ready-{i}"),
+            drv_path: drv.clone(),
+        };
+        let before = Instant::now();
+        let ids = submit::queue(&deployment.pool, "bench", "ready", &[job])
+            .await
+            .expect("queueing a build with submit::queue");
+        let after = Instant::now();
+        let built = agent.collect(std::slice::from_ref(drv)).await;
+        let received = built[drv].received;
+        if i >= WARM_UP {
+            committed.push(received.saturating_duration_since(after));
+            called.push(received.saturating_duration_since(before));
+        }
+        deployment.wait_succeeded(&ids).await;
+    }
+    println!("1. builds_added -> first dispatch (one new build with one ready step, agent idle)");
+    println!(
+        "   {} samples, after {WARM_UP} warm-up builds (not counted)",
+        committed.len()
+    );
+    print_figures("   from submit::queue returning (committed)", &committed);
+    print_figures("   from calling submit::queue", &called);
+    println!(
+        "   includes: the NOTIFY reaching the listener, loading the new Builds row, reading the \
+         closure (.drv files, output validity through the daemon), the core's decision, the \
+         BuildSteps row (and build_started/step_started), the basic derivation and its input \
+         closure, and the gRPC send."
+    );
+    println!();
+
+    // 2. runnable → assignment, one chain at a time, then all at once.
+    let half = drvs.chains.len() / 2;
+    let (sequential, concurrent) = drvs.chains.split_at(half);
+    let mut one_at_a_time = Vec::new();
+    let mut one_at_a_time_from_call = Vec::new();
+    let mut early = 0;
+    let mut report_calls = Vec::new();
+    for (i, chain) in sequential.iter().enumerate() {
+        let figures = deployment
+            .run_chains(
+                &mut agent,
+                &format!("chain-{i}"),
+                std::slice::from_ref(chain),
+            )
+            .await;
+        one_at_a_time.extend(figures.latencies);
+        one_at_a_time_from_call.extend(figures.from_call);
+        early += figures.early;
+        report_calls.extend(figures.report_calls);
+    }
+    let together = deployment
+        .run_chains(&mut agent, "chains-together", concurrent)
+        .await;
+    println!("2. runnable -> assignment at an idle agent (chains of {CHAIN_LEN} derivations)");
+    println!(
+        "   from ReportResult returning for a step to the agent receiving the next step's \
+         assignment"
+    );
+    let sequential_label = format!("   1 chain at a time ({} chains)", sequential.len());
+    let together_label = format!("   {} chains at once", concurrent.len());
+    print_figures(&sequential_label, &one_at_a_time);
+    print_figures(&together_label, &together.latencies);
+    let early = early + together.early;
+    if early > 0 {
+        println!(
+            "   ({early} assignments arrived before the previous step's ReportResult call \
+             returned, i.e. its response was held back; counted as 0 above)"
+        );
+    }
+    println!("   the same, from the ReportResult call being made (an upper bound):");
+    print_figures(&sequential_label, &one_at_a_time_from_call);
+    print_figures(&together_label, &together.from_call);
+    report_calls.extend(together.report_calls);
+    print_figures("   for scale, the ReportResult call itself", &report_calls);
+    println!(
+        "   includes: the driver handling the result (the BuildSteps row finished, \
+         step_finished), the core making the next step runnable and dispatching it, the next \
+         BuildSteps row created (behind the previous step's writes: one ordered writer), the \
+         basic derivation and the input closure queried from the daemon, registering the \
+         attempt, and the gRPC send. Not included: the upload, which precedes ReportResult."
+    );
+    println!();
+
+    // 3. The dispatch decision itself.
+    println!("3. one dispatch decision with 100,000 queued steps and 8 agents:");
+    println!("   measured without IO by `cargo bench -p sluice-core --bench dispatch`");
+    println!("   (8 machines x 4 slots, queues of 1k/10k/100k steps; not repeated here)");
+    println!();
+
+    println!("trouble seen on the way (none is expected):");
+    println!(
+        "   agent calls refused as Unavailable and retried after 10 ms: {}",
+        agent.retries
+    );
+    deployment.print_aborted_steps().await;
+    println!();
+
+    agent.stop();
+    deployment.stop().await;
+    println!("total: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// nproc and the CPU model, so figures from different machines are not
+/// compared blindly.
+fn print_machine() {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    println!("queue runner latency bench");
+    println!("machine: nproc {cpus}, CPU {model}");
+}
+
+/// p50/p90/p99/max of `samples`, in milliseconds (nearest rank).
+fn print_figures(label: &str, samples: &[Duration]) {
+    if samples.is_empty() {
+        println!("{label}: no samples");
+        return;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let n = sorted.len();
+    let rank = |q: f64| sorted[((q * n as f64).ceil() as usize).clamp(1, n) - 1];
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mean = sorted.iter().sum::<Duration>() / u32::try_from(n).unwrap_or(u32::MAX);
+    println!(
+        "{label}: n={n}  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (mean {:.2} ms)",
+        ms(rank(0.50)),
+        ms(rank(0.90)),
+        ms(rank(0.99)),
+        ms(sorted[n - 1]),
+        ms(mean)
+    );
+}
+
+/// The platform of the derivation at `drv_path`, for the agent to offer.
+fn system_of(drv_path: &str) -> String {
+    let dir = StoreDir::default();
+    let path = dir
+        .parse_path(drv_path)
+        .expect("a store path from nix-instantiate");
+    let text = std::fs::read(drv_path).expect("reading a .drv the bench instantiated");
+    Derivation::parse_drv_file(&dir, &path, &text)
+        .expect("parsing a .drv the bench instantiated")
+        .platform
+}
+
+/// The derivations the bench queues, all unique to this run.
+struct Drvs {
+    /// Ready derivations (no inputs), one build each.
+    ready: Vec<String>,
+    /// Chains: each derivation needs the output of the one before.
+    chains: Vec<Vec<String>>,
+}
+
+impl Drvs {
+    fn instantiate(env: &NixEnv) -> Drvs {
+        let mut expr = String::from("rec {\n");
+        let mut attrs = Vec::new();
+        for r in 0..READY_BUILDS + WARM_UP {
+            expr += &format!(
+                "  r{r} = mkDrv {{ name = \"ready{r}\"; args = [ \"-c\" \"echo {r} > $out\" ]; }};\n"
+            );
+            attrs.push(format!("r{r}"));
+        }
+        for c in 0..2 * CHAINS {
+            for s in 0..CHAIN_LEN {
+                let prev = if s == 0 {
+                    String::new()
+                } else {
+                    format!("prev = c{c}s{};", s - 1)
+                };
+                expr += &format!(
+                    "  c{c}s{s} = mkDrv {{ name = \"chain{c}-{s}\"; {prev} args = [ \"-c\" \"echo {c}-{s} > $out\" ]; }};\n"
+                );
+                attrs.push(format!("c{c}s{s}"));
+            }
+        }
+        expr += "}";
+        let file = env.write_expr(&expr);
+        let mut cmd = env.command("nix-instantiate");
+        cmd.arg(&file);
+        for attr in &attrs {
+            cmd.args(["-A", attr]);
+        }
+        let out = run_command(&mut cmd);
+        let paths: Vec<String> = out
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.ends_with(".drv"))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(
+            paths.len(),
+            attrs.len(),
+            "nix-instantiate printed one .drv per attribute: {out}"
+        );
+        let (ready, chained) = paths.split_at(READY_BUILDS + WARM_UP);
+        Drvs {
+            ready: ready.to_vec(),
+            chains: chained.chunks(CHAIN_LEN).map(<[String]>::to_vec).collect(),
+        }
+    }
+}
+
+/// The queue runner with its database and store.
+struct Deployment {
+    // Field order: the pool closes before the server it talks to stops.
+    pool: PgPool,
+    env: NixEnv,
+    bound: Bound,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _data_dir: tempfile::TempDir,
+    _host_daemon: NixDaemon,
+    _pg: TestPg,
+}
+
+/// What one run of chains measured.
+struct ChainFigures {
+    /// From the ReportResult call returning.
+    latencies: Vec<Duration>,
+    /// From the ReportResult call being made.
+    from_call: Vec<Duration>,
+    /// Assignments that arrived before the previous step's ReportResult
+    /// call returned (their latency counts as 0).
+    early: usize,
+    report_calls: Vec<Duration>,
+}
+
+impl Deployment {
+    async fn start() -> Deployment {
+        let pg = TestPg::start();
+        let env = NixEnv::new();
+        let host_daemon = NixDaemon::start();
+        let data_dir = tempfile::tempdir().expect("creating the queue runner's data directory");
+        let token_file = data_dir.path().join("tokens");
+        std::fs::write(&token_file, format!("bench:{TOKEN}\n")).expect("writing the token file");
+        let config = ServeConfig {
+            database_url: Some(pg.url()),
+            data_dir: data_dir.path().to_path_buf(),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            agent_token_file: token_file,
+            store_socket: Some(host_daemon.socket_path()),
+            unsupported_grace: Duration::from_secs(120),
+            max_tries: 3,
+            retry_interval: Duration::from_secs(1),
+            max_log_bytes: 1 << 20,
+            max_output_bytes: 1 << 30,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (bound_tx, bound_rx) = oneshot::channel();
+        let task = tokio::spawn(service::run_with(
+            config,
+            async {
+                let _ = stopped.await;
+            },
+            bound_tx,
+        ));
+        let bound = match tokio::time::timeout(DEADLINE, bound_rx).await {
+            Ok(Ok(bound)) => bound,
+            _ => {
+                let result = task.await;
+                panic!("the queue runner did not come up: {result:?}");
+            }
+        };
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&pg.url())
+            .await
+            .expect("connecting to the throwaway PostgreSQL");
+        Deployment {
+            pool,
+            env,
+            bound,
+            stop: Some(stop),
+            task: Some(task),
+            _data_dir: data_dir,
+            _host_daemon: host_daemon,
+            _pg: pg,
+        }
+    }
+
+    /// Queues one build per chain (its last derivation) in one evaluator
+    /// transaction, lets the agent build every step, and measures each
+    /// step's ReportResult return → the next step's assignment.
+    async fn run_chains(
+        &self,
+        agent: &mut SimAgent,
+        jobset: &str,
+        chains: &[Vec<String>],
+    ) -> ChainFigures {
+        let jobs: Vec<Job> = chains
+            .iter()
+            .enumerate()
+            .map(|(i, chain)| Job {
+                name: format!("chain-{i}"),
+                drv_path: chain.last().expect("a chain has steps").clone(),
+            })
+            .collect();
+        let ids = submit::queue(&self.pool, "bench", jobset, &jobs)
+            .await
+            .expect("queueing the chains with submit::queue");
+        let all: Vec<String> = chains.iter().flatten().cloned().collect();
+        let built = agent.collect(&all).await;
+        self.wait_succeeded(&ids).await;
+        let mut figures = ChainFigures {
+            latencies: Vec::new(),
+            from_call: Vec::new(),
+            early: 0,
+            report_calls: Vec::new(),
+        };
+        for chain in chains {
+            for pair in chain.windows(2) {
+                let (done, next) = (&built[&pair[0]], &built[&pair[1]]);
+                if next.received < done.acked {
+                    figures.early += 1;
+                }
+                figures
+                    .latencies
+                    .push(next.received.saturating_duration_since(done.acked));
+                figures
+                    .from_call
+                    .push(next.received.saturating_duration_since(done.reporting));
+            }
+            for drv in chain {
+                let b = &built[drv];
+                figures.report_calls.push(b.acked - b.reporting);
+            }
+        }
+        figures
+    }
+
+    /// Waits until every build in `ids` is finished, and checks it succeeded.
+    async fn wait_succeeded(&self, ids: &[i32]) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let rows: Vec<(i32, i32, Option<i32>)> =
+                sqlx::query_as("select id, finished, buildStatus from Builds where id = any($1)")
+                    .bind(ids)
+                    .fetch_all(&self.pool)
+                    .await
+                    .expect("reading the state of the bench's builds");
+            if rows.len() == ids.len() && rows.iter().all(|(_, finished, _)| *finished == 1) {
+                let failed: Vec<_> = rows.iter().filter(|(_, _, s)| *s != Some(0)).collect();
+                assert!(
+                    failed.is_empty(),
+                    "builds (id, finished, status) did not succeed: {failed:?}"
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "builds not finished after {DEADLINE:?}: (id, finished, status) {rows:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Attempts the queue runner gave up on (it retries them): each one
+    /// stretches one sample by the retry interval.
+    async fn print_aborted_steps(&self) {
+        let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
+            "select errorMsg, count(*) from BuildSteps where status = 3 group by errorMsg",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .expect("reading aborted BuildSteps");
+        let total: i64 = rows.iter().map(|(_, n)| n).sum();
+        println!("   attempts aborted by the queue runner (BuildSteps status 3): {total}");
+        for (error, n) in rows {
+            println!("     {n} x {}", error.unwrap_or_default());
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            match tokio::time::timeout(Duration::from_secs(10), task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => eprintln!("the queue runner stopped with an error: {e:#}"),
+                Ok(Err(e)) => eprintln!("the queue runner task failed: {e}"),
+                Err(_) => eprintln!("the queue runner did not stop within 10 s"),
+            }
+        }
+        self.pool.close().await;
+    }
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+struct Bearer(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+type Client = QueueRunnerClient<InterceptedService<Channel, Bearer>>;
+
+/// When the agent received, and finished reporting, one assignment.
+#[derive(Debug, Clone, Copy)]
+struct Built {
+    received: Instant,
+    /// Just before the ReportResult call.
+    reporting: Instant,
+    /// When the ReportResult call returned.
+    acked: Instant,
+    /// Calls refused with `Unavailable` and made again.
+    retries: u32,
+}
+
+/// A simulated agent on the real protocol: it registers, heartbeats, and
+/// answers each assignment by uploading made-up outputs at once.
+struct SimAgent {
+    built: mpsc::Receiver<Result<(String, Built), String>>,
+    /// Calls refused with `Unavailable` and made again, so far.
+    retries: u32,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl SimAgent {
+    async fn connect(addr: SocketAddr, system: &str) -> SimAgent {
+        let token: MetadataValue<Ascii> = format!("Bearer {TOKEN}")
+            .parse()
+            .expect("the token is a valid header value");
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("a valid queue runner URL")
+            .connect()
+            .await
+            .expect("connecting to the queue runner's gRPC port");
+        let mut client = QueueRunnerClient::with_interceptor(channel, Bearer(token));
+        let version = client
+            .version(pb::VersionRequest {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: "latency-bench".into(),
+            })
+            .await
+            .expect("the Version call")
+            .into_inner();
+        assert_eq!(
+            version.protocol_version, PROTOCOL_VERSION,
+            "protocol version"
+        );
+        let registered = client
+            .register(pb::RegisterRequest {
+                name: "sim-agent".into(),
+                systems: vec![system.to_owned(), "builtin".into()],
+                supported_features: vec![],
+                mandatory_features: vec![],
+                max_jobs: AGENT_SLOTS,
+                speed_factor: 1.0,
+                total_mem_bytes: 1 << 30,
+            })
+            .await
+            .expect("the Register call")
+            .into_inner();
+        let session = registered.session_id;
+
+        let (events, events_rx) = mpsc::channel(4);
+        events
+            .send(pb::AgentEvent {
+                session_id: session.clone(),
+                event: Some(pb::agent_event::Event::Hello(pb::Hello {})),
+            })
+            .await
+            .expect("queueing Hello");
+        let mut commands = client
+            .work(ReceiverStream::new(events_rx))
+            .await
+            .expect("opening the work stream")
+            .into_inner();
+
+        let (built_tx, built) = mpsc::channel(1024);
+        let reader = {
+            let client = client.clone();
+            let session = session.clone();
+            tokio::spawn(async move {
+                // Holding the sender keeps the work stream open.
+                let _events = events;
+                loop {
+                    let assignment = match commands.message().await {
+                        Ok(Some(pb::RunnerCommand {
+                            command: Some(pb::runner_command::Command::Assign(a)),
+                        })) => a,
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break,
+                        Err(status) => {
+                            let _ = built_tx
+                                .send(Err(format!("the work stream failed: {status}")))
+                                .await;
+                            break;
+                        }
+                    };
+                    let received = Instant::now();
+                    let client = client.clone();
+                    let session = session.clone();
+                    let built_tx = built_tx.clone();
+                    tokio::spawn(async move {
+                        let drv = assignment.drv_path.clone();
+                        let result = build(client, &session, assignment, received)
+                            .await
+                            .map(|b| (drv.clone(), b))
+                            .map_err(|e| format!("building {drv}: {e}"));
+                        let _ = built_tx.send(result).await;
+                    });
+                }
+            })
+        };
+        let heartbeats = {
+            let mut client = client.clone();
+            let interval =
+                Duration::from_millis(u64::from(registered.heartbeat_interval_ms).max(100));
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(interval);
+                loop {
+                    ticks.tick().await;
+                    let beat = pb::HeartbeatRequest {
+                        session_id: session.clone(),
+                        ..Default::default()
+                    };
+                    if let Err(status) = client.heartbeat(beat).await {
+                        eprintln!("sim agent: heartbeat failed: {status}");
+                    }
+                }
+            })
+        };
+        SimAgent {
+            built,
+            retries: 0,
+            tasks: vec![reader, heartbeats],
+        }
+    }
+
+    /// Waits until every derivation in `drvs` has been assigned and built.
+    async fn collect(&mut self, drvs: &[String]) -> HashMap<String, Built> {
+        let mut wanted: HashSet<&String> = drvs.iter().collect();
+        let mut out = HashMap::new();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !wanted.is_empty() {
+            let next = tokio::time::timeout_at(deadline, self.built.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{} of {} steps were not assigned and built within {DEADLINE:?}",
+                        wanted.len(),
+                        drvs.len()
+                    )
+                })
+                .expect("the simulated agent's tasks are running");
+            let (drv, built) = next.unwrap_or_else(|e| panic!("simulated agent: {e}"));
+            assert!(
+                wanted.remove(&drv),
+                "the agent was assigned {drv}, which is not what this run queued (or twice)"
+            );
+            self.retries += built.retries;
+            out.insert(drv, built);
+        }
+        out
+    }
+
+    fn stop(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// "Builds" one assignment: uploads a small file as each output, then
+/// reports success.
+async fn build(
+    client: Client,
+    session: &str,
+    assignment: pb::Assignment,
+    received: Instant,
+) -> Result<Built, String> {
+    let dir = StoreDir::default();
+    let drv_path = dir
+        .parse_path(&assignment.drv_path)
+        .map_err(|e| format!("drv path: {e}"))?;
+    let drv = Derivation::parse_drv_file(&dir, &drv_path, &assignment.drv)
+        .map_err(|e| format!("basic derivation: {e}"))?;
+    let start_time = unix_now();
+    let scratch = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let mut retries = 0;
+    let mut outputs = Vec::new();
+    for (name, output) in &drv.outputs {
+        let path = output
+            .path(&dir, &drv.name, name)
+            .map_err(|e| format!("output {name}: {e}"))?
+            .ok_or_else(|| format!("output {name} is not input-addressed"))?;
+        let file = scratch.path().join(name);
+        std::fs::write(&file, format!("{name} of {}\n", assignment.drv_path))
+            .map_err(|e| format!("writing output {name}: {e}"))?;
+        let mut nar = Vec::new();
+        let summary = dump_path(&file, &mut nar).map_err(|e| format!("NAR of {name}: {e}"))?;
+        let printed = dir.print(&path);
+        let header = pb::NarUpload {
+            part: Some(pb::nar_upload::Part::Header(pb::UploadHeader {
+                session_id: session.to_owned(),
+                step_id: assignment.step_id.clone(),
+                output_name: name.clone(),
+                info: Some(pb::StorePathInfo {
+                    path: printed.clone(),
+                    nar_hash: summary.nar_hash.format(Base::Nix32, true),
+                    nar_size: summary.nar_size,
+                    references: vec![],
+                    deriver: assignment.drv_path.clone(),
+                    ca: String::new(),
+                }),
+            })),
+        };
+        let data = pb::NarUpload {
+            part: Some(pb::nar_upload::Part::Data(nar)),
+        };
+        let upload = || {
+            let mut client = client.clone();
+            let parts = [header.clone(), data.clone()];
+            async move { client.upload_nar(tokio_stream::iter(parts)).await }
+        };
+        retrying(upload, &mut retries)
+            .await
+            .map_err(|s| format!("UploadNar of {printed}: {s}"))?;
+        outputs.push(pb::BuildOutput {
+            name: name.clone(),
+            path: printed,
+        });
+    }
+    let result = pb::StepResult {
+        session_id: session.to_owned(),
+        step_id: assignment.step_id.clone(),
+        status: 0,
+        times_built: 1,
+        start_time,
+        stop_time: unix_now(),
+        outputs,
+        ..Default::default()
+    };
+    let reporting = Instant::now();
+    let report = || {
+        let mut client = client.clone();
+        let result = result.clone();
+        async move { client.report_result(result).await }
+    };
+    retrying(report, &mut retries)
+        .await
+        .map_err(|s| format!("ReportResult: {s}"))?;
+    Ok(Built {
+        received,
+        reporting,
+        acked: Instant::now(),
+        retries,
+    })
+}
+
+/// Calls `call` until it succeeds or fails with something other than
+/// `Unavailable` (the queue runner's answer when it could not reach its
+/// own store for the moment), at most [`MAX_RETRIES`] times more; counts
+/// the retries in `retries`.
+async fn retrying<T, F, Fut>(mut call: F, retries: &mut u32) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut left = MAX_RETRIES;
+    loop {
+        match call().await {
+            Err(status) if status.code() == tonic::Code::Unavailable && left > 0 => {
+                left -= 1;
+                *retries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -10,9 +10,8 @@
 //! closure's dependency order), and only the paths that were asked for;
 //! the local daemon checks each NAR against its declared hash.
 
+use sluice_nix::nar::stream::ChannelReader;
 use std::io;
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use sluice_nix::daemon::{ClientError, DaemonClient, PathInfo};
@@ -20,7 +19,7 @@ use sluice_nix::hash::{Base, Hash, HashAlgo};
 use sluice_nix::store_path::{StoreDir, StorePath};
 use sluice_proto::v1 as pb;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -153,10 +152,7 @@ async fn import_one(
     path: &str,
 ) -> Result<(), FetchError> {
     let (tx, rx) = mpsc::channel(BUFFER);
-    let reader = ChannelReader {
-        rx,
-        current: Bytes::new(),
-    };
+    let reader = ChannelReader::new(rx);
     let import = async {
         let mut reader = reader;
         nix.add_to_store_nar(info, &mut reader, false, true).await
@@ -302,33 +298,5 @@ pub(crate) async fn upload_output(
             "{} (reading the output locally failed too: {e})",
             s.message()
         ))),
-    }
-}
-
-/// An `AsyncRead` over a channel of chunks; an `Err` item fails the read.
-struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    current: Bytes,
-}
-
-impl AsyncRead for ChannelReader {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            if !this.current.is_empty() {
-                let n = buf.remaining().min(this.current.len());
-                buf.put_slice(&this.current.split_to(n));
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(this.rx.poll_recv(cx)) {
-                Some(Ok(bytes)) => this.current = bytes,
-                Some(Err(e)) => return Poll::Ready(Err(e)),
-                None => return Poll::Ready(Ok(())),
-            }
-        }
     }
 }

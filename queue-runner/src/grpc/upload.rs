@@ -15,10 +15,9 @@
 //! is bounded by the message size times [`UPLOAD_BUFFER`] plus one held
 //! chunk, whatever the NAR's size.
 
+use sluice_nix::nar::stream::ChannelReader;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use sluice_nix::daemon::{ClientError, PathInfo};
@@ -26,7 +25,6 @@ use sluice_nix::nar::{NarHasher, NarSummary};
 use sluice_nix::store_path::StoreDir;
 use sluice_proto::v1 as pb;
 use thiserror::Error;
-use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
@@ -105,10 +103,7 @@ pub(crate) async fn receive(
 
     let mut client = shared.store.client().await.map_err(UploadError::from)?;
     let (tx, rx) = mpsc::channel(UPLOAD_BUFFER);
-    let reader = ChannelReader {
-        rx,
-        current: Bytes::new(),
-    };
+    let reader = ChannelReader::new(rx);
     let import = async {
         // Owned here, so the channel closes as soon as the import stops.
         let mut reader = reader;
@@ -200,33 +195,4 @@ async fn forward(
     // EOF, so the daemon never completes a NAR we refused.
     let _ = tx.send(Err(io::Error::other(failure.to_string()))).await;
     Err(failure)
-}
-
-/// The import's view of the upload: an `AsyncRead` over a channel of
-/// chunks, where an `Err` item fails the read.
-struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    current: Bytes,
-}
-
-impl AsyncRead for ChannelReader {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            if !this.current.is_empty() {
-                let n = buf.remaining().min(this.current.len());
-                buf.put_slice(&this.current.split_to(n));
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(this.rx.poll_recv(cx)) {
-                Some(Ok(bytes)) => this.current = bytes,
-                Some(Err(e)) => return Poll::Ready(Err(e)),
-                None => return Poll::Ready(Ok(())),
-            }
-        }
-    }
 }

@@ -22,7 +22,7 @@
 //! `String`s, so a `.drv` with other bytes is rejected as `InvalidUtf8`.
 
 use std::borrow::Cow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
 use thiserror::Error;
@@ -111,6 +111,7 @@ pub(crate) fn parse_with_layout(
         pos: 0,
         store_dir,
         canonical: true,
+        raw_controls: memchr::memchr3(b'\n', b'\r', b'\t', text).is_some(),
     };
     let mut drv = Derivation {
         name: name.to_owned(),
@@ -145,8 +146,12 @@ pub(crate) fn parse_with_layout(
         Ok(())
     })?;
 
+    // Maps are gathered in vectors first: in order, as every file Nix
+    // writes is, a map is then built in one sweep instead of searched and
+    // split once per entry.
     p.lit(",")?;
     let inputs_start = p.pos;
+    let mut input_drvs = Vec::new();
     p.list(|p| {
         p.lit("(")?;
         let path = p.store_path()?;
@@ -159,14 +164,13 @@ pub(crate) fn parse_with_layout(
             Ok(())
         })?;
         p.lit(")")?;
-        p.canonical &= drv
-            .input_drvs
-            .last_key_value()
-            .is_none_or(|(k, _)| *k < path);
-        drv.input_drvs.insert(path, wanted);
+        input_drvs.push((path, wanted));
         Ok(())
     })?;
     let inputs = inputs_start..p.pos;
+    let (input_drvs, sorted) = into_map(input_drvs);
+    p.canonical &= sorted;
+    drv.input_drvs = input_drvs;
 
     p.lit(",")?;
     p.list(|p| {
@@ -187,6 +191,7 @@ pub(crate) fn parse_with_layout(
     })?;
     p.lit(",")?;
     let mut output_env_values = Vec::new();
+    let mut env = Vec::new();
     p.list(|p| {
         p.lit("(")?;
         let key = p.string(Field::Escaped)?;
@@ -197,10 +202,12 @@ pub(crate) fn parse_with_layout(
             output_env_values.push(value_start..p.pos);
         }
         p.lit(")")?;
-        p.canonical &= drv.env.last_key_value().is_none_or(|(k, _)| *k < key);
-        drv.env.insert(key, value);
+        env.push((key, value));
         Ok(())
     })?;
+    let (env, sorted) = into_map(env);
+    p.canonical &= sorted;
+    drv.env = env;
     p.lit(")")?;
     if p.pos != text.len() {
         return Err(ParseDerivationError::TrailingData { offset: p.pos });
@@ -210,6 +217,21 @@ pub(crate) fn parse_with_layout(
         output_env_values,
     });
     Ok((drv, layout))
+}
+
+/// The map of `entries`, the last of equal keys winning (as repeated
+/// inserts would), and whether the keys were strictly increasing.
+fn into_map<K: Ord, V>(entries: Vec<(K, V)>) -> (BTreeMap<K, V>, bool) {
+    if entries.windows(2).all(|w| w[0].0 < w[1].0) {
+        // Sorted and unique: the bulk build keeps every entry as it is.
+        (entries.into_iter().collect(), true)
+    } else {
+        let mut map = BTreeMap::new();
+        for (k, v) in entries {
+            map.insert(k, v);
+        }
+        (map, false)
+    }
 }
 
 fn make_output(
@@ -274,6 +296,10 @@ struct Parser<'a> {
     store_dir: &'a StoreDir,
     /// Whether everything so far prints back to the same bytes.
     canonical: bool,
+    /// Whether the text has a newline, return or tab byte anywhere (Nix
+    /// writes none: it escapes them where it escapes at all). Only then
+    /// must each escaped field be searched for them.
+    raw_controls: bool,
 }
 
 impl<'a> Parser<'a> {
@@ -339,7 +365,10 @@ impl<'a> Parser<'a> {
         if s[body + i] == b'"' {
             self.pos = body + i + 1;
             let raw = &s[body..body + i];
-            if field == Field::Escaped && memchr::memchr3(b'\n', b'\r', b'\t', raw).is_some() {
+            if field == Field::Escaped
+                && self.raw_controls
+                && memchr::memchr3(b'\n', b'\r', b'\t', raw).is_some()
+            {
                 self.canonical = false;
             }
             return Ok((Cow::Borrowed(raw), start));
@@ -352,7 +381,10 @@ impl<'a> Parser<'a> {
         let mut stop = body + i;
         loop {
             let run = &s[at..stop];
-            if memchr::memchr3(b'\n', b'\r', b'\t', run).is_some() {
+            if field == Field::Escaped
+                && self.raw_controls
+                && memchr::memchr3(b'\n', b'\r', b'\t', run).is_some()
+            {
                 self.canonical = false;
             }
             buf.extend_from_slice(run);
@@ -457,6 +489,22 @@ mod tests {
             parse(&dir(), &latin1, "x"),
             Err(ParseDerivationError::InvalidUtf8 { .. })
         ));
+    }
+
+    #[test]
+    fn duplicate_keys_follow_nix() {
+        // Nix keeps the first output of a name (`emplace`), and the last
+        // environment entry and input derivation (`[]=`, `insert_or_assign`).
+        let drv_a = "/nix/store/00000000000000000000000000000000-a.drv";
+        let text = format!(
+            r#"Derive([("out","","",""),("out","","r:sha256","")],[("{drv_a}",["x"]),("{drv_a}",["y"])],[],"s","b",[],[("k","1"),("k","2")])"#
+        );
+        let (drv, layout) = parse_with_layout(&dir(), text.as_bytes(), "x").expect("parses");
+        assert_eq!(drv.outputs["out"], DerivationOutput::Deferred);
+        assert_eq!(drv.env["k"], "2");
+        let wanted: Vec<&String> = drv.input_drvs.values().flatten().collect();
+        assert_eq!(wanted, ["y"]);
+        assert_eq!(layout, None, "duplicates do not print back");
     }
 
     #[test]

@@ -194,3 +194,44 @@ where
     writer.flush().await.map_err(write_error)?;
     Ok(hasher.summary())
 }
+
+/// An `AsyncRead` over a bounded channel of byte chunks, for feeding a NAR
+/// that arrives in messages (over gRPC, say) into an importer that reads.
+/// An `Err` item fails the read with that error; the channel closing is the
+/// end of the stream. Memory stays bounded by the channel's capacity.
+pub struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<bytes::Bytes>>,
+    current: bytes::Bytes,
+}
+
+impl ChannelReader {
+    pub fn new(rx: mpsc::Receiver<io::Result<bytes::Bytes>>) -> ChannelReader {
+        ChannelReader {
+            rx,
+            current: bytes::Bytes::new(),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for ChannelReader {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            if !this.current.is_empty() {
+                let n = buf.remaining().min(this.current.len());
+                buf.put_slice(&this.current.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            match std::task::ready!(this.rx.poll_recv(cx)) {
+                Some(Ok(bytes)) => this.current = bytes,
+                Some(Err(e)) => return Poll::Ready(Err(e)),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}

@@ -16,16 +16,19 @@ pub fn store_path(full: &str) -> StorePath {
         .unwrap_or_else(|e| panic!("'{full}' is not a store path: {e}"))
 }
 
-/// Connects to `daemon`. The harness reports a daemon as up once its socket
-/// file exists, which is just before it listens: retry refusals briefly.
+/// Connects to `daemon`, retrying briefly when its listen queue is full
+/// (Nix 2.8 listens with a backlog of 5: a burst of connections gets
+/// `EAGAIN`) or it refuses.
 pub async fn connect(daemon: &NixDaemon) -> DaemonClient {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match DaemonClient::connect(&daemon.socket_path()).await {
             Ok(client) => return client,
             Err(ClientError::Connect { source, .. })
-                if source.kind() == std::io::ErrorKind::ConnectionRefused
-                    && tokio::time::Instant::now() < deadline =>
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::WouldBlock
+                ) && tokio::time::Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(20)).await
             }

@@ -118,3 +118,41 @@ impl ServeConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let file: FileConfig = toml::from_str(
+            "data-dir = \"/srv/a\"\ngrpc-listen = \"0.0.0.0:7000\"\nagent-token-file = \"/etc/t\"\nmax-tries = 2\n",
+        )
+        .expect("valid TOML");
+        let cli = Overrides {
+            data_dir: Some("/srv/b".into()),
+            ..Overrides::default()
+        };
+        let c = ServeConfig::resolve(file, cli).expect("resolves");
+        assert_eq!(c.data_dir, PathBuf::from("/srv/b"));
+        assert_eq!(c.grpc_listen.to_string(), "0.0.0.0:7000");
+        assert_eq!(c.http_listen.to_string(), DEFAULT_HTTP_LISTEN);
+        assert_eq!(c.max_tries, 2);
+        assert_eq!(c.agent_token_file, PathBuf::from("/etc/t"));
+        assert!(c.database_url.is_none(), "no URL: the embedded database");
+    }
+
+    #[test]
+    fn a_typo_in_the_file_is_an_error_not_ignored() {
+        let err =
+            toml::from_str::<FileConfig>("grpc-lisen = \"0.0.0.0:1\"").expect_err("unknown key");
+        assert!(err.to_string().contains("grpc-lisen"), "{err}");
+    }
+
+    #[test]
+    fn a_token_file_is_required() {
+        let err = ServeConfig::resolve(FileConfig::default(), Overrides::default())
+            .expect_err("no token file");
+        assert!(err.to_string().contains("--agent-token-file"), "{err}");
+    }
+}

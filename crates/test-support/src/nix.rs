@@ -24,9 +24,13 @@ pub const NIX_CONFIG: &str = "build-users-group =\nsandbox = false\nsubstituters
 
 /// Checks that the Nix tools are installed, and says how to get them if not.
 pub fn require_nix() -> Result<(), String> {
+    require_nix_on(std::env::var_os("PATH").as_deref())
+}
+
+/// [`require_nix`] for a given `PATH` value.
+pub fn require_nix_on(path: Option<&std::ffi::OsStr>) -> Result<(), String> {
     let found = |prog: &str| {
-        std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+        path.map(|p| std::env::split_paths(p).any(|d| d.join(prog).is_file()))
             .unwrap_or(false)
     };
     let missing: Vec<&str> = ["nix-instantiate", "nix-store", "nix-daemon", "nix"]

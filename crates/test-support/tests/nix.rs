@@ -85,3 +85,16 @@ fn daemon_in_isolated_store_serves_only_that_store() {
         .command("nix-store")
         .args(["--store", &daemon.store_uri(), "--check-validity", &drv]));
 }
+
+#[test]
+fn missing_nix_says_what_is_missing_and_how_to_get_it() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    let err = sluice_test_support::nix::require_nix_on(Some(empty.path().as_os_str()))
+        .expect_err("no Nix on an empty PATH");
+    assert!(err.contains("nix-instantiate"), "{err}");
+    assert!(err.contains("apt-get install -y nix-bin"), "{err}");
+    assert!(
+        sluice_test_support::nix::require_nix().is_ok(),
+        "Nix is installed here"
+    );
+}

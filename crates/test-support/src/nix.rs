@@ -233,7 +233,12 @@ impl IsolatedStore {
     }
 
     /// Starts a `nix-daemon` serving this store on a socket outside it.
+    ///
+    /// The store is initialised first: otherwise the daemon's first
+    /// workers race to create its directories and symlinks, and one of
+    /// them dies with "File exists", resetting its client's connection.
     pub fn start_daemon(&self) -> NixDaemon {
+        run(self.command("nix-store").arg("--init"));
         NixDaemon::start_with(self)
     }
 }

@@ -9,6 +9,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use sluice_builder_agent::Cli;
 
+/// mimalloc: the derivation parser allocates many small strings, and
+/// glibc's malloc was a quarter of its time (see `cargo bench -p
+/// sluice-nix --bench derivations`, which uses the same allocator).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,

@@ -13,6 +13,12 @@ use std::path::PathBuf;
 
 use sluice_queue_runner::{config, db, embedded, service, submit};
 
+/// mimalloc: the derivation parser allocates many small strings, and
+/// glibc's malloc was a quarter of its time (see `cargo bench -p
+/// sluice-nix --bench derivations`, which uses the same allocator).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "queue-runner",

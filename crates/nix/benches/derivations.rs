@@ -27,6 +27,10 @@ use sluice_nix::derivation::{Derivation, DerivationOutput, ParsedDerivation};
 use sluice_nix::hash::{Hash, HashAlgo};
 use sluice_nix::store_path::{ContentAddressMethod, StoreDir, StorePath};
 
+/// The allocator the Sluice binaries use, so the figures are theirs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CORPUS_SIZE: usize = 12_000;
 /// Without `--bench` (e.g. `cargo test --benches`): a small corpus, checked
 /// but not timed.

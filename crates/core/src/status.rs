@@ -115,6 +115,11 @@ impl<O: StepOrder> Core<O> {
             .collect()
     }
 
+    /// Whether the core holds a live step for `drv_path`.
+    pub fn has_step(&self, drv_path: &str) -> bool {
+        self.lookup(drv_path).is_some()
+    }
+
     /// Derivations the core holds a step for (a full scan of the index).
     pub fn step_count(&self) -> usize {
         self.index

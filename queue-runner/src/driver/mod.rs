@@ -257,6 +257,7 @@ impl Driver {
                 assignment,
             } => self.on_prepared(attempt, stepnr, *assignment),
             DriverEvent::Resync => {
+                self.prune();
                 self.load_new();
                 self.load_restarted();
                 self.check_held_builds(true);
@@ -477,11 +478,38 @@ impl Driver {
                 report,
             });
         }
+        let succeeded = outcome == StepOutcome::Success;
         self.apply(Event::StepFinished {
-            drv_path: a.drv_path,
+            drv_path: a.drv_path.clone(),
             machine: a.machine,
             outcome,
         });
+        if succeeded {
+            // The builds this step finished were recorded by the call
+            // above; only a floating output's path is needed later (by
+            // dependents, to resolve their inputs).
+            let floating = self
+                .closure
+                .get(&a.drv_path)
+                .is_some_and(|c| c.outputs.values().any(Option::is_none));
+            if !floating {
+                self.built_outputs.remove(&a.drv_path);
+            }
+            self.closure.remove(&a.drv_path);
+        }
+    }
+
+    /// Drops what the driver keeps about derivations the core no longer
+    /// holds a step for (steps of failed or cancelled builds), so memory
+    /// follows the queue, not the history.
+    fn prune(&mut self) {
+        let core = &self.core;
+        self.closure.retain(|drv, _| core.has_step(drv.as_str()));
+        if self.builds.is_empty() {
+            self.built_outputs.clear();
+        }
+        let live: HashSet<BuildId> = self.builds.keys().copied().collect();
+        self.started_builds.retain(|b| live.contains(b));
     }
 
     /// Ends an attempt the driver itself gives up on (cancel, disconnect,
@@ -670,8 +698,7 @@ impl Driver {
         });
         // Forget closure details nobody needs any more.
         if self.builds.is_empty() {
-            self.closure.clear();
-            self.built_outputs.clear();
+            self.prune();
         }
     }
 

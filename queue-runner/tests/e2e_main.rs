@@ -61,8 +61,8 @@ fn nar_hash(store: &dyn NixCommands, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_agents_build_a_jobset_of_35_builds_once_each() {
     let mut d = Deployment::start().await;
-    d.add_agent("agent-a", 2);
-    d.add_agent("agent-b", 2);
+    d.add_agent("agent-a", 2).await;
+    d.add_agent("agent-b", 2).await;
     let names = names();
     let attrs: Vec<&str> = names.iter().map(String::as_str).collect();
     let drvs = d.env.instantiate(&dag_expr(), &attrs);

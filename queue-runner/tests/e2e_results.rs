@@ -70,7 +70,7 @@ async fn results_logs_and_notifications_follow_the_contract() {
         ])
         .await
         .unwrap();
-    d.add_agent("agent", 2);
+    d.add_agent("agent", 2).await;
     let names = ["products", "marked", "fails", "needsFails"];
     let drvs = d.env.instantiate(JOBS, &names);
     let jobs: Vec<(String, String)> = names

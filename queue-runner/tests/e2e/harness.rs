@@ -95,14 +95,17 @@ impl Deployment {
     }
 
     /// Starts an agent with an isolated, empty store.
-    pub fn add_agent(&mut self, name: &str, max_jobs: u32) {
+    pub async fn add_agent(&mut self, name: &str, max_jobs: u32) {
         let store = IsolatedStore::new();
         let daemon = store.start_daemon();
         let config = sluice_builder_agent::AgentConfig {
             queue_runner: format!("http://{}", self.bound.grpc),
             token: TOKEN.to_owned(),
             name: name.to_owned(),
-            systems: vec![current_system(), "builtin".to_owned()],
+            systems: vec![
+                sluice_builder_agent::host::nix_system().await,
+                "builtin".to_owned(),
+            ],
             features: vec![],
             mandatory_features: vec![],
             max_jobs,
@@ -189,19 +192,6 @@ impl Deployment {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
     }
-}
-
-pub fn current_system() -> String {
-    let out = std::process::Command::new("nix-instantiate")
-        .args(["--eval", "--expr", "builtins.currentSystem", "--json"])
-        .env("NIX_CONFIG", sluice_test_support::nix::NIX_CONFIG)
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .trim()
-        .trim_matches('"')
-        .to_string()
 }
 
 /// `GET /status` of the queue runner, as text (for failure messages).

@@ -7,7 +7,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,10 +15,11 @@ use std::time::Duration;
 use sluice_nix::daemon::PathInfo;
 use sluice_nix::derivation::Derivation;
 use sluice_nix::store_path::{StoreDir, StorePath};
-use sluice_queue_runner::agents::{Assignment, AttemptId, FromAgent, PathSummary};
+use sluice_queue_runner::agents::{Assignment, AttemptId, FromAgent};
 use sluice_queue_runner::grpc::{
     Attempts, LocalStore, QueueRunnerService, ServeError, ServiceConfig, StoreConnection, Tokens,
 };
+use sluice_queue_runner::store::Store;
 use sluice_test_support::nix::NIX_CONFIG;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -229,85 +230,33 @@ impl Runner {
 }
 
 /// Path infos of the closure of `roots` in the queue runner's store,
-/// references before referrers.
+/// references before referrers (the queue runner's own query).
 pub async fn closure(store: &LocalStore, roots: &BTreeSet<StorePath>) -> Vec<PathInfo> {
-    let mut client = store.client().await.unwrap();
-    let mut infos: BTreeMap<StorePath, PathInfo> = BTreeMap::new();
-    let mut todo: Vec<StorePath> = roots.iter().cloned().collect();
-    while let Some(p) = todo.pop() {
-        if infos.contains_key(&p) {
-            continue;
-        }
-        let info = client
-            .query_path_info(&p)
-            .await
-            .unwrap()
-            .unwrap_or_else(|| panic!("{p} is not valid in the queue runner's store"));
-        todo.extend(info.references.iter().cloned());
-        infos.insert(p, info);
-    }
-    let mut ordered = Vec::new();
-    let mut done = BTreeSet::new();
-    fn visit(
-        p: &StorePath,
-        infos: &BTreeMap<StorePath, PathInfo>,
-        done: &mut BTreeSet<StorePath>,
-        out: &mut Vec<PathInfo>,
-    ) {
-        if !done.insert(p.clone()) {
-            return;
-        }
-        let info = &infos[p];
-        for r in &info.references {
-            if r != p {
-                visit(r, infos, done, out);
-            }
-        }
-        out.push(info.clone());
-    }
-    for p in infos.keys() {
-        visit(p, &infos, &mut done, &mut ordered);
-    }
-    ordered
+    let store = Store::new(store.clone());
+    let mut client = store.connect().await.unwrap();
+    sluice_queue_runner::store::closure(&mut client, store.store_dir(), roots.iter().cloned())
+        .await
+        .unwrap()
 }
 
 /// The assignment for `drv_path` (a `.drv` in the host store whose input
-/// derivations are built there): the basic derivation and its input
-/// closure.
+/// derivations are built there), made the way the queue runner's driver
+/// makes it: the basic derivation and its input closure.
 pub async fn assignment(store: &LocalStore, drv_path: &str, attempt: AttemptId) -> Assignment {
-    let dir = StoreDir::default();
-    let path = store_path(drv_path);
-    let text = std::fs::read(Path::new(drv_path.trim())).unwrap();
-    let drv = Derivation::parse_drv_file(&dir, &path, &text).unwrap();
-    let (mut basic, input_drvs) = drv.into_basic();
-    for (input, outputs) in input_drvs {
-        let input_text = std::fs::read(dir.print(&input)).unwrap();
-        let input_drv = Derivation::parse_drv_file(&dir, &input, &input_text).unwrap();
-        for name in outputs {
-            let out = input_drv.outputs[&name]
-                .path(&dir, &input_drv.name, &name)
-                .unwrap()
-                .expect("a static output path");
-            basic.input_srcs.insert(out);
-        }
-    }
+    let runner_store = Store::new(store.clone());
+    let dir = runner_store.store_dir().clone();
+    let drv = runner_store.read_derivation(drv_path.trim()).await.unwrap();
+    let basic = sluice_queue_runner::store::basic_derivation(&runner_store, &drv, &HashMap::new())
+        .await
+        .unwrap();
     let inputs = closure(store, &basic.input_srcs).await;
     Assignment {
         attempt,
         drv_path: drv_path.trim().to_owned(),
-        basic_drv: sluice_nix::derivation::Derivation::from(basic)
-            .to_aterm(&dir)
-            .unwrap(),
+        basic_drv: basic.to_aterm(&dir).unwrap(),
         inputs: inputs
             .iter()
-            .map(|i| PathSummary {
-                path: dir.print(&i.path),
-                nar_hash: i.nar_hash.format(sluice_nix::hash::Base::Nix32, true),
-                nar_size: i.nar_size,
-                references: i.references.iter().map(|r| dir.print(r)).collect(),
-                deriver: i.deriver.as_ref().map(|d| dir.print(d)),
-                ca: i.ca.clone(),
-            })
+            .map(|i| sluice_queue_runner::store::summary(&dir, i))
             .collect(),
         max_silent_time_s: 60,
         build_timeout_s: 300,

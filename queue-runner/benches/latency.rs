@@ -26,10 +26,14 @@
 //! when the bench panics. The outputs it uploads stay in the host store,
 //! as those of the end-to-end tests do.
 
+#[path = "../tests/e2e/harness.rs"]
+mod harness;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use harness::{Deployment, TOKEN};
 use sluice_nix::derivation::Derivation;
 use sluice_nix::hash::Base;
 use sluice_nix::nar::dump_path;
@@ -37,20 +41,16 @@ use sluice_nix::store_path::StoreDir;
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::queue_runner_client::QueueRunnerClient;
 use sluice_proto::PROTOCOL_VERSION;
-use sluice_queue_runner::config::ServeConfig;
-use sluice_queue_runner::service::{self, Bound};
+use sluice_queue_runner::driver::unix_now;
 use sluice_queue_runner::submit::{self, Job};
-use sluice_test_support::nix::{run as run_command, NixCommands, NixDaemon, NixEnv};
-use sluice_test_support::pg::TestPg;
-use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
+use sluice_test_support::nix::{run as run_command, NixCommands, NixEnv};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-const TOKEN: &str = "bench-agent-token-0123456789abcdef";
 /// Builds measured for `builds_added` → dispatch, and warm-up builds
 /// before them (not counted).
 const READY_BUILDS: usize = 30;
@@ -309,19 +309,6 @@ impl Drvs {
     }
 }
 
-/// The queue runner with its database and store.
-struct Deployment {
-    // Field order: the pool closes before the server it talks to stops.
-    pool: PgPool,
-    env: NixEnv,
-    bound: Bound,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-    _data_dir: tempfile::TempDir,
-    _host_daemon: NixDaemon,
-    _pg: TestPg,
-}
-
 /// What one run of chains measured.
 struct ChainFigures {
     /// From the ReportResult call returning.
@@ -335,59 +322,6 @@ struct ChainFigures {
 }
 
 impl Deployment {
-    async fn start() -> Deployment {
-        let pg = TestPg::start();
-        let env = NixEnv::new();
-        let host_daemon = NixDaemon::start();
-        let data_dir = tempfile::tempdir().expect("creating the queue runner's data directory");
-        let token_file = data_dir.path().join("tokens");
-        std::fs::write(&token_file, format!("bench:{TOKEN}\n")).expect("writing the token file");
-        let config = ServeConfig {
-            database_url: Some(pg.url()),
-            data_dir: data_dir.path().to_path_buf(),
-            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            agent_token_file: token_file,
-            store_socket: Some(host_daemon.socket_path()),
-            unsupported_grace: Duration::from_secs(120),
-            max_tries: 3,
-            retry_interval: Duration::from_secs(1),
-            max_log_bytes: 1 << 20,
-            max_output_bytes: 1 << 30,
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (bound_tx, bound_rx) = oneshot::channel();
-        let task = tokio::spawn(service::run_with(
-            config,
-            async {
-                let _ = stopped.await;
-            },
-            bound_tx,
-        ));
-        let bound = match tokio::time::timeout(DEADLINE, bound_rx).await {
-            Ok(Ok(bound)) => bound,
-            _ => {
-                let result = task.await;
-                panic!("the queue runner did not come up: {result:?}");
-            }
-        };
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&pg.url())
-            .await
-            .expect("connecting to the throwaway PostgreSQL");
-        Deployment {
-            pool,
-            env,
-            bound,
-            stop: Some(stop),
-            task: Some(task),
-            _data_dir: data_dir,
-            _host_daemon: host_daemon,
-            _pg: pg,
-        }
-    }
-
     /// Queues one build per chain (its last derivation) in one evaluator
     /// transaction, lets the agent build every step, and measures each
     /// step's ReportResult return → the next step's assignment.
@@ -478,21 +412,6 @@ impl Deployment {
         for (error, n) in rows {
             println!("     {n} x {}", error.unwrap_or_default());
         }
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            match tokio::time::timeout(Duration::from_secs(10), task).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => eprintln!("the queue runner stopped with an error: {e:#}"),
-                Ok(Err(e)) => eprintln!("the queue runner task failed: {e}"),
-                Err(_) => eprintln!("the queue runner did not stop within 10 s"),
-            }
-        }
-        self.pool.close().await;
     }
 }
 
@@ -789,11 +708,4 @@ where
             other => return other,
         }
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

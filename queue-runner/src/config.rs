@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// The TOML file. Unknown keys are an error, so a typo is never ignored.
+/// Settings as one source gives them, each optional: the TOML file, or
+/// the command line. In the file, unknown keys are an error, so a typo is
+/// never ignored.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct FileConfig {
+pub struct Settings {
     pub database_url: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub grpc_listen: Option<SocketAddr>,
@@ -38,8 +40,8 @@ pub enum ConfigError {
     NoTokenFile,
 }
 
-impl FileConfig {
-    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+impl Settings {
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
             path: path.into(),
             cause: e.to_string(),
@@ -75,41 +77,25 @@ pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9198";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/sluice";
 
-/// Command-line values; `None` where the flag was not given.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub database_url: Option<String>,
-    pub data_dir: Option<PathBuf>,
-    pub grpc_listen: Option<SocketAddr>,
-    pub http_listen: Option<SocketAddr>,
-    pub agent_token_file: Option<PathBuf>,
-    pub store_socket: Option<PathBuf>,
-}
-
 impl ServeConfig {
-    pub fn resolve(file: FileConfig, cli: Overrides) -> Result<ServeConfig, ConfigError> {
+    /// Merges the command line (`cli`: `None` where a flag was not given)
+    /// over the file over the defaults.
+    pub fn resolve(file: Settings, cli: Settings) -> Result<ServeConfig, ConfigError> {
+        let file = cli.or(file);
         let parse = |s: &str| s.parse::<SocketAddr>().ok();
         Ok(ServeConfig {
-            database_url: cli.database_url.or(file.database_url),
-            data_dir: cli
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
-            grpc_listen: cli
+            database_url: file.database_url,
+            data_dir: file.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            grpc_listen: file
                 .grpc_listen
-                .or(file.grpc_listen)
                 .or_else(|| parse(DEFAULT_GRPC_LISTEN))
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
-            http_listen: cli
+            http_listen: file
                 .http_listen
-                .or(file.http_listen)
                 .or_else(|| parse(DEFAULT_HTTP_LISTEN))
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9198))),
-            agent_token_file: cli
-                .agent_token_file
-                .or(file.agent_token_file)
-                .ok_or(ConfigError::NoTokenFile)?,
-            store_socket: cli.store_socket.or(file.store_socket),
+            agent_token_file: file.agent_token_file.ok_or(ConfigError::NoTokenFile)?,
+            store_socket: file.store_socket,
             unsupported_grace: Duration::from_secs(file.unsupported_grace_s.unwrap_or(120)),
             max_tries: file.max_tries.unwrap_or(5),
             retry_interval: Duration::from_secs(file.retry_interval_s.unwrap_or(60)),
@@ -119,19 +105,38 @@ impl ServeConfig {
     }
 }
 
+impl Settings {
+    /// Each setting of `self`, or of `other` where `self` has none.
+    pub fn or(self, other: Settings) -> Settings {
+        Settings {
+            database_url: self.database_url.or(other.database_url),
+            data_dir: self.data_dir.or(other.data_dir),
+            grpc_listen: self.grpc_listen.or(other.grpc_listen),
+            http_listen: self.http_listen.or(other.http_listen),
+            agent_token_file: self.agent_token_file.or(other.agent_token_file),
+            store_socket: self.store_socket.or(other.store_socket),
+            unsupported_grace_s: self.unsupported_grace_s.or(other.unsupported_grace_s),
+            max_tries: self.max_tries.or(other.max_tries),
+            retry_interval_s: self.retry_interval_s.or(other.retry_interval_s),
+            max_log_bytes: self.max_log_bytes.or(other.max_log_bytes),
+            max_output_bytes: self.max_output_bytes.or(other.max_output_bytes),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn flags_beat_the_file_which_beats_defaults() {
-        let file: FileConfig = toml::from_str(
+        let file: Settings = toml::from_str(
             "data-dir = \"/srv/a\"\ngrpc-listen = \"0.0.0.0:7000\"\nagent-token-file = \"/etc/t\"\nmax-tries = 2\n",
         )
         .expect("valid TOML");
-        let cli = Overrides {
+        let cli = Settings {
             data_dir: Some("/srv/b".into()),
-            ..Overrides::default()
+            ..Settings::default()
         };
         let c = ServeConfig::resolve(file, cli).expect("resolves");
         assert_eq!(c.data_dir, PathBuf::from("/srv/b"));
@@ -145,13 +150,13 @@ mod tests {
     #[test]
     fn a_typo_in_the_file_is_an_error_not_ignored() {
         let err =
-            toml::from_str::<FileConfig>("grpc-lisen = \"0.0.0.0:1\"").expect_err("unknown key");
+            toml::from_str::<Settings>("grpc-lisen = \"0.0.0.0:1\"").expect_err("unknown key");
         assert!(err.to_string().contains("grpc-lisen"), "{err}");
     }
 
     #[test]
     fn a_token_file_is_required() {
-        let err = ServeConfig::resolve(FileConfig::default(), Overrides::default())
+        let err = ServeConfig::resolve(Settings::default(), Settings::default())
             .expect_err("no token file");
         assert!(err.to_string().contains("--agent-token-file"), "{err}");
     }

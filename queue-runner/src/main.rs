@@ -172,18 +172,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let file = match &args.config {
-        Some(path) => config::FileConfig::load(path)?,
-        None => config::FileConfig::default(),
+        Some(path) => config::Settings::load(path)?,
+        None => config::Settings::default(),
     };
     let config = config::ServeConfig::resolve(
         file,
-        config::Overrides {
+        config::Settings {
             database_url: args.database_url,
             data_dir: args.data_dir,
             grpc_listen: args.grpc_listen,
             http_listen: args.http_listen,
             agent_token_file: args.agent_token_file,
             store_socket: args.store_socket,
+            ..config::Settings::default()
         },
     )?;
     service::run(config, shutdown_signal()).await

@@ -54,7 +54,7 @@ pub enum DriverEvent {
     Prepared {
         attempt: AttemptId,
         stepnr: i32,
-        assignment: Box<Result<crate::agents::Assignment, String>>,
+        assignment: Box<Result<(crate::agents::Assignment, AttemptEntry), String>>,
     },
     /// The listener lost the database and reconnected: notifications may
     /// have been missed, so look at the queue again.
@@ -578,6 +578,7 @@ impl Driver {
         let realised = self.realised_inputs(&drv_path);
         let job = prepare::Preparation {
             attempt: id,
+            machine,
             build,
             drv_path: drv_path.as_str().to_string(),
             system,
@@ -621,7 +622,7 @@ impl Driver {
         &mut self,
         attempt: AttemptId,
         stepnr: i32,
-        assignment: Result<crate::agents::Assignment, String>,
+        assignment: Result<(crate::agents::Assignment, AttemptEntry), String>,
     ) {
         let Some(a) = self.attempts.get_mut(&attempt) else {
             // Cancelled or disconnected meanwhile; its row (if any) was
@@ -636,9 +637,7 @@ impl Driver {
         }
         let machine = a.machine;
         let started = a.started_unix;
-        let sent = assignment.and_then(|assignment| {
-            let entry =
-                AttemptEntry::from_assignment(machine, &assignment).map_err(|e| e.to_string())?;
+        let sent = assignment.and_then(|(assignment, entry)| {
             self.attempts_shared
                 .register(attempt, entry)
                 .map_err(|e| e.to_string())?;

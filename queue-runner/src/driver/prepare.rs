@@ -8,17 +8,19 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use sluice_core::BuildId;
+use sluice_core::{BuildId, MachineId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::writer::WriteJob;
 use super::DriverEvent;
 use crate::agents::{Assignment, AttemptId};
+use crate::grpc::AttemptEntry;
 use crate::store::{self, Store};
 
 #[derive(Debug)]
 pub struct Preparation {
     pub attempt: AttemptId,
+    pub machine: MachineId,
     pub build: BuildId,
     pub drv_path: String,
     pub system: String,
@@ -61,7 +63,16 @@ pub async fn run(
     };
     let (stepnr, assignment) = match stepnr {
         Err(e) => (0, Err(format!("recording the step: {e}"))),
-        Ok(stepnr) => (stepnr, assignment(&job, &store).await),
+        Ok(stepnr) => (
+            stepnr,
+            assignment(&job, &store).await.and_then(|assignment| {
+                // What the gRPC layer checks the agent against, parsed here
+                // rather than on the driver's task.
+                let entry = AttemptEntry::from_assignment(job.machine, &assignment)
+                    .map_err(|e| e.to_string())?;
+                Ok((assignment, entry))
+            }),
+        ),
     };
     // The driver registers the attempt with the gRPC layer and sends the
     // assignment itself, so a cancel that came meanwhile wins cleanly.

@@ -12,6 +12,9 @@ use sluice_nix::derivation::Derivation;
 use sluice_nix::store_path::StoreDir;
 use sqlx::PgPool;
 
+pub use crate::db::evaluator::BuildState;
+use crate::db::evaluator::{self, NewBuild};
+
 /// One job to queue: a name and a `.drv` path (already instantiated).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
@@ -179,119 +182,19 @@ pub async fn queue(
         }
         parsed.push((job, drv, outputs));
     }
-    let now = super::driver::unix_now();
-    let mut tx = pool.begin().await.map_err(db)?;
-    sqlx::query(
-        "insert into Users (userName, emailAddress, password) values ('sluice', '', '!')
-         on conflict do nothing",
-    )
-    .execute(&mut *tx)
-    .await
-    .map_err(db)?;
-    sqlx::query(
-        "insert into Projects (name, displayName, owner) values ($1, $1, 'sluice')
-         on conflict do nothing",
-    )
-    .bind(project)
-    .execute(&mut *tx)
-    .await
-    .map_err(db)?;
-    sqlx::query(
-        "insert into Jobsets (project, name, emailOverride, type, nixExprInput, nixExprPath)
-         values ($1, $2, '', 0, 'src', 'default.nix') on conflict do nothing",
-    )
-    .bind(project)
-    .bind(jobset)
-    .execute(&mut *tx)
-    .await
-    .map_err(db)?;
-    let jobset_id: i32 =
-        sqlx::query_scalar("select id from Jobsets where project = $1 and name = $2")
-            .bind(project)
-            .bind(jobset)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?;
-    let eval: i32 = sqlx::query_scalar(
-        "insert into JobsetEvals (jobset_id, timestamp, checkoutTime, evalTime, hasNewBuilds, hash, nrBuilds, nrSucceeded)
-         values ($1, $2, 0, 0, 1, $3, $4, 0) returning id",
-    )
-    .bind(jobset_id)
-    .bind(now as i32)
-    .bind(format!("sluice-submit-{now}"))
-    .bind(jobs.len() as i32)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(db)?;
-    let mut ids = Vec::new();
-    for (job, drv, outputs) in &parsed {
-        let id: i32 = sqlx::query_scalar(
-            "insert into Builds (finished, timestamp, jobset_id, job, nixName, drvPath, system,
-                                 maxsilent, timeout, isCurrent, priority, globalPriority)
-             values (0, $1, $2, $3, $4, $5, $6, 3600, 36000, 1, 100, 0) returning id",
-        )
-        .bind(now as i32)
-        .bind(jobset_id)
-        .bind(&job.name)
-        .bind(&drv.name)
-        .bind(&job.drv_path)
-        .bind(&drv.platform)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
-        for (name, path) in outputs {
-            sqlx::query("insert into BuildOutputs (build, name, path) values ($1, $2, $3)")
-                .bind(id)
-                .bind(name)
-                .bind(path)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
-        sqlx::query("insert into JobsetEvalMembers (eval, build, isNew) values ($1, $2, 1)")
-            .bind(eval)
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        ids.push(id);
-    }
-    let lowest = ids.iter().min().copied().unwrap_or(0);
-    sqlx::query("select pg_notify('builds_added', $1)")
-        .bind(lowest.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-    tx.commit().await.map_err(db)?;
-    Ok(ids)
-}
-
-/// One build's state, for `--wait`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BuildState {
-    pub id: i32,
-    pub job: String,
-    pub finished: bool,
-    pub status: Option<i32>,
-}
-
-pub async fn states(pool: &PgPool, ids: &[i32]) -> Result<Vec<BuildState>, SubmitError> {
-    let rows: Vec<(i32, String, i32, Option<i32>)> = sqlx::query_as(
-        "select id, job, finished, buildStatus from Builds where id = any($1) order by id",
-    )
-    .bind(ids)
-    .fetch_all(pool)
-    .await
-    .map_err(db)?;
-    Ok(rows
+    let builds: Vec<NewBuild> = parsed
         .into_iter()
-        .map(|(id, job, finished, status)| BuildState {
-            id,
-            job,
-            finished: finished != 0,
-            status,
+        .map(|(job, drv, outputs)| NewBuild {
+            job: job.name.clone(),
+            nix_name: drv.name,
+            drv_path: job.drv_path.clone(),
+            system: drv.platform,
+            outputs: outputs.into_iter().collect(),
         })
-        .collect())
+        .collect();
+    evaluator::queue_builds(pool, project, jobset, &builds, super::driver::unix_now())
+        .await
+        .map_err(db)
 }
 
 /// Hydra's name for a build status code.
@@ -317,7 +220,7 @@ pub fn status_name(code: i32) -> &'static str {
 pub async fn wait(pool: &PgPool, ids: &[i32], poll: Duration) -> Result<bool, SubmitError> {
     let mut reported = std::collections::HashSet::new();
     loop {
-        let states = states(pool, ids).await?;
+        let states = evaluator::build_states(pool, ids).await.map_err(db)?;
         for s in &states {
             if s.finished && reported.insert(s.id) {
                 let code = s.status.unwrap_or(-1);

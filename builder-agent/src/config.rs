@@ -16,8 +16,20 @@ use thiserror::Error;
 /// registers, receives steps, fetches their missing inputs, builds them
 /// with the local Nix, streams the log, and uploads the outputs.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "builder-agent", version)]
+#[command(
+    name = "builder-agent",
+    version,
+    after_help = "Logging: info and above by default, on stderr. RUST_LOG picks other levels, \
+                  e.g. RUST_LOG=debug.\n\n\
+                  Examples (a test runs each `$ ` line as printed):\n  \
+                  $ builder-agent --queue-runner http://127.0.0.1:50051 --token-file ./agent-tokens --max-jobs 2"
+)]
 pub struct Cli {
+    /// Log line format: text (coloured only on a terminal) or json (one
+    /// object per line)
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// The queue runner's gRPC address, e.g. http://queue-runner.example:50051
     #[arg(long, value_name = "URL")]
     pub queue_runner: String,
@@ -65,6 +77,15 @@ pub struct Cli {
     /// doubles from the first up to this)
     #[arg(long, default_value_t = 60_000, value_name = "MS")]
     pub reconnect_max_ms: u64,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 /// How the agent reaches its own Nix store.

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use config::{AgentConfig, Cli, ConfigError, LocalNix};
+pub use config::{AgentConfig, Cli, ConfigError, LocalNix, LogFormat};
 
 /// Why the agent stopped for good (anything else is retried).
 #[derive(Debug, Error)]

@@ -7,7 +7,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use sluice_builder_agent::Cli;
+use sluice_builder_agent::{Cli, LogFormat};
 
 /// mimalloc: the derivation parser allocates many small strings, and
 /// glibc's malloc was a quarter of its time (see `cargo bench -p
@@ -29,16 +29,25 @@ async fn shutdown_signal() {
     }
 }
 
+/// Logs to stderr at info and above unless `RUST_LOG` says otherwise;
+/// colour only on a terminal.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let config = match cli.resolve().await {
         Ok(c) => c,
         Err(e) => {

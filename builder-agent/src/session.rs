@@ -86,10 +86,16 @@ fn lost(what: &str, status: &Status) -> Ended {
     Ended::Lost(format!("{what}: {}", status.message()))
 }
 
-/// Errors that no retry will fix.
+/// Errors that no retry will fix. A refused token is named as such,
+/// whichever call met it first.
 fn classify(what: &str, status: Status) -> Ended {
     match status.code() {
-        Code::Unauthenticated | Code::FailedPrecondition | Code::InvalidArgument => {
+        Code::Unauthenticated => Ended::Refused(format!(
+            "the queue runner refused this agent's token ({}); \
+             check --token-file against the queue runner's --agent-token-file",
+            status.message()
+        )),
+        Code::FailedPrecondition | Code::InvalidArgument => {
             Ended::Refused(format!("{what}: {}", status.message()))
         }
         _ => lost(what, &status),

@@ -12,22 +12,63 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// Settings as one source gives them, each optional: the TOML file, or
-/// the command line. In the file, unknown keys are an error, so a typo is
-/// never ignored.
-#[derive(Debug, Default, Deserialize)]
+/// the command line. The same struct is both, so every setting has a flag
+/// named like its TOML key. In the file, unknown keys are an error, so a
+/// typo is never ignored. The defaults written in the help texts are
+/// checked against [`ServeConfig::resolve`] by a test.
+#[derive(Debug, Default, Clone, Deserialize, clap::Args)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Settings {
+    /// PostgreSQL URL of the Hydra database, e.g.
+    /// postgres://hydra@db.example.org/hydra or
+    /// postgres://hydra@localhost/hydra?host=/run/postgresql.
+    /// [default: none: a private PostgreSQL under --data-dir, started and
+    /// stopped by the queue runner]
+    #[arg(long, env = "DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
+    /// State directory: build logs (the web UI's HYDRA_DATA) and the
+    /// embedded database [default: /var/lib/sluice]
+    #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Address the builder agents dial [default: 127.0.0.1:50051]
+    #[arg(long, value_name = "ADDR")]
     pub grpc_listen: Option<SocketAddr>,
+    /// Address of /status, /status/machines and /metrics [default: 127.0.0.1:9198]
+    #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<SocketAddr>,
+    /// File with the tokens agents must present, one per line (`name:token`
+    /// or a bare token of at least 16 characters). Required: here or as
+    /// agent-token-file in --config.
+    #[arg(long, value_name = "FILE")]
     pub agent_token_file: Option<PathBuf>,
+    /// Nix daemon socket of the queue runner's store [default: none: the
+    /// local store, served by `nix-daemon --stdio` children (needs root)]
+    #[arg(long, value_name = "PATH")]
     pub store_socket: Option<PathBuf>,
+    /// Seconds a step waits for a machine that can build its system and
+    /// features before its builds fail as unsupported [default: 120]
+    #[arg(long, value_name = "SECONDS")]
     pub unsupported_grace_s: Option<u64>,
+    /// Attempts at a step that fails for infrastructure reasons (aborted,
+    /// builder lost) before its builds fail [default: 5]
+    #[arg(long, value_name = "N")]
     pub max_tries: Option<u32>,
+    /// Seconds before the first retry of such a step; later retries wait
+    /// longer [default: 60]
+    #[arg(long, value_name = "SECONDS")]
     pub retry_interval_s: Option<u64>,
+    /// Largest build log kept per step, in bytes; a build that writes more
+    /// fails with "log limit exceeded" [default: 67108864]
+    #[arg(long, value_name = "BYTES")]
     pub max_log_bytes: Option<u64>,
+    /// Largest total NAR size of a step's outputs, in bytes; larger fails
+    /// with "output limit exceeded" [default: 2147483648]
+    #[arg(long, value_name = "BYTES")]
     pub max_output_bytes: Option<u64>,
+    /// Seconds a shutdown (SIGTERM or SIGINT) waits for pending database
+    /// writes before it gives up on them [default: 30]
+    #[arg(long, value_name = "SECONDS")]
+    pub shutdown_timeout_s: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +112,8 @@ pub struct ServeConfig {
     pub retry_interval: Duration,
     pub max_log_bytes: u64,
     pub max_output_bytes: u64,
+    /// How long a shutdown waits for pending database writes.
+    pub shutdown_timeout: Duration,
 }
 
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50051";
@@ -101,6 +144,7 @@ impl ServeConfig {
             retry_interval: Duration::from_secs(file.retry_interval_s.unwrap_or(60)),
             max_log_bytes: file.max_log_bytes.unwrap_or(64 << 20),
             max_output_bytes: file.max_output_bytes.unwrap_or(2 << 30),
+            shutdown_timeout: Duration::from_secs(file.shutdown_timeout_s.unwrap_or(30)),
         })
     }
 }
@@ -120,6 +164,7 @@ impl Settings {
             retry_interval_s: self.retry_interval_s.or(other.retry_interval_s),
             max_log_bytes: self.max_log_bytes.or(other.max_log_bytes),
             max_output_bytes: self.max_output_bytes.or(other.max_output_bytes),
+            shutdown_timeout_s: self.shutdown_timeout_s.or(other.shutdown_timeout_s),
         }
     }
 }

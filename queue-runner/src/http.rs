@@ -42,6 +42,7 @@ pub async fn spawn(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    tracing::info!(bound = %local, "listening for HTTP (/status, /status/machines, /metrics)");
     let handle = tokio::spawn(async move { axum::serve(listener, router(status)).await });
     Ok((local, handle))
 }

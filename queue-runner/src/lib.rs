@@ -13,6 +13,7 @@ pub mod embedded;
 pub mod grpc;
 pub mod http;
 pub mod ingest;
+pub mod logging;
 pub mod logs;
 pub mod nix_support;
 pub mod service;

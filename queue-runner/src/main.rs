@@ -1,16 +1,19 @@
 //! `queue-runner`: the command-line front of the Sluice queue runner.
 //!
-//! Errors reach the user as one line on stderr (`error: ...`) and a
-//! non-zero exit code; nothing that comes from outside may panic.
+//! Errors reach the user as one line on stderr (`error: ...`), each cause
+//! once, and a non-zero exit code; nothing that comes from outside may
+//! panic. SIGTERM and SIGINT shut `serve` down cleanly (exit 0); a second
+//! signal exits at once.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-
+use sluice_queue_runner::logging::{self, LogFormat};
 use sluice_queue_runner::{config, db, embedded, service, submit};
 
 /// mimalloc: the derivation parser allocates many small strings, and
@@ -23,9 +26,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "queue-runner",
     version,
-    about = "Sluice: schedules the queued builds of a Hydra database onto builder agents"
+    about = "Sluice: schedules the queued builds of a Hydra database onto builder agents",
+    after_help = "Logging: info and above by default, on stderr. RUST_LOG picks other levels, \
+                  e.g. RUST_LOG=debug or RUST_LOG=info,sluice_queue_runner=debug."
 )]
 struct Cli {
+    /// Log line format: text (coloured only on a terminal) or json (one
+    /// object per line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,7 +45,12 @@ enum Command {
     /// the builder agents that connect, and record the results.
     ///
     /// Without a database URL it starts a private PostgreSQL under the data
-    /// directory (kept across restarts) and creates the schema there.
+    /// directory (kept across restarts) and creates the schema there; it
+    /// stops that server when it shuts down. SIGTERM or SIGINT shuts down
+    /// cleanly: no new work, pending database writes flushed (up to
+    /// --shutdown-timeout-s), agents told, exit 0. A second signal exits at
+    /// once.
+    #[command(after_help = SERVE_EXAMPLES)]
     Serve(ServeArgs),
     /// Create or upgrade the database schema, then exit.
     ///
@@ -44,88 +58,138 @@ enum Command {
     /// Sluice's own `Sluice*` tables. On a database created by Hydra (it has
     /// a `SchemaVersion` table), leaves Hydra's tables alone and adds only
     /// Sluice's own. Running it again is harmless.
-    Migrate {
-        /// PostgreSQL URL, e.g. postgres://hydra@db.example/hydra or
-        /// postgres://postgres@localhost/hydra?host=/run/postgresql
-        #[arg(long, env = "DATABASE_URL")]
-        database_url: String,
-        /// Give up connecting after this many seconds.
-        #[arg(long, default_value_t = 15)]
-        connect_timeout: u64,
-    },
+    #[command(after_help = MIGRATE_EXAMPLES)]
+    Migrate(MigrateArgs),
     /// Queue builds the way an evaluator does: Builds and BuildOutputs rows,
     /// then `builds_added`.
     ///
     /// Jobs are given as `--job NAME` followed by one or more targets, each
     /// a `.drv` path or `FILE.nix -A ATTR` (instantiated with
-    /// nix-instantiate). Example:
-    /// `submit --job hello examples/jobs.nix -A hello --job dep /nix/store/…-dep.drv`
+    /// nix-instantiate). Options may stand anywhere.
+    #[command(after_help = SUBMIT_EXAMPLES)]
     Submit(SubmitArgs),
 }
 
+/// Examples in `--help`: a test (`tests/cli_examples.rs`) runs each `$ `
+/// line as printed, in a directory laid out as the README's walkthrough
+/// leaves it (`examples/`, `./agent-tokens`), in a private network
+/// namespace and Nix store.
+const SERVE_EXAMPLES: &str = "\
+Examples:
+  $ queue-runner serve --data-dir ./sluice-data --agent-token-file ./agent-tokens
+  $ queue-runner serve --config examples/sluice.toml";
+const MIGRATE_EXAMPLES: &str = "\
+Examples (a running `serve --data-dir ./sluice-data`, or any database):
+  $ queue-runner migrate --data-dir ./sluice-data";
+const SUBMIT_EXAMPLES: &str = "\
+Examples (with `serve --data-dir ./sluice-data` and an agent running):
+  $ queue-runner submit --data-dir ./sluice-data --job base examples/jobs.nix -A base --wait
+  $ queue-runner submit --job top examples/jobs.nix -A top --data-dir ./sluice-data --wait";
+
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// PostgreSQL URL. Without it, a private PostgreSQL is started under
-    /// --data-dir.
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: Option<String>,
-    /// State directory: build logs (the web UI's HYDRA_DATA) and the
-    /// embedded database [default: /var/lib/sluice]
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Address the builder agents dial [default: 127.0.0.1:50051]
-    #[arg(long)]
-    grpc_listen: Option<SocketAddr>,
-    /// Address of /status, /status/machines and /metrics [default: 127.0.0.1:9198]
-    #[arg(long)]
-    http_listen: Option<SocketAddr>,
-    /// File with the tokens agents must present, one per line.
-    #[arg(long)]
-    agent_token_file: Option<PathBuf>,
-    /// Nix daemon socket of the queue runner's store. Without it, the local
-    /// store is served by `nix-daemon --stdio` children (needs root).
-    #[arg(long)]
-    store_socket: Option<PathBuf>,
-    /// TOML file with the same settings (kebab-case keys); flags win.
-    #[arg(long)]
+    #[command(flatten)]
+    settings: config::Settings,
+    /// TOML file with the same settings, keys named like the flags
+    /// (see examples/sluice.toml); flags win over the file.
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+/// Where `migrate` and `submit` find the database.
+#[derive(clap::Args)]
+struct DatabaseArgs {
+    /// PostgreSQL URL. Without it, the embedded database of the queue
+    /// runner running with --data-dir is used.
+    #[arg(long, env = "DATABASE_URL", value_name = "URL")]
+    database_url: Option<String>,
+    /// Data directory of the queue runner whose embedded database to use.
+    #[arg(long, value_name = "DIR", default_value = config::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+}
+
+impl DatabaseArgs {
+    fn url(&self) -> anyhow::Result<String> {
+        if let Some(url) = &self.database_url {
+            return Ok(url.clone());
+        }
+        embedded::url_if_running(&self.data_dir).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no --database-url and no embedded database running under {}; \
+                 start `queue-runner serve --data-dir {}` first",
+                self.data_dir.display(),
+                self.data_dir.display()
+            )
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Give up connecting after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15)]
+    connect_timeout: u64,
 }
 
 #[derive(clap::Args)]
 struct SubmitArgs {
-    /// PostgreSQL URL. Without it, the embedded database of the queue runner
-    /// running with --data-dir is used.
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: Option<String>,
-    /// Data directory of the queue runner whose embedded database to use.
-    #[arg(long, default_value = "/var/lib/sluice")]
-    data_dir: PathBuf,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Project of the builds, created if missing.
     #[arg(long, default_value = "sluice")]
     project: String,
+    /// Jobset of the builds, created if missing.
     #[arg(long, default_value = "default")]
     jobset: String,
     /// Follow the builds until they finish; exit 0 only if all succeeded.
+    /// A failed build is shown with its failing step, its log file and the
+    /// log's last lines.
     #[arg(long)]
     wait: bool,
-    /// `--job NAME (DRV | FILE.nix -A ATTR)...`, repeated.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        required = true,
-        value_name = "JOBS"
-    )]
-    jobs: Vec<String>,
+    /// Starts a job; the targets after it (up to the next --job) are its
+    /// builds.
+    #[arg(long = "job", value_name = "NAME", required = true, action = clap::ArgAction::Append)]
+    job: Vec<String>,
+    /// A target: a .drv path, or a FILE.nix followed by -A ATTR.
+    #[arg(value_name = "TARGET")]
+    targets: Vec<String>,
+    /// The attribute of the FILE.nix target just before it.
+    #[arg(short = 'A', long = "attr", value_name = "ATTR", action = clap::ArgAction::Append)]
+    attr: Vec<String>,
+}
+
+/// The raw job words of `submit` (`--job`, names, targets, `-A`, attributes)
+/// in the order they stood on the command line, for [`submit::parse_jobs`].
+fn job_words(matches: &ArgMatches) -> Vec<String> {
+    let mut words: Vec<(usize, Vec<String>)> = Vec::new();
+    let mut take = |id: &str, prefix: Option<&str>| {
+        let (Some(indices), Some(values)) =
+            (matches.indices_of(id), matches.get_many::<String>(id))
+        else {
+            return;
+        };
+        for (index, value) in indices.zip(values) {
+            let mut w: Vec<String> = prefix.map(str::to_owned).into_iter().collect();
+            w.push(value.clone());
+            words.push((index, w));
+        }
+    };
+    take("job", Some("--job"));
+    take("targets", None);
+    take("attr", Some("-A"));
+    words.sort_by_key(|(index, _)| *index);
+    words.into_iter().flat_map(|(_, w)| w).collect()
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    logging::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -133,79 +197,92 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let submit_words = matches
+        .subcommand_matches("submit")
+        .map(job_words)
+        .unwrap_or_default();
+    match runtime.block_on(run(cli, submit_words)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            eprintln!("error: {}", logging::error_line(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, submit_words: Vec<String>) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Migrate {
-            database_url,
-            connect_timeout,
-        } => {
-            let mut conn = db::connect(&database_url, Duration::from_secs(connect_timeout)).await?;
-            let report = db::migrate::migrate(&mut conn).await?;
-            match report.hydra_schema {
-                db::migrate::HydraSchema::Ours => {}
-                db::migrate::HydraSchema::Hydra { version } => println!(
-                    "database created by Hydra (schema version {version}): Hydra's tables left alone"
-                ),
-            }
-            if report.applied.is_empty() {
-                println!("schema up to date");
-            } else {
-                for id in report.applied {
-                    println!("applied {id}");
-                }
-            }
-            Ok(())
-        }
-        Command::Submit(args) => submit(args).await,
+        Command::Migrate(args) => migrate(args).await,
+        Command::Submit(args) => submit(args, &submit_words).await,
     }
 }
 
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let url = args.database.url()?;
+    let mut conn = db::connect(&url, Duration::from_secs(args.connect_timeout)).await?;
+    let report = db::migrate::migrate(&mut conn).await?;
+    match report.hydra_schema {
+        db::migrate::HydraSchema::Ours => {}
+        db::migrate::HydraSchema::Hydra { version } => println!(
+            "database created by Hydra (schema version {version}): Hydra's tables left alone"
+        ),
+    }
+    if report.applied.is_empty() {
+        println!("schema up to date");
+    } else {
+        for id in report.applied {
+            println!("applied {id}");
+        }
+    }
+    Ok(())
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Signals first: from here on SIGTERM means a clean shutdown, even
+    // while the embedded database is still starting.
+    let shutdown = shutdown_on_signals()?;
     let file = match &args.config {
         Some(path) => config::Settings::load(path)?,
         None => config::Settings::default(),
     };
-    let config = config::ServeConfig::resolve(
-        file,
-        config::Settings {
-            database_url: args.database_url,
-            data_dir: args.data_dir,
-            grpc_listen: args.grpc_listen,
-            http_listen: args.http_listen,
-            agent_token_file: args.agent_token_file,
-            store_socket: args.store_socket,
-            ..config::Settings::default()
-        },
-    )?;
-    service::run(config, shutdown_signal()).await
+    let config = config::ServeConfig::resolve(file, args.settings)?;
+    let mut shutdown = shutdown;
+    service::run(config, async move {
+        // Also resolves when the signal came before this is polled.
+        let _ = shutdown.wait_for(|signalled| *signalled).await;
+    })
+    .await
 }
 
-async fn shutdown_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+/// Watches SIGTERM and SIGINT: the first flips the returned flag, the
+/// second exits at once (after asking the embedded PostgreSQL, if any, to
+/// stop fast).
+fn shutdown_on_signals() -> anyhow::Result<watch::Receiver<bool>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let first = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{first} received: shutting down; a second signal exits at once");
+        let _ = tx.send(true);
+        let (second, code) = tokio::select! {
+            _ = term.recv() => ("SIGTERM", 128 + 15),
+            _ = int.recv() => ("SIGINT", 128 + 2),
+        };
+        tracing::warn!("{second} received again: exiting at once");
+        embedded::stop_now();
+        std::process::exit(code);
+    });
+    Ok(rx)
 }
 
-async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
-    let jobs = submit::resolve_jobs(submit::parse_jobs(&args.jobs)?)?;
-    let url = match args.database_url {
-        Some(url) => url,
-        None => embedded::url_if_running(&args.data_dir).ok_or_else(|| {
-            anyhow::anyhow!(
-                "no --database-url and no embedded database running under {}; start `queue-runner serve --data-dir {}` first",
-                args.data_dir.display(),
-                args.data_dir.display()
-            )
-        })?,
-    };
+async fn submit(args: SubmitArgs, words: &[String]) -> anyhow::Result<()> {
+    let jobs = submit::resolve_jobs(submit::parse_jobs(words)?)?;
+    let url = args.database.url()?;
     let pool = db::pool(&url, 2, Duration::from_secs(15)).await?;
     let ids = submit::queue(&pool, &args.project, &args.jobset, &jobs).await?;
     for (job, id) in jobs.iter().zip(&ids) {
@@ -219,8 +296,4 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         println!("all {} builds succeeded", ids.len());
     }
     Ok(())
-}
-
-fn one_line(s: &str) -> String {
-    s.lines().map(str::trim).collect::<Vec<_>>().join(" ")
 }

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::agents::FromAgent;
 use crate::config::ServeConfig;
-use crate::driver::{Driver, DriverConfig, DriverEvent};
+use crate::driver::{Driver, DriverConfig, DriverEvent, Flushed};
 use crate::status::StatusSnapshot;
 use crate::store::Store;
 use crate::{db, embedded, grpc, http};
@@ -54,11 +54,17 @@ pub async fn run_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     bound: tokio::sync::oneshot::Sender<Bound>,
 ) -> anyhow::Result<()> {
+    // Inputs first, so that a bad one fails before anything is created.
+    let tokens = grpc::Tokens::from_file(&config.agent_token_file)?;
+    if let Some(url) = &config.database_url {
+        db::connect_options(url)?;
+    }
+
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
 
     // The database: given, or our own.
-    let (url, _embedded) = match &config.database_url {
+    let (url, embedded) = match &config.database_url {
         Some(url) => (url.clone(), None),
         None => {
             let dir = config.data_dir.clone();
@@ -69,6 +75,15 @@ pub async fn run_with(
             (server.url(), Some(server))
         }
     };
+    match &embedded {
+        Some(server) => tracing::info!(
+            server = %db::describe_server(&url),
+            data_dir = %config.data_dir.join("postgres").display(),
+            adopted = server.was_adopted(),
+            "database: the embedded PostgreSQL"
+        ),
+        None => tracing::info!(server = %db::describe_server(&url), "database"),
+    }
     let pool = db::pool(&url, 16, Duration::from_secs(30)).await?;
     {
         let mut conn = db::connect(&url, Duration::from_secs(30)).await?;
@@ -87,11 +102,16 @@ pub async fn run_with(
         );
     }
 
-    let tokens = grpc::Tokens::from_file(&config.agent_token_file)?;
     let connection = match &config.store_socket {
         Some(socket) => grpc::StoreConnection::Socket(socket.clone()),
         None => grpc::StoreConnection::local_stdio(),
     };
+    match &config.store_socket {
+        Some(socket) => {
+            tracing::info!(socket = %socket.display(), "store: the Nix daemon's socket")
+        }
+        None => tracing::info!("store: the local Nix store, served by `nix-daemon --stdio`"),
+    }
     let pool_store = grpc::LocalStore::new(connection, 8);
     let store = Store::new(pool_store.clone());
     store
@@ -182,7 +202,9 @@ pub async fn run_with(
         max_log_bytes: config.max_log_bytes,
         max_output_bytes: config.max_output_bytes,
         load_batch: 2000,
+        shutdown_timeout: config.shutdown_timeout,
     };
+    let db_pool = pool.clone();
     let driver = Driver::new(
         driver_config,
         pool,
@@ -219,11 +241,39 @@ pub async fn run_with(
             let _ = events.send(DriverEvent::Shutdown).await;
         });
     }
-    driver.run().await;
+    drop(events_tx);
+
+    // Shutdown, in order: the driver stops taking work and flushes its
+    // writes; then the agents are told and the listeners close; the
+    // embedded database (if ours) stops last.
+    match driver.run().await {
+        Flushed::Done { pending, took } => tracing::info!(
+            pending,
+            took_ms = took.as_millis() as u64,
+            "shutting down: pending database writes flushed"
+        ),
+        Flushed::TimedOut { pending, after } => tracing::error!(
+            pending,
+            after_s = after.as_secs(),
+            "shutting down: gave up waiting for pending database writes"
+        ),
+    }
     listen_task.abort();
     resync_task.abort();
     let _ = grpc_stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
+    match tokio::time::timeout(Duration::from_secs(5), grpc_task).await {
+        Ok(_) => tracing::info!("shutting down: agents told, gRPC listener closed"),
+        Err(_) => tracing::warn!("shutting down: the gRPC service did not stop within 5 s"),
+    }
     http_task.abort();
+    // Close our connections before the database goes, so none fails.
+    db_pool.close().await;
+    if let Some(server) = embedded {
+        tokio::task::spawn_blocking(move || drop(server))
+            .await
+            .context("stopping the embedded PostgreSQL")?;
+        tracing::info!("shutting down: the embedded PostgreSQL stopped");
+    }
+    tracing::info!("queue runner stopped");
     Ok(())
 }

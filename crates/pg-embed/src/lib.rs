@@ -9,12 +9,21 @@
 //! PostgreSQL refuses to run as root. When the caller is root, the server
 //! runs as an unprivileged user ([`RunAs`]) that owns the data directory.
 //!
+//! A server left running under the data directory by an earlier process
+//! (whose owner was killed before it could stop it) is never run beside:
+//! it is adopted or refused, as [`ExistingServer`] says. A stale
+//! `postmaster.pid` of a server that is gone is removed ([`postmaster`]).
+//! The server's log (`<data_dir>/server.log`) is appended to, never
+//! truncated.
+//!
 //! Invariants: a [`PgServer`] value owns exactly one running postmaster and
 //! stops it when dropped (also while a test panics); an existing data
 //! directory is reused, never re-initialised.
 
+pub mod postmaster;
+
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -53,6 +62,11 @@ pub enum PgError {
         status: String,
         output: String,
     },
+    #[error(
+        "a PostgreSQL server (pid {pid}) is already running on {data_dir}; \
+         stop it with `kill -INT {pid}` (PostgreSQL's fast shutdown) and start again"
+    )]
+    AlreadyRunning { pid: i32, data_dir: PathBuf },
     #[error("PostgreSQL did not become ready within {seconds}s; its log {log} ends with: {tail}")]
     NotReady {
         seconds: u64,
@@ -68,6 +82,17 @@ pub enum RunAs {
     Existing(String),
     /// A system user created with `useradd --system` if it does not exist.
     CreateIfMissing(String),
+}
+
+/// What to do when a server is already running on the data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExistingServer {
+    /// Fail with [`PgError::AlreadyRunning`].
+    Refuse,
+    /// Take it over: use it, and stop it like one we started. For a data
+    /// directory that only one process uses at a time (the caller ensures
+    /// it), where a running server can only be one its earlier owner left.
+    Adopt,
 }
 
 /// How to start a server.
@@ -86,6 +111,8 @@ pub struct PgConfig {
     pub unsafe_fast: bool,
     /// How long to wait for the server to accept connections.
     pub ready_timeout: Duration,
+    /// A server already running on `data_dir`: refuse or adopt it.
+    pub existing: ExistingServer,
 }
 
 impl PgConfig {
@@ -97,14 +124,24 @@ impl PgConfig {
             run_as: RunAs::CreateIfMissing("sluice-postgres".into()),
             unsafe_fast: false,
             ready_timeout: Duration::from_secs(60),
+            existing: ExistingServer::Refuse,
         }
     }
+}
+
+/// The postmaster a [`PgServer`] owns.
+#[derive(Debug)]
+enum Postmaster {
+    /// Started by us.
+    Child(Child),
+    /// Left running by an earlier owner and adopted ([`ExistingServer::Adopt`]).
+    Adopted(i32),
 }
 
 /// A running private PostgreSQL server. Stopped on drop.
 #[derive(Debug)]
 pub struct PgServer {
-    child: Option<Child>,
+    child: Option<Postmaster>,
     socket_dir: PathBuf,
     data_dir: PathBuf,
     bin_dir: PathBuf,
@@ -256,10 +293,56 @@ impl PgServer {
             }
         }
         let log_path = config.data_dir.join("server.log");
-        let log = fs::File::create(&log_path).map_err(io("creating log", &log_path))?;
+        match postmaster::inspect(&config.data_dir) {
+            postmaster::LockFile::Absent => {}
+            postmaster::LockFile::Stale { pid, path } => {
+                tracing::info!(
+                    path = %path.display(),
+                    pid = ?pid,
+                    "removing the stale lock file of a PostgreSQL server that is gone"
+                );
+                fs::remove_file(&path).map_err(io("removing stale lock file", &path))?;
+            }
+            postmaster::LockFile::Running { pid } => match config.existing {
+                ExistingServer::Refuse => {
+                    return Err(PgError::AlreadyRunning {
+                        pid,
+                        data_dir: config.data_dir.clone(),
+                    })
+                }
+                ExistingServer::Adopt => {
+                    tracing::warn!(
+                        pid,
+                        data_dir = %config.data_dir.display(),
+                        "adopting the PostgreSQL server an earlier run left running; \
+                         it is stopped on shutdown like one started now"
+                    );
+                    let mut server = PgServer {
+                        child: Some(Postmaster::Adopted(pid)),
+                        socket_dir: config.socket_dir.clone(),
+                        data_dir: config.data_dir.clone(),
+                        bin_dir,
+                        owner,
+                    };
+                    server.wait_ready(config.ready_timeout, &log_path)?;
+                    return Ok(server);
+                }
+            },
+        }
+        let mut log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io("opening log", &log_path))?;
         if let Some((uid, gid)) = owner {
             let _ = chown(&log_path, Some(uid), Some(gid));
         }
+        // A marker between runs, so an operator can tell them apart.
+        let _ = writeln!(
+            log,
+            "---- sluice: starting postgres (pid {}) ----",
+            std::process::id()
+        );
         let log_err = log.try_clone().map_err(io("opening log", &log_path))?;
         let mut cmd = command_as(bin_dir.join("postgres"), owner);
         cmd.arg("-D")
@@ -277,7 +360,7 @@ impl PgServer {
         }
         let child = cmd.spawn().map_err(io("starting postgres", &bin_dir))?;
         let mut server = PgServer {
-            child: Some(child),
+            child: Some(Postmaster::Child(child)),
             socket_dir: config.socket_dir.clone(),
             data_dir: config.data_dir.clone(),
             bin_dir,
@@ -291,15 +374,26 @@ impl PgServer {
         let deadline = Instant::now() + timeout;
         let pg_isready = self.bin_dir.join("pg_isready");
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    return Err(PgError::CommandFailed {
-                        command: format!("postgres -D {}", self.data_dir.display()),
-                        status: status.to_string(),
-                        output: log_tail(log_path),
-                    });
+            // Our server exited: fail, and never mistake another server
+            // answering on the socket for ours.
+            let exited = match self.child.as_mut() {
+                Some(Postmaster::Child(child)) => child
+                    .try_wait()
+                    .ok()
+                    .flatten()
+                    .map(|status| status.to_string()),
+                Some(Postmaster::Adopted(pid)) => {
+                    (!postmaster::is_alive(*pid)).then(|| "exited".to_string())
                 }
+                None => Some("not running".to_string()),
+            };
+            if let Some(status) = exited {
+                self.child = None;
+                return Err(PgError::CommandFailed {
+                    command: format!("postgres -D {}", self.data_dir.display()),
+                    status,
+                    output: log_tail(log_path),
+                });
             }
             let ready = if pg_isready.is_file() {
                 Command::new(&pg_isready)
@@ -361,21 +455,26 @@ impl PgServer {
 
     /// Stops the server (fast shutdown) and waits for it to exit.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                // SIGINT is PostgreSQL's "fast shutdown".
-                let _ = kill(Pid::from_raw(pid), Signal::SIGINT);
-            }
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() > deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
+        const GRACE: Duration = Duration::from_secs(20);
+        match self.child.take() {
+            None => {}
+            // SIGINT is PostgreSQL's "fast shutdown".
+            Some(Postmaster::Adopted(pid)) => postmaster::stop_pid(pid, Signal::SIGINT, GRACE),
+            Some(Postmaster::Child(mut child)) => {
+                if let Ok(pid) = i32::try_from(child.id()) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGINT);
+                }
+                let deadline = Instant::now() + GRACE;
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(_)) | Err(_) => break,
+                        Ok(None) if Instant::now() > deadline => {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            break;
+                        }
+                        Ok(None) => std::thread::sleep(Duration::from_millis(20)),
                     }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
         }
@@ -383,7 +482,24 @@ impl PgServer {
 
     /// Whether the postmaster is still running.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+        match self.child.as_mut() {
+            Some(Postmaster::Child(c)) => matches!(c.try_wait(), Ok(None)),
+            Some(Postmaster::Adopted(pid)) => postmaster::is_alive(*pid),
+            None => false,
+        }
+    }
+
+    /// The postmaster's pid while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        match self.child.as_ref()? {
+            Postmaster::Child(c) => i32::try_from(c.id()).ok(),
+            Postmaster::Adopted(pid) => Some(*pid),
+        }
+    }
+
+    /// Whether this server was left running by an earlier owner and adopted.
+    pub fn was_adopted(&self) -> bool {
+        matches!(self.child, Some(Postmaster::Adopted(_)))
     }
 }
 

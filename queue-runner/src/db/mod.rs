@@ -100,8 +100,13 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<PgConnection, Conne
     }
 }
 
-/// A connection pool, failing within `timeout` if no first connection can be made.
+/// A connection pool, failing within `timeout` if no first connection can
+/// be made, and at once if the server refuses it: the first connection is
+/// tried once, outside the pool, whose own connect retries until its
+/// timeout whatever the error.
 pub async fn pool(url: &str, max: u32, timeout: Duration) -> Result<sqlx::PgPool, ConnectError> {
+    let first = connect(url, timeout).await?;
+    let _ = sqlx::Connection::close(first).await;
     let options = connect_options(url)?;
     let server = describe_server(url);
     sqlx::postgres::PgPoolOptions::new()

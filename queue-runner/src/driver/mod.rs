@@ -62,6 +62,15 @@ pub enum DriverEvent {
     Shutdown,
 }
 
+/// How the writer's queue was flushed at shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    /// Every queued write was executed.
+    Done { pending: usize, took: Duration },
+    /// The timeout passed first; the writes still queued are lost.
+    TimedOut { pending: usize, after: Duration },
+}
+
 /// Settings the driver needs besides the core's.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
@@ -71,6 +80,8 @@ pub struct DriverConfig {
     pub max_output_bytes: u64,
     /// How many builds one load reads at most.
     pub load_batch: i64,
+    /// How long [`Driver::run`] waits at shutdown for pending writes.
+    pub shutdown_timeout: Duration,
 }
 
 /// One attempt at a step, from dispatch to its end.
@@ -125,6 +136,7 @@ pub struct Driver {
     pool: sqlx::PgPool,
     store: Store,
     writer: mpsc::Sender<WriteJob>,
+    writer_task: tokio::task::JoinHandle<()>,
     attempts_shared: Attempts,
     machines: HashMap<MachineId, Machine>,
     attempts: HashMap<AttemptId, Attempt>,
@@ -165,7 +177,8 @@ impl Driver {
         events: mpsc::Receiver<DriverEvent>,
         status: watch::Sender<StatusSnapshot>,
     ) -> Driver {
-        let writer = Writer::spawn(pool.clone(), store.clone(), config.data_dir.clone());
+        let (writer, writer_task) =
+            Writer::spawn(pool.clone(), store.clone(), config.data_dir.clone());
         Driver {
             core: Core::new(config.core.clone()),
             loader: load::Loader::new(config.load_batch),
@@ -177,6 +190,7 @@ impl Driver {
             pool,
             store,
             writer,
+            writer_task,
             attempts_shared,
             machines: HashMap::new(),
             attempts: HashMap::new(),
@@ -196,8 +210,15 @@ impl Driver {
         Millis(self.clock.elapsed().as_millis() as u64)
     }
 
-    /// Runs until [`DriverEvent::Shutdown`] or until every sender is gone.
-    pub async fn run(mut self) {
+    /// Runs until [`DriverEvent::Shutdown`] or until every sender is gone,
+    /// then stops taking work and flushes the writer (see [`Driver::flush`]).
+    pub async fn run(mut self) -> Flushed {
+        self.serve().await;
+        self.publish_status();
+        self.flush().await
+    }
+
+    async fn serve(&mut self) {
         self.load_new();
         loop {
             let deadline = self.core.next_deadline();
@@ -213,18 +234,43 @@ impl Driver {
                 }
             };
             match event {
-                None | Some(DriverEvent::Shutdown) => break,
+                None | Some(DriverEvent::Shutdown) => return,
                 Some(event) => self.on_event(event),
             }
             // Drain what is already queued before publishing.
             while let Ok(event) = self.events.try_recv() {
                 if matches!(event, DriverEvent::Shutdown) {
-                    self.publish_status();
                     return;
                 }
                 self.on_event(event);
             }
             self.publish_status();
+        }
+    }
+
+    /// Waits, up to the configured shutdown timeout, for the writer to
+    /// commit what is queued. No new write is queued by the driver after
+    /// this starts; background tasks still holding a sender (a preparation
+    /// in flight) may add theirs until they end.
+    async fn flush(self) -> Flushed {
+        let pending = self.writer.max_capacity() - self.writer.capacity();
+        let Driver {
+            writer,
+            writer_task,
+            config,
+            ..
+        } = self;
+        drop(writer);
+        let started = Instant::now();
+        match tokio::time::timeout(config.shutdown_timeout, writer_task).await {
+            Ok(_) => Flushed::Done {
+                pending,
+                took: started.elapsed(),
+            },
+            Err(_) => Flushed::TimedOut {
+                pending,
+                after: config.shutdown_timeout,
+            },
         }
     }
 

@@ -91,19 +91,26 @@ pub struct Writer {
 const QUEUE: usize = 4096;
 
 impl Writer {
-    pub fn spawn(pool: sqlx::PgPool, store: Store, data_dir: PathBuf) -> mpsc::Sender<WriteJob> {
+    /// Starts the writer task. It runs until every sender is dropped and
+    /// the queue is empty, then the returned handle completes: awaiting it
+    /// after dropping the senders flushes the queue.
+    pub fn spawn(
+        pool: sqlx::PgPool,
+        store: Store,
+        data_dir: PathBuf,
+    ) -> (mpsc::Sender<WriteJob>, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel(QUEUE);
         let writer = Writer {
             pool,
             store,
             data_dir,
         };
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             while let Some(job) = rx.recv().await {
                 writer.execute(job).await;
             }
         });
-        tx
+        (tx, task)
     }
 
     async fn execute(&self, job: WriteJob) {

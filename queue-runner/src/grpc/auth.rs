@@ -148,23 +148,40 @@ impl Authenticate {
 
 impl tonic::service::Interceptor for Authenticate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        match self.identify(&request) {
+            Ok(name) => {
+                request.extensions_mut().insert(AgentIdentity(name));
+                Ok(request)
+            }
+            Err(reason) => {
+                // Every refusal is logged with its peer and reason, never
+                // with the token that was presented.
+                let peer = request
+                    .remote_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "unknown".into());
+                tracing::warn!(%peer, "agent refused: {reason}");
+                Err(Status::unauthenticated(reason))
+            }
+        }
+    }
+}
+
+impl Authenticate {
+    /// The name of the token the call carries, or why it is refused.
+    fn identify(&self, request: &Request<()>) -> Result<Arc<str>, &'static str> {
         let header = request
             .metadata()
             .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing 'authorization: Bearer <token>'"))?;
+            .ok_or("no agent token: the call has no 'authorization: Bearer <token>' metadata")?;
         let token = header
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("the authorization metadata is not 'Bearer <token>'")
-            })?;
-        let name = self
-            .tokens
+            .ok_or("no agent token: the authorization metadata is not 'Bearer <token>'")?;
+        self.tokens
             .check(token.trim())
-            .ok_or_else(|| Status::unauthenticated("unknown agent token"))?;
-        request.extensions_mut().insert(AgentIdentity(name));
-        Ok(request)
+            .ok_or("unknown agent token: it is not in the queue runner's --agent-token-file")
     }
 }
 

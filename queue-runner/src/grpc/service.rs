@@ -86,7 +86,8 @@ impl pb::queue_runner_server::QueueRunner for QueueRunnerService {
         request: Request<Streaming<pb::AgentEvent>>,
     ) -> Result<Response<Self::WorkStream>, Status> {
         let owner = identity(&request)?;
-        let stream = work::open(self.shared.clone(), owner, request.into_inner()).await?;
+        let peer = request.remote_addr();
+        let stream = work::open(self.shared.clone(), owner, peer, request.into_inner()).await?;
         Ok(Response::new(stream))
     }
 

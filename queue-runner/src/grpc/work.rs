@@ -34,6 +34,7 @@ pub(crate) type WorkStream = ReceiverStream<Result<pb::RunnerCommand, Status>>;
 pub(crate) async fn open(
     shared: Arc<Shared>,
     owner: AgentIdentity,
+    peer: Option<std::net::SocketAddr>,
     mut inbound: Streaming<pb::AgentEvent>,
 ) -> Result<WorkStream, Status> {
     let first = tokio::time::timeout(shared.config.session_timeout(), inbound.message())
@@ -53,8 +54,11 @@ pub(crate) async fn open(
         session = %session.id,
         machine = %session.machine,
         agent = %session.info.name,
+        token = %owner.0,
+        peer = %peer.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into()),
         systems = ?session.info.systems,
-        max_jobs = session.info.max_jobs,
+        features = ?session.info.supported_features,
+        slots = session.info.max_jobs,
         "agent connected"
     );
     let (out_tx, out_rx) = mpsc::channel(OUTBOUND_BUFFER);

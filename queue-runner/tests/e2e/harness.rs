@@ -59,6 +59,7 @@ impl Deployment {
             retry_interval: Duration::from_secs(1),
             max_log_bytes: 1 << 20,
             max_output_bytes: 1 << 30,
+            shutdown_timeout: Duration::from_secs(10),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let (bound_tx, bound_rx) = oneshot::channel();

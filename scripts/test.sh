@@ -9,4 +9,7 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The command-line tests run both executables, whichever package's tests
+# are running: build every binary first.
+cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"

@@ -205,4 +205,118 @@ mod tests {
             .expect_err("no token file");
         assert!(err.to_string().contains("--agent-token-file"), "{err}");
     }
+
+    /// The long flag names of every setting, from the command line's
+    /// definition (the same struct the file is read into).
+    fn flag_names() -> std::collections::BTreeSet<String> {
+        use clap::Args;
+        Settings::augment_args(clap::Command::new("serve"))
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_owned))
+            .collect()
+    }
+
+    const EXAMPLE: &str = include_str!("../../examples/sluice.toml");
+
+    /// `key = value` with a kebab-case key: a setting, not prose.
+    fn is_assignment(line: &str) -> bool {
+        line.split_once(" = ").is_some_and(|(key, _)| {
+            !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+        })
+    }
+
+    #[test]
+    fn the_example_file_documents_every_setting() {
+        // Keys set, and keys shown commented out (`# key = value`).
+        let uncommented: String = EXAMPLE
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if is_assignment(rest) => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let table: toml::Table = toml::from_str(&uncommented).expect("the example parses");
+        let keys: std::collections::BTreeSet<String> = table.keys().cloned().collect();
+        assert_eq!(keys, flag_names(), "examples/sluice.toml vs the flags");
+        // Every key there is one `serve` accepts.
+        toml::from_str::<Settings>(&uncommented).expect("every key is a setting");
+    }
+
+    #[test]
+    fn the_example_files_values_are_the_defaults() {
+        let example: Settings = toml::from_str(EXAMPLE).expect("the example parses");
+        let example = ServeConfig::resolve(example, Settings::default()).expect("resolves");
+        let defaults = ServeConfig::resolve(
+            Settings {
+                agent_token_file: Some("./agent-tokens".into()),
+                ..Settings::default()
+            },
+            Settings::default(),
+        )
+        .expect("resolves");
+        assert!(example.database_url.is_none() && example.store_socket.is_none());
+        assert_eq!(example.grpc_listen, defaults.grpc_listen);
+        assert_eq!(example.http_listen, defaults.http_listen);
+        assert_eq!(example.unsupported_grace, defaults.unsupported_grace);
+        assert_eq!(example.max_tries, defaults.max_tries);
+        assert_eq!(example.retry_interval, defaults.retry_interval);
+        assert_eq!(example.max_log_bytes, defaults.max_log_bytes);
+        assert_eq!(example.max_output_bytes, defaults.max_output_bytes);
+        assert_eq!(example.shutdown_timeout, defaults.shutdown_timeout);
+    }
+
+    #[test]
+    fn help_states_the_real_defaults_and_what_is_required() {
+        use clap::Args;
+        let d = ServeConfig::resolve(
+            Settings {
+                agent_token_file: Some("t".into()),
+                ..Settings::default()
+            },
+            Settings::default(),
+        )
+        .expect("resolves");
+        let expected = [
+            ("data-dir", d.data_dir.display().to_string()),
+            ("grpc-listen", d.grpc_listen.to_string()),
+            ("http-listen", d.http_listen.to_string()),
+            (
+                "unsupported-grace-s",
+                d.unsupported_grace.as_secs().to_string(),
+            ),
+            ("max-tries", d.max_tries.to_string()),
+            ("retry-interval-s", d.retry_interval.as_secs().to_string()),
+            ("max-log-bytes", d.max_log_bytes.to_string()),
+            ("max-output-bytes", d.max_output_bytes.to_string()),
+            (
+                "shutdown-timeout-s",
+                d.shutdown_timeout.as_secs().to_string(),
+            ),
+        ];
+        let command = Settings::augment_args(clap::Command::new("serve"));
+        let help = |long: &str| {
+            command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long))
+                .and_then(|a| a.get_long_help().or(a.get_help()))
+                .map(|h| {
+                    h.to_string()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default()
+        };
+        for (long, default) in expected {
+            let text = help(long);
+            assert!(
+                text.contains(&format!("[default: {default}]")),
+                "--{long}: help says {text:?}, the default is {default}"
+            );
+        }
+        assert!(help("agent-token-file").contains("Required"));
+        assert!(help("database-url").contains("[default: none"));
+        assert!(help("store-socket").contains("[default: none"));
+    }
 }

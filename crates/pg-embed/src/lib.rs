@@ -293,16 +293,25 @@ impl PgServer {
             }
         }
         let log_path = config.data_dir.join("server.log");
-        match postmaster::inspect(&config.data_dir) {
-            postmaster::LockFile::Absent => {}
-            postmaster::LockFile::Stale { pid, path } => {
-                tracing::info!(
-                    path = %path.display(),
-                    pid = ?pid,
-                    "removing the stale lock file of a PostgreSQL server that is gone"
-                );
-                fs::remove_file(&path).map_err(io("removing stale lock file", &path))?;
+        let lock = postmaster::inspect(&config.data_dir);
+        if !matches!(lock, postmaster::LockFile::Running { .. }) {
+            // Both lock files, since PostgreSQL checks both.
+            for stale in [
+                lock.clone(),
+                postmaster::inspect_socket_lock(&config.socket_dir),
+            ] {
+                if let postmaster::LockFile::Stale { pid, path } = stale {
+                    tracing::info!(
+                        path = %path.display(),
+                        pid = ?pid,
+                        "removing the stale lock file of a PostgreSQL server that is gone"
+                    );
+                    fs::remove_file(&path).map_err(io("removing stale lock file", &path))?;
+                }
             }
+        }
+        match lock {
+            postmaster::LockFile::Absent | postmaster::LockFile::Stale { .. } => {}
             postmaster::LockFile::Running { pid } => match config.existing {
                 ExistingServer::Refuse => {
                     return Err(PgError::AlreadyRunning {

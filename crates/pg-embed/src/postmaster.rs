@@ -9,7 +9,8 @@
 //!
 //! Invariant: a pid is believed to be a running server of this data
 //! directory only when a live, non-zombie process with that pid is named
-//! `postgres`; anything else makes the file stale.
+//! `postgres`; anything else makes the file stale. The same holds for the
+//! lock file beside the server's socket.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -32,7 +33,18 @@ pub enum LockFile {
 
 /// Reads `<data_dir>/postmaster.pid` and checks the process it names.
 pub fn inspect(data_dir: &Path) -> LockFile {
-    let path = data_dir.join("postmaster.pid");
+    inspect_file(data_dir.join("postmaster.pid"))
+}
+
+/// The same for the lock file PostgreSQL keeps beside its Unix socket
+/// (`<socket_dir>/.s.PGSQL.5432.lock`), which names the postmaster too.
+/// PostgreSQL takes a zombie for a live server there, so a stale one must
+/// be removed before a start.
+pub fn inspect_socket_lock(socket_dir: &Path) -> LockFile {
+    inspect_file(socket_dir.join(".s.PGSQL.5432.lock"))
+}
+
+fn inspect_file(path: PathBuf) -> LockFile {
     let Ok(text) = fs::read_to_string(&path) else {
         return if path.exists() {
             LockFile::Stale { pid: None, path }

@@ -1,0 +1,221 @@
+//! The binaries as an operator runs them: processes started from the
+//! built executables, their stderr collected line by line, signals sent,
+//! and the processes of the embedded PostgreSQL found in `/proc`.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use sluice_test_support::wait_until;
+
+pub const QUEUE_RUNNER: &str = env!("CARGO_BIN_EXE_queue-runner");
+
+/// The builder agent's executable, built beside ours by `cargo test
+/// --workspace` and by `scripts/test.sh` (which builds every binary first).
+pub fn builder_agent() -> PathBuf {
+    let path = Path::new(QUEUE_RUNNER).with_file_name("builder-agent");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first (`cargo build -p sluice-builder-agent`; scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// The directory holding both executables.
+pub fn bin_dir() -> PathBuf {
+    builder_agent();
+    Path::new(QUEUE_RUNNER).parent().unwrap().to_path_buf()
+}
+
+/// The repository's root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A running process whose stdout and stderr lines are collected.
+pub struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        for stream in [
+            Box::new(out) as Box<dyn std::io::Read + Send>,
+            Box::new(err) as Box<dyn std::io::Read + Send>,
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        Proc {
+            child,
+            lines,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a printed line contains `text`.
+    pub fn wait_for(&self, text: &str, within: Duration) -> bool {
+        wait_until(within, || {
+            self.lines.lock().unwrap().iter().any(|l| l.contains(text))
+        })
+    }
+
+    /// Waits until a printed line contains `text`, or panics with the output.
+    pub fn expect_line(&self, text: &str, within: Duration) {
+        assert!(
+            self.wait_for(text, within),
+            "no line with {text:?} within {within:?}; output:\n{}",
+            self.output()
+        );
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// Waits for the process to exit; `None` if it is still running after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            wait_until(within, || {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    self.status = Some(status);
+                }
+                self.status.is_some()
+            });
+        }
+        self.status
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Pids of the postmasters running on the embedded cluster of `data_dir`
+/// (`<data_dir>/postgres`): the processes whose command line has
+/// `-D <data_dir>/postgres`. Backends rename themselves and do not match.
+pub fn postmasters_of(data_dir: &Path) -> Vec<i32> {
+    let cluster = data_dir.join("postgres");
+    let needle = format!("-D\0{}\0", cluster.display());
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let alive = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().next().map(str::to_owned))
+            })
+            .is_some_and(|state| state != "Z");
+        if alive && String::from_utf8_lossy(&cmdline).contains(&needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Stops whatever postmaster still runs on `data_dir`'s cluster, so a
+/// failing test leaves nothing behind.
+pub struct StopLeftovers(pub PathBuf);
+
+impl Drop for StopLeftovers {
+    fn drop(&mut self) {
+        for pid in postmasters_of(&self.0) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// A data directory for an embedded database, traversable by the
+/// unprivileged user PostgreSQL runs as.
+pub fn data_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("sluice-cli-")
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
+/// A token file with one bare token; returns its path.
+pub fn token_file(dir: &Path, token: &str) -> PathBuf {
+    let path = dir.join("agent-tokens");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    path
+}
+
+/// `queue-runner serve` on the embedded database under `data_dir`, on
+/// ports the kernel picks.
+pub fn serve(data_dir: &Path, token_file: &Path) -> Proc {
+    Proc::spawn(
+        Command::new(QUEUE_RUNNER)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--agent-token-file")
+            .arg(token_file)
+            .args([
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .env("NIX_CONFIG", sluice_test_support::nix::NIX_CONFIG)
+            .env_remove("DATABASE_URL")
+            .env_remove("RUST_LOG"),
+    )
+}
+
+/// The address a running `serve` printed for `what` ("grpc_addr" or
+/// "http_addr") in its "queue runner up" line.
+pub fn bound_address(serve: &Proc, what: &str) -> String {
+    let output = serve.output();
+    let line = output
+        .lines()
+        .find(|l| l.contains("queue runner up"))
+        .unwrap_or_else(|| panic!("no 'queue runner up' line in:\n{output}"));
+    let start = line.find(&format!("{what}=")).unwrap() + what.len() + 1;
+    line[start..].split_whitespace().next().unwrap().to_string()
+}

@@ -47,6 +47,15 @@ pub enum PgError {
          create it with `useradd --system --no-create-home {user}` or choose another user"
     )]
     NoSuchUser { user: String },
+    #[error(
+        "PostgreSQL runs as `{user}`, which cannot reach {dir}: {blocking} is not searchable \
+         for it; allow it (`chmod o+x {blocking}`) or choose a directory elsewhere"
+    )]
+    Unreachable {
+        user: String,
+        dir: PathBuf,
+        blocking: PathBuf,
+    },
     #[error("could not create user `{user}` for PostgreSQL: {detail}")]
     CreateUser { user: String, detail: String },
     #[error("{what} in {path}: {source}")]
@@ -227,6 +236,37 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
+/// Fails unless user `uid` (group `gid`) may traverse every existing
+/// ancestor of `dir`: PostgreSQL, dropped to that user, could not reach
+/// its directory otherwise, and would fail with a less helpful message.
+fn check_reachable(dir: &Path, uid: Uid, gid: Gid, run_as: &RunAs) -> Result<(), PgError> {
+    use std::os::unix::fs::MetadataExt;
+    for ancestor in dir.ancestors().skip(1) {
+        let Ok(meta) = fs::metadata(ancestor) else {
+            continue; // created later, by us, traversable
+        };
+        let mode = meta.mode();
+        let may = if meta.uid() == uid.as_raw() {
+            mode & 0o100 != 0
+        } else if meta.gid() == gid.as_raw() {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !may {
+            let user = match run_as {
+                RunAs::Existing(n) | RunAs::CreateIfMissing(n) => n.clone(),
+            };
+            return Err(PgError::Unreachable {
+                user,
+                dir: dir.to_path_buf(),
+                blocking: ancestor.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn make_owned_dir(dir: &Path, owner: Option<(Uid, Gid)>) -> Result<(), PgError> {
     fs::create_dir_all(dir).map_err(io("creating directory", dir))?;
     if let Some((uid, gid)) = owner {
@@ -274,6 +314,11 @@ impl PgServer {
             None => find_bin_dir()?,
         };
         let owner = resolve_user(&config.run_as)?;
+        if let Some((uid, gid)) = owner {
+            for dir in [&config.data_dir, &config.socket_dir] {
+                check_reachable(dir, uid, gid, &config.run_as)?;
+            }
+        }
         make_owned_dir(&config.socket_dir, owner)?;
         if !config.data_dir.join("PG_VERSION").exists() {
             make_owned_dir(&config.data_dir, owner)?;

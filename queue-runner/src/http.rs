@@ -69,6 +69,9 @@ pub fn status_value(s: &StatusSnapshot) -> Value {
             "dispatchTimeMs": s.dispatch_time_ms,
             "machinesTotal": s.core.machines_total,
             "machinesInUse": s.core.machines_in_use,
+            "databaseUp": s.database_down_since.is_none(),
+            "databaseDownSince": s.database_down_since,
+            "nrPendingWrites": s.pending_writes,
         }
     })
 }

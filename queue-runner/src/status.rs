@@ -18,6 +18,10 @@ pub struct StatusSnapshot {
     pub builds_done: u64,
     pub steps_done: u64,
     pub machines: Vec<MachineStatus>,
+    /// Since when (unix seconds) writes to the database have been failing.
+    pub database_down_since: Option<i64>,
+    /// Writes queued and not yet committed.
+    pub pending_writes: usize,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -130,6 +130,15 @@ fn the_readme_walkthrough_runs_as_printed() {
     let all = text(&out);
     assert!(out.status.success(), "{all}");
     assert!(all.contains("all 1 builds succeeded"), "{all}");
+    // The operator can follow it: the agent's arrival is in the log.
+    let connected = all
+        .lines()
+        .find(|l| l.contains("agent connected"))
+        .unwrap_or_else(|| panic!("no 'agent connected' line:\n{all}"));
+    assert!(
+        connected.contains("slots=2") && connected.contains("systems="),
+        "{connected}"
+    );
     // Stopped with SIGTERM: its embedded PostgreSQL went with it.
     assert!(all.contains("the embedded PostgreSQL stopped"), "{all}");
     assert!(postmasters_of(&dir.path().join("sluice-data")).is_empty());

@@ -14,6 +14,7 @@ use sluice_pg_embed::{make_traversable, PgConfig, PgServer, RunAs};
 pub struct TestPg {
     // Field order matters: the server stops before its directory goes.
     server: PgServer,
+    config: PgConfig,
     dir: tempfile::TempDir,
 }
 
@@ -47,7 +48,11 @@ impl TestPg {
         config.unsafe_fast = true;
         let server = PgServer::start(&config)?;
         server.create_database("sluice")?;
-        Ok(TestPg { server, dir })
+        Ok(TestPg {
+            server,
+            config,
+            dir,
+        })
     }
 
     /// URL of the `sluice` database.
@@ -70,5 +75,19 @@ impl TestPg {
     /// Stops the server now, as a database outage would; the directory stays.
     pub fn server_mut(&mut self) -> &mut PgServer {
         &mut self.server
+    }
+
+    /// Stops the server (fast shutdown: clients are disconnected), as an
+    /// outage would. [`TestPg::start_again`] ends the outage.
+    pub fn stop(&mut self) {
+        self.server.stop();
+    }
+
+    /// Starts the server again on the same data and socket, so the same
+    /// URLs work again.
+    pub fn start_again(&mut self) {
+        self.server.stop();
+        self.server = PgServer::start(&self.config)
+            .unwrap_or_else(|e| panic!("test harness: restarting PostgreSQL: {e}"));
     }
 }

@@ -126,6 +126,25 @@ pub async fn pool(url: &str, max: u32, timeout: Duration) -> Result<sqlx::PgPool
         })
 }
 
+/// Whether an operation that failed with `e` may succeed if tried again:
+/// the connection or the server failed (I/O, a closed or exhausted pool,
+/// a protocol break, SQLSTATE classes 08 connection, 53 resources, 57
+/// operator intervention such as a shutdown, 40 serialisation or
+/// deadlock), not the statement itself.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| ["08", "53", "57", "40"].iter().any(|c| code.starts_with(c))),
+        _ => false,
+    }
+}
+
 /// The cause of a sqlx error in one line, without sqlx's wrapping.
 pub fn describe_sqlx_error(e: &sqlx::Error) -> String {
     match e {

@@ -59,6 +59,8 @@ pub enum DriverEvent {
     /// The listener lost the database and reconnected: notifications may
     /// have been missed, so look at the queue again.
     Resync,
+    /// The writer found the database gone, or back.
+    Database(writer::DatabaseHealth),
     Shutdown,
 }
 
@@ -153,6 +155,8 @@ pub struct Driver {
     next_attempt: u64,
     loader: load::Loader,
     counters: Counters,
+    /// As the writer last reported it.
+    database: writer::DatabaseHealth,
     status: watch::Sender<StatusSnapshot>,
 }
 
@@ -177,8 +181,12 @@ impl Driver {
         events: mpsc::Receiver<DriverEvent>,
         status: watch::Sender<StatusSnapshot>,
     ) -> Driver {
-        let (writer, writer_task) =
-            Writer::spawn(pool.clone(), store.clone(), config.data_dir.clone());
+        let (writer, writer_task) = Writer::spawn(
+            pool.clone(),
+            store.clone(),
+            config.data_dir.clone(),
+            me.clone(),
+        );
         Driver {
             core: Core::new(config.core.clone()),
             loader: load::Loader::new(config.load_batch),
@@ -202,6 +210,7 @@ impl Driver {
             recently_finished: Default::default(),
             next_attempt: 1,
             counters: Counters::default(),
+            database: writer::DatabaseHealth::Up,
             status,
         }
     }
@@ -308,6 +317,7 @@ impl Driver {
                 self.load_restarted();
                 self.check_held_builds(true);
             }
+            DriverEvent::Database(health) => self.database = health,
             DriverEvent::Shutdown => {}
         }
     }
@@ -778,6 +788,11 @@ impl Driver {
             builds_done: self.counters.builds_done,
             steps_done: self.counters.steps_done,
             machines,
+            database_down_since: match self.database {
+                writer::DatabaseHealth::Up => None,
+                writer::DatabaseHealth::Down { since_unix } => Some(since_unix),
+            },
+            pending_writes: self.writer.max_capacity() - self.writer.capacity(),
         };
         let _ = self.status.send(snapshot);
     }

@@ -1,22 +1,38 @@
-//! The ordered database writer: one task that executes the driver's
-//! writes one after another, so that a step's row exists before it is
-//! finished and a build's steps are finished before the build, and that
-//! sends the notifications only after the rows they announce are committed.
+//! The ordered database writer: one task that commits the driver's writes
+//! one after another, so that a step's row exists before it is finished
+//! and a build's steps are finished before the build.
 //!
-//! Invariant: a failed write is logged with the build and step it concerns
-//! and never stops the writer; the queue of jobs is bounded.
+//! Each write is first made ready ([`commit::Commit`]): what it needs from
+//! the store and the filesystem (a build's sizes, products and metrics; a
+//! log file's existence) is read once. Then it is committed in one
+//! transaction with its notifications ([`commit`]).
+//!
+//! Invariants:
+//! - A write that fails for a transient reason (the connection or the
+//!   server failed) is retried, with backoff, until it commits: a result is
+//!   never dropped because the database went away, and the writes behind
+//!   it wait, so their order holds. A write the database refuses for good
+//!   (a constraint, a bad value) is logged with its build and dropped.
+//! - An outage is logged once when it starts and once when it ends, and
+//!   reported to the driver ([`DriverEvent::Database`]) for `/status`.
+//! - The queue of writes is bounded.
+
+mod commit;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sluice_core::BuildId;
 use tokio::sync::{mpsc, oneshot};
 
+use commit::Commit;
+
 use crate::agents::StepReport;
 use crate::db::queue::QueuedBuild;
+use crate::db::results;
 use crate::db::results::{StepKind, StepPhase, StepRow, StepState};
-use crate::db::{notify, results};
 use crate::store::Store;
 use sluice_core::Status;
 
@@ -85,49 +101,131 @@ pub struct Writer {
     pool: sqlx::PgPool,
     store: Store,
     data_dir: PathBuf,
+    events: mpsc::Sender<super::DriverEvent>,
+    /// Since when the database has been failing, if it is.
+    outage: Option<Instant>,
 }
 
 /// Room for this many queued writes before the driver's sends wait.
 const QUEUE: usize = 4096;
+/// The first and the longest wait between tries of a write.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Where a new step's number (or why there is none) is sent.
+type Reply = oneshot::Sender<Result<i32, String>>;
+
+/// The database as the writer sees it, for `/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DatabaseHealth {
+    #[default]
+    Up,
+    /// Writes have been failing since this unix time.
+    Down { since_unix: i64 },
+}
 
 impl Writer {
     /// Starts the writer task. It runs until every sender is dropped and
     /// the queue is empty, then the returned handle completes: awaiting it
-    /// after dropping the senders flushes the queue.
+    /// after dropping the senders flushes the queue. `events` is the
+    /// driver's inbox, told when the database goes away and comes back.
     pub fn spawn(
         pool: sqlx::PgPool,
         store: Store,
         data_dir: PathBuf,
+        events: mpsc::Sender<super::DriverEvent>,
     ) -> (mpsc::Sender<WriteJob>, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel(QUEUE);
-        let writer = Writer {
+        let mut writer = Writer {
             pool,
             store,
             data_dir,
+            events,
+            outage: None,
         };
         let task = tokio::spawn(async move {
             while let Some(job) = rx.recv().await {
-                writer.execute(job).await;
+                let waiting = rx.len();
+                writer.execute(job, waiting).await;
             }
         });
         (tx, task)
     }
 
-    async fn execute(&self, job: WriteJob) {
-        // One connection per job; a database outage makes each job fail
-        // with a logged error until the pool reconnects.
-        let mut conn = match self.pool.acquire().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::error!(error = %crate::db::describe_sqlx_error(&e), "no database connection for a write");
-                if let WriteJob::CreateStep { reply, .. } = job {
-                    let _ = reply.send(Err(crate::db::describe_sqlx_error(&e)));
+    /// Makes `job` ready, then commits it, retrying transient failures.
+    /// `waiting` is how many writes queue behind it (for the log).
+    async fn execute(&mut self, job: WriteJob, waiting: usize) {
+        let Some((commit, reply)) = self.ready(job).await else {
+            return;
+        };
+        let mut delay = RETRY_MIN;
+        let answer = loop {
+            let result = match self.pool.acquire().await {
+                Ok(mut conn) => commit::run(&mut conn, &commit).await,
+                Err(e) => Err(commit::CommitError::Begin(e)),
+            };
+            match result {
+                Ok(answer) => {
+                    self.database_up();
+                    break Ok(answer);
                 }
-                return;
+                Err(e) if e.is_transient() => {
+                    self.database_down(&e, waiting);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+                Err(e) => {
+                    tracing::error!(
+                        build = commit.build(),
+                        error = %e,
+                        "the database refused a write; it is dropped"
+                    );
+                    break Err(e.to_string());
+                }
             }
         };
-        let conn: &mut sqlx::PgConnection = &mut conn;
-        match job {
+        if let Some(reply) = reply {
+            let _ = reply.send(answer.and_then(|stepnr| {
+                stepnr.ok_or_else(|| "no step number was allocated".to_string())
+            }));
+        }
+    }
+
+    fn database_down(&mut self, error: &commit::CommitError, waiting: usize) {
+        if self.outage.is_some() {
+            return;
+        }
+        self.outage = Some(Instant::now());
+        tracing::warn!(
+            error = %error,
+            waiting,
+            "the database is unreachable: results are kept and written when it is back"
+        );
+        let since_unix = super::unix_now();
+        let _ = self
+            .events
+            .try_send(super::DriverEvent::Database(DatabaseHealth::Down {
+                since_unix,
+            }));
+    }
+
+    fn database_up(&mut self) {
+        if let Some(since) = self.outage.take() {
+            tracing::info!(
+                down_for_ms = since.elapsed().as_millis() as u64,
+                "the database is back; writing what waited"
+            );
+            let _ = self
+                .events
+                .try_send(super::DriverEvent::Database(DatabaseHealth::Up));
+        }
+    }
+
+    /// Turns a job into a [`Commit`], reading what it needs from the store
+    /// and the filesystem; splits off the reply a new step waits for.
+    /// `None`: nothing to write (a phase code Hydra does not know).
+    async fn ready(&self, job: WriteJob) -> Option<(Commit, Option<Reply>)> {
+        Some(match job {
             WriteJob::CreateStep {
                 build,
                 drv_path,
@@ -151,27 +249,28 @@ impl Writer {
                     propagated_from: None,
                     outputs: outputs.into_iter().collect(),
                 };
-                let result = match results::create_step(conn, &row).await {
-                    Ok(stepnr) => {
-                        if first_for_build {
-                            log_err(notify::build_started(conn, build).await, build);
-                        }
-                        log_err(notify::step_started(conn, build, stepnr).await, build);
-                        Ok(stepnr)
-                    }
-                    Err(e) => Err(e.to_string()),
-                };
-                let _ = reply.send(result);
+                (
+                    Commit::CreateStep {
+                        row,
+                        first_for_build,
+                    },
+                    Some(reply),
+                )
             }
             WriteJob::Phase {
                 build,
                 stepnr,
                 busy,
             } => {
-                if let Some(phase) = u32::try_from(busy).ok().and_then(StepPhase::from_code) {
-                    let r = results::update_step_phase(conn, build.0, stepnr, phase).await;
-                    log_err(r, build.0);
-                }
+                let phase = u32::try_from(busy).ok().and_then(StepPhase::from_code)?;
+                (
+                    Commit::Phase {
+                        build: build.0,
+                        stepnr,
+                        phase,
+                    },
+                    None,
+                )
             }
             WriteJob::FinishStep {
                 build,
@@ -191,15 +290,18 @@ impl Writer {
                     is_non_deterministic: report.is_non_deterministic,
                     outputs: report.outputs.clone(),
                 };
-                log_err(
-                    results::finish_step(conn, build.0, stepnr, &result).await,
-                    build.0,
-                );
                 let log = crate::logs::log_path(&self.data_dir, &drv_path)
                     .ok()
                     .filter(|p| p.exists());
-                let r = notify::step_finished(conn, build.0, stepnr, log.as_deref()).await;
-                log_err(r, build.0);
+                (
+                    Commit::FinishStep {
+                        build: build.0,
+                        stepnr,
+                        result,
+                        log,
+                    },
+                    None,
+                )
             }
             WriteJob::UnsupportedStep {
                 build,
@@ -222,7 +324,7 @@ impl Writer {
                     propagated_from: None,
                     outputs: Vec::new(),
                 };
-                log_err(results::create_step(conn, &row).await.map(|_| ()), build.0);
+                (Commit::InsertStep { row }, None)
             }
             WriteJob::FinishBuilds {
                 head,
@@ -230,10 +332,11 @@ impl Writer {
                 failed_step,
                 builds,
                 time,
-            } => {
-                self.finish_builds(conn, head, cached, failed_step, builds, time)
-                    .await
-            }
+            } => (
+                self.ready_builds(head, cached, failed_step, builds, time)
+                    .await,
+                None,
+            ),
             WriteJob::AbortBuild {
                 build,
                 drv_path,
@@ -253,33 +356,25 @@ impl Writer {
                     propagated_from: None,
                     outputs: Vec::new(),
                 };
-                log_err(results::create_step(conn, &row).await.map(|_| ()), build);
-                let r =
-                    results::finish_build_failure(conn, build, Status::Aborted, time, time, false)
-                        .await
-                        .map(|_| ());
-                log_err(r, build);
-                log_err(notify::build_finished(conn, build, &[]).await, build);
+                (Commit::AbortBuild { row, time }, None)
             }
-        }
+        })
     }
 
-    async fn finish_builds(
+    /// What finishing `builds` writes: each success post-processed from
+    /// the store, each dependent failure with its row.
+    async fn ready_builds(
         &self,
-        conn: &mut sqlx::PgConnection,
         head: BuildId,
         cached: bool,
         failed_step: Option<String>,
         builds: Vec<FinishedBuild>,
         time: i64,
-    ) {
-        let mut dependents = Vec::new();
+    ) -> Commit {
+        let mut dependent_rows = Vec::new();
         let mut outcomes = Vec::new();
         for finished in &builds {
             let id = finished.build.id;
-            if id != head.0 {
-                dependents.push(id);
-            }
             let (start, stop) = finished.times.unwrap_or((time, time));
             let (start, stop) = (start.max(1), stop.max(start).max(1));
             if finished.status == 0 {
@@ -302,7 +397,7 @@ impl Writer {
             if let (Some(drv), true) = (&failed_step, id != head.0) {
                 // The step failed under the head build; record it here as
                 // propagated from there.
-                let row = StepRow {
+                dependent_rows.push(StepRow {
                     build: id,
                     step_type: StepKind::Build,
                     drv_path: drv.clone(),
@@ -314,8 +409,7 @@ impl Writer {
                     stop_time: Some(stop),
                     propagated_from: Some(head.0),
                     outputs: Vec::new(),
-                };
-                log_err(results::create_step(conn, &row).await.map(|_| ()), id);
+                });
             }
             outcomes.push(results::BuildOutcome::Failed(results::BuildFailure {
                 build: id,
@@ -325,40 +419,11 @@ impl Writer {
                 is_cached: cached,
             }));
         }
-        // Only builds this batch really finished are announced: one that
-        // was cancelled meanwhile keeps its own notification.
-        let finished = match results::finish_builds(conn, &outcomes).await {
-            Ok(ids) => ids,
-            Err(e) => {
-                tracing::error!(build = head.0, error = %e, "finishing builds failed");
-                return;
-            }
-        };
-        let dependents: Vec<i32> = dependents
-            .into_iter()
-            .filter(|id| finished.contains(id))
-            .collect();
-        let announce_head = if finished.contains(&head.0) {
-            Some(head.0)
-        } else {
-            dependents.first().copied()
-        };
-        if let Some(announced) = announce_head {
-            let rest: Vec<i32> = dependents
-                .into_iter()
-                .filter(|id| *id != announced)
-                .collect();
-            log_err(
-                notify::build_finished(conn, announced, &rest).await,
-                announced,
-            );
+        Commit::FinishBuilds {
+            head: head.0,
+            dependent_rows,
+            outcomes,
         }
-    }
-}
-
-fn log_err<E: std::fmt::Display>(r: Result<(), E>, build: i32) {
-    if let Err(e) = r {
-        tracing::error!(build, error = %e, "database write failed");
     }
 }
 

@@ -1,0 +1,188 @@
+//! The database side of each write: one transaction per write, holding its
+//! rows and its notifications together.
+//!
+//! A [`Commit`] holds everything the write needs, already read from the
+//! store and the filesystem, so that committing it again after a database
+//! error repeats only database work and gives the same rows.
+//!
+//! Invariant: a [`Commit`] either commits whole (rows and notifications,
+//! which PostgreSQL delivers only on commit) or leaves nothing behind, so a
+//! retry never duplicates a row or a notification.
+
+use std::path::PathBuf;
+
+use sqlx::{Connection, PgConnection};
+
+use crate::db::results::{self, BuildOutcome, ResultsError, StepPhase, StepResult, StepRow};
+use crate::db::{is_transient, notify};
+
+/// A write, ready to be committed (possibly more than once).
+#[derive(Debug, Clone)]
+pub(super) enum Commit {
+    /// A new busy step row; answers its step number.
+    CreateStep { row: StepRow, first_for_build: bool },
+    Phase {
+        build: i32,
+        stepnr: i32,
+        phase: StepPhase,
+    },
+    FinishStep {
+        build: i32,
+        stepnr: i32,
+        result: StepResult,
+        /// The step's log file, when it exists.
+        log: Option<PathBuf>,
+    },
+    /// A finished step row of its own (unsupported).
+    InsertStep { row: StepRow },
+    FinishBuilds {
+        head: i32,
+        /// Rows recording the failed step under the dependent builds.
+        dependent_rows: Vec<StepRow>,
+        outcomes: Vec<BuildOutcome>,
+    },
+    /// A build that cannot be built at all, with the row saying why.
+    AbortBuild { row: StepRow, time: i64 },
+}
+
+impl Commit {
+    /// The build a failure of this write is reported under.
+    pub(super) fn build(&self) -> i32 {
+        match self {
+            Commit::CreateStep { row, .. }
+            | Commit::InsertStep { row }
+            | Commit::AbortBuild { row, .. } => row.build,
+            Commit::Phase { build, .. } | Commit::FinishStep { build, .. } => *build,
+            Commit::FinishBuilds { head, .. } => *head,
+        }
+    }
+}
+
+/// Why a write did not commit.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CommitError {
+    #[error("opening a transaction: {}", crate::db::describe_sqlx_error(.0))]
+    Begin(#[source] sqlx::Error),
+    #[error("committing: {}", crate::db::describe_sqlx_error(.0))]
+    Commit(#[source] sqlx::Error),
+    #[error(transparent)]
+    Results(#[from] ResultsError),
+    #[error(transparent)]
+    Notify(#[from] notify::NotifyError),
+}
+
+impl CommitError {
+    /// Whether trying again later may succeed: the connection or the
+    /// server failed, not the write itself.
+    pub(super) fn is_transient(&self) -> bool {
+        match self {
+            CommitError::Begin(e) | CommitError::Commit(e) => is_transient(e),
+            CommitError::Results(ResultsError::Database { source, .. }) => is_transient(source),
+            CommitError::Results(ResultsError::StepNumberContention { .. }) => true,
+            CommitError::Results(_) => false,
+            CommitError::Notify(notify::NotifyError::Database { source, .. }) => {
+                is_transient(source)
+            }
+            CommitError::Notify(_) => false,
+        }
+    }
+}
+
+/// What a committed write answers: a new step's number.
+pub(super) type Committed = Option<i32>;
+
+/// Runs `commit` in one transaction on `conn`.
+pub(super) async fn run(
+    conn: &mut PgConnection,
+    commit: &Commit,
+) -> Result<Committed, CommitError> {
+    let mut tx = conn.begin().await.map_err(CommitError::Begin)?;
+    let answer = write(&mut tx, commit).await?;
+    tx.commit().await.map_err(CommitError::Commit)?;
+    Ok(answer)
+}
+
+async fn write(conn: &mut PgConnection, commit: &Commit) -> Result<Committed, CommitError> {
+    match commit {
+        Commit::CreateStep {
+            row,
+            first_for_build,
+        } => {
+            let stepnr = results::create_step(conn, row).await?;
+            if *first_for_build {
+                notify::build_started(conn, row.build).await?;
+            }
+            notify::step_started(conn, row.build, stepnr).await?;
+            Ok(Some(stepnr))
+        }
+        Commit::Phase {
+            build,
+            stepnr,
+            phase,
+        } => match results::update_step_phase(conn, *build, *stepnr, *phase).await {
+            // The step finished meanwhile: its phase no longer matters.
+            Err(ResultsError::StepNotBusy { .. }) => Ok(None),
+            other => other.map(|()| None).map_err(CommitError::from),
+        },
+        Commit::FinishStep {
+            build,
+            stepnr,
+            result,
+            log,
+        } => {
+            results::finish_step(conn, *build, *stepnr, result).await?;
+            notify::step_finished(conn, *build, *stepnr, log.as_deref()).await?;
+            Ok(None)
+        }
+        Commit::InsertStep { row } => {
+            results::create_step(conn, row).await?;
+            Ok(None)
+        }
+        Commit::FinishBuilds {
+            head,
+            dependent_rows,
+            outcomes,
+        } => {
+            for row in dependent_rows {
+                results::create_step(conn, row).await?;
+            }
+            // Only builds this write really finished are announced: one
+            // that was cancelled meanwhile keeps its own notification.
+            let finished = results::finish_builds(conn, outcomes).await?;
+            let dependents: Vec<i32> = outcomes
+                .iter()
+                .map(BuildOutcome::build)
+                .filter(|id| id != head && finished.contains(id))
+                .collect();
+            let announced = if finished.contains(head) {
+                Some(*head)
+            } else {
+                dependents.first().copied()
+            };
+            if let Some(announced) = announced {
+                let rest: Vec<i32> = dependents
+                    .into_iter()
+                    .filter(|id| *id != announced)
+                    .collect();
+                notify::build_finished(conn, announced, &rest).await?;
+            }
+            Ok(None)
+        }
+        Commit::AbortBuild { row, time } => {
+            results::create_step(conn, row).await?;
+            let finished = results::finish_build_failure(
+                conn,
+                row.build,
+                sluice_core::Status::Aborted,
+                *time,
+                *time,
+                false,
+            )
+            .await?;
+            if finished {
+                notify::build_finished(conn, row.build, &[]).await?;
+            }
+            Ok(None)
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! The agent's connection to its own Nix store: a daemon socket, or a
-//! `nix-daemon --stdio` child per connection.
+//! `nix-daemon --stdio` child per connection, whose stderr goes to
+//! `tracing` (see [`DaemonClient::spawn`]).
 //!
 //! Invariant: each job opens its own connection and owns it; dropping the
 //! job drops the connection, and the daemon then interrupts whatever the
@@ -16,7 +17,7 @@ pub(crate) async fn connect(store: &LocalNix) -> Result<DaemonClient, ClientErro
         LocalNix::Socket(path) => DaemonClient::connect(path).await,
         LocalNix::Stdio => {
             let mut cmd = tokio::process::Command::new("nix-daemon");
-            cmd.arg("--stdio").stderr(std::process::Stdio::inherit());
+            cmd.arg("--stdio");
             DaemonClient::spawn(cmd).await
         }
     }

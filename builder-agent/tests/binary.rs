@@ -56,13 +56,26 @@ fn a_missing_token_file_is_a_one_line_error() {
     );
 }
 
-/// Kills the agent process when the test ends, however it ends.
-struct Child(std::process::Child);
+/// The agent process, killed when the test ends however it ends. Its
+/// stderr goes to a file, shown if the test fails.
+struct Child {
+    process: std::process::Child,
+    stderr: std::path::PathBuf,
+}
+
+impl Child {
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
 
 impl Drop for Child {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        if std::thread::panicking() {
+            eprintln!("the agent's stderr:\n{}", self.stderr());
+        }
     }
 }
 
@@ -77,8 +90,10 @@ async fn the_binary_builds_an_assignment_and_survives_a_restart() {
     let mut runner = Runner::start().await;
     let store = IsolatedStore::new();
     let daemon = store.start_daemon();
-    let _agent = Child(
-        Command::new(AGENT)
+    let logs = tempfile::tempdir().expect("tempdir");
+    let stderr = logs.path().join("agent.stderr");
+    let agent = Child {
+        process: Command::new(AGENT)
             .arg("--queue-runner")
             .arg(runner.url())
             .arg("--token-file")
@@ -88,9 +103,11 @@ async fn the_binary_builds_an_assignment_and_survives_a_restart() {
             .args(["--name", "binary-agent", "--max-jobs", "2"])
             .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "500"])
             .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("creates the agent's log"))
             .spawn()
             .expect("starts the agent"),
-    );
+        stderr,
+    };
     let (_, info, _) = runner.connected().await;
     assert_eq!(info.name, "binary-agent");
     // The default systems: the local Nix's and `builtin`.
@@ -98,6 +115,14 @@ async fn the_binary_builds_an_assignment_and_survives_a_restart() {
 
     runner.restart().await;
     let (machine, _, commands) = runner.connected().await;
+    // It said why it reconnected before doing so.
+    assert!(
+        agent
+            .stderr()
+            .contains("connection to the queue runner lost"),
+        "{}",
+        agent.stderr()
+    );
     let attempt = AttemptId(1);
     let a = assignment(&runner.store, &drvs[0], attempt).await;
     runner.assign(machine, &commands, a).await;

@@ -289,7 +289,13 @@ async fn submit(args: SubmitArgs, words: &[String]) -> anyhow::Result<()> {
         println!("queued build {id}: {} ({})", job.name, job.drv_path);
     }
     if args.wait {
-        let ok = submit::wait(&pool, &ids, Duration::from_millis(500)).await?;
+        let ok = submit::wait(
+            &pool,
+            &ids,
+            Duration::from_millis(500),
+            &args.database.data_dir,
+        )
+        .await?;
         if !ok {
             anyhow::bail!("not every build succeeded");
         }

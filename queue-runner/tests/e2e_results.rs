@@ -1,7 +1,8 @@
 //! End to end, what lands where Hydra's web UI and notifier look:
 //! `nix-support` products, metrics and release name, status 6 for a
 //! `failed` marker, failures and dependency failures, logs at the
-//! contract's path, the notifications, and a cached build.
+//! contract's path, the notifications, a cached build, and the report
+//! `submit --wait` prints for failed builds.
 
 #![allow(clippy::unwrap_used)]
 
@@ -246,5 +247,153 @@ async fn a_build_whose_outputs_exist_finishes_cached_without_dispatch() {
         .await
         .unwrap();
     assert_eq!(steps, 0, "nothing was dispatched");
+    d.stop().await;
+}
+
+/// A builder that prints 25 numbered lines, one on stderr, and fails; and
+/// a build that depends on it.
+const FAILING: &str = r#"
+rec {
+  chatty = mkDrv {
+    name = "chatty";
+    args = [ "-c" ''
+      i=1
+      while [ $i -le 25 ]; do echo "tail-marker-$i."; i=$((i + 1)); done
+      echo "giving up" >&2
+      exit 1
+    '' ];
+  };
+  needsChatty = mkDrv {
+    name = "needs-chatty";
+    dep = chatty;
+    args = [ "-c" "echo never > $out" ];
+  };
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wait_reports_the_failed_step_its_log_path_and_last_lines() {
+    let mut d = Deployment::start().await;
+    d.add_agent("agent", 2).await;
+    let drvs = d.env.instantiate(FAILING, &["chatty", "needsChatty"]);
+    let ids = d
+        .submit(&[
+            ("chatty".into(), drvs[0].clone()),
+            ("needsChatty".into(), drvs[1].clone()),
+        ])
+        .await;
+    let (chatty, needs) = (ids[0], ids[1]);
+
+    // What `submit --wait` prints, through the same function.
+    let mut out = Vec::new();
+    let all_ok = tokio::time::timeout(
+        Duration::from_secs(120),
+        sluice_queue_runner::submit::follow(
+            &d.pool,
+            &ids,
+            Duration::from_millis(100),
+            d.data_dir.path(),
+            &mut out,
+        ),
+    )
+    .await
+    .expect("the builds finish within 120 s")
+    .unwrap();
+    assert!(!all_ok);
+    let out = String::from_utf8(out).unwrap();
+
+    let log = sluice_queue_runner::logs::log_path(d.data_dir.path(), &drvs[0]).unwrap();
+    assert!(log.is_file(), "{}", log.display());
+    let report_of = |id: i32| {
+        let head = format!("build {id} (");
+        let start = out
+            .find(&head)
+            .unwrap_or_else(|| panic!("no report for build {id}: {out}"));
+        let end = out[start + 1..]
+            .find("\nbuild ")
+            .map_or(out.len(), |n| start + n + 2);
+        out[start..end].to_string()
+    };
+
+    let direct = report_of(chatty);
+    assert!(
+        direct.starts_with(&format!("build {chatty} (chatty): failed\n")),
+        "{out}"
+    );
+    let stepnr: i32 = sqlx::query_scalar(
+        "select stepnr from BuildSteps where build = $1 and drvPath = $2 and status = 1",
+    )
+    .bind(chatty)
+    .bind(&drvs[0])
+    .fetch_one(&d.pool)
+    .await
+    .unwrap();
+    assert!(
+        direct.contains(&format!(
+            "  failed step: {} (step {stepnr}): failed\n",
+            drvs[0]
+        )),
+        "{out}"
+    );
+    assert!(direct.contains("  machine: agent\n"), "{out}");
+    assert!(direct.contains("  exit code: 1\n"), "{out}");
+    assert!(
+        direct.contains(&format!(
+            "  error: builder for '{}' failed with exit code 1\n",
+            drvs[0]
+        )),
+        "Nix's own excerpt of the log is left out: {out}"
+    );
+    assert!(!direct.contains("nix log"), "{out}");
+    assert!(
+        direct.contains(&format!("  log: {}\n", log.display())),
+        "{out}"
+    );
+    // The last 20 lines: markers 7 to 25 and what went to stderr.
+    let tail: String = (7..=25)
+        .map(|n| format!("    tail-marker-{n}.\n"))
+        .chain(["    giving up\n".to_string()])
+        .collect();
+    assert!(
+        direct.contains(&format!("  last 20 lines of the log:\n{tail}")),
+        "{out}"
+    );
+    assert!(!direct.contains("tail-marker-6."), "{out}");
+
+    // The dependent build points at the step that failed under the first
+    // build, and at its log.
+    let dependent = report_of(needs);
+    assert!(
+        dependent.starts_with(&format!("build {needs} (needsChatty): dependency failed\n")),
+        "{out}"
+    );
+    assert!(
+        dependent.contains(&format!(
+            "  failed step: {} (step {stepnr} of build {chatty}, whose failure this build inherited): failed\n",
+            drvs[0]
+        )),
+        "{out}"
+    );
+    assert!(
+        dependent.contains(&format!("  log: {}\n", log.display())),
+        "{out}"
+    );
+    assert!(dependent.contains("    giving up\n"), "{out}");
+
+    // Without the log file, the report says so.
+    std::fs::remove_file(&log).unwrap();
+    let state = sluice_queue_runner::submit::BuildState {
+        id: chatty,
+        job: "chatty".into(),
+        finished: true,
+        status: Some(1),
+    };
+    let report = sluice_queue_runner::submit::failure_report(&d.pool, &state, d.data_dir.path())
+        .await
+        .unwrap();
+    assert!(
+        report.contains(&format!("  log: none; no file at {}\n", log.display())),
+        "{report}"
+    );
     d.stop().await;
 }

@@ -9,7 +9,11 @@
 //! Invariants: every derivation written through [`NixEnv::instantiate`]
 //! carries the environment's nonce in its name, so two test runs (or two
 //! tests) never share a `.drv` or an output path; every spawned daemon is
-//! killed with its whole process group on drop.
+//! killed with its whole process group on drop. A daemon's stderr goes to
+//! a log file next to its socket, not to the test's output: its workers
+//! print an error each time a client closes a connection early (as the
+//! readiness check does), which is expected. The log is shown when the
+//! daemon does not come up, and when it is dropped by a failing test.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -255,11 +259,18 @@ impl NixCommands for IsolatedStore {
 }
 
 /// A private `nix-daemon` on its own socket. Killed (with its process
-/// group, i.e. its per-connection workers and builds) on drop.
+/// group, i.e. its per-connection workers and builds) on drop. What it
+/// prints goes to [`NixDaemon::log_path`].
 pub struct NixDaemon {
     child: Child,
     dir: tempfile::TempDir,
 }
+
+/// The name of a daemon's log file, next to its socket.
+const DAEMON_LOG: &str = "daemon.log";
+
+/// How many lines of a daemon's log a failing test shows.
+const LOG_LINES_SHOWN: usize = 50;
 
 impl NixDaemon {
     /// A daemon serving the host's store.
@@ -274,11 +285,18 @@ impl NixDaemon {
             .tempdir()
             .expect("test harness: creating a temp dir for a daemon socket");
         let socket = dir.path().join("socket");
+        let log_path = dir.path().join(DAEMON_LOG);
+        let log = std::fs::File::create(&log_path).unwrap_or_else(|e| {
+            panic!(
+                "test harness: creating the daemon log {}: {e}",
+                log_path.display()
+            )
+        });
         let mut cmd = store.command("nix-daemon");
         cmd.env("NIX_DAEMON_SOCKET_PATH", &socket)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::from(log))
             .process_group(0);
         let child = cmd
             .spawn()
@@ -292,8 +310,9 @@ impl NixDaemon {
         });
         assert!(
             up && std::os::unix::net::UnixStream::connect(&socket).is_ok(),
-            "test harness: nix-daemon is not accepting connections on {}",
-            socket.display()
+            "test harness: nix-daemon is not accepting connections on {}; its log:\n{}",
+            socket.display(),
+            daemon.log()
         );
         daemon
     }
@@ -301,6 +320,18 @@ impl NixDaemon {
     /// The Unix socket the daemon listens on.
     pub fn socket_path(&self) -> PathBuf {
         self.dir.path().join("socket")
+    }
+
+    /// The file the daemon's stderr goes to.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join(DAEMON_LOG)
+    }
+
+    /// What the daemon has printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read(self.log_path())
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log_path().display()))
     }
 
     /// A `--store` URI for this daemon.
@@ -315,6 +346,19 @@ impl Drop for NixDaemon {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // The test failed: what the daemon said may tell why. Printed
+            // from the test's thread, so the test's output shows it.
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let shown = &lines[lines.len().saturating_sub(LOG_LINES_SHOWN)..];
+            eprintln!(
+                "test harness: the last {} lines of the log of the nix-daemon on {}:\n{}",
+                shown.len(),
+                self.socket_path().display(),
+                shown.join("\n")
+            );
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The Nix helpers: unique derivations, a private daemon, isolated stores.
 
 use std::path::Path;
+use std::time::Duration;
 
 use sluice_test_support::nix::{realise_in, run, IsolatedStore, NixCommands, NixDaemon, NixEnv};
 
@@ -56,6 +57,17 @@ fn private_daemon_serves_the_host_store() {
             .args(["--store", &daemon.store_uri(), "--realise", &drv]));
     let out = out.trim();
     assert_eq!(std::fs::read_to_string(out).expect("output"), "hello\n");
+    // The readiness check connects and hangs up; the worker that served it
+    // says so in the daemon's log, not in the test's output.
+    let logged = sluice_test_support::wait_until(Duration::from_secs(10), || {
+        daemon.log().contains("unexpected end-of-file")
+    });
+    assert!(
+        logged,
+        "{}: {:?}",
+        daemon.log_path().display(),
+        daemon.log()
+    );
 }
 
 #[test]

@@ -128,13 +128,11 @@ impl LocalStore {
                 }
             }
             StoreConnection::Stdio { program, args, env } => {
+                // Its stderr goes to `tracing` (see `DaemonClient::spawn`):
+                // it reports failures over the protocol, and what it prints
+                // when a connection closes is logged at debug level only.
                 let mut cmd = tokio::process::Command::new(program);
-                cmd.args(args)
-                    .envs(env.iter().map(|(k, v)| (k, v)))
-                    // It reports failures over the protocol; what it
-                    // prints on its way out when a connection closes is
-                    // noise.
-                    .stderr(std::process::Stdio::null());
+                cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
                 DaemonClient::spawn(cmd).await
             }
         }

@@ -143,11 +143,16 @@ impl DaemonClient {
     }
 
     /// Starts `command` (typically `nix-daemon --stdio`) and speaks the
-    /// protocol over its stdin and stdout. Its stderr is left as configured.
+    /// protocol over its stdin and stdout. Its stderr is piped and logged
+    /// with `tracing` (see [`super::child_stderr`]): what the daemon says
+    /// when the connection closes at debug level, anything else at warn
+    /// level.
     pub async fn spawn(mut command: tokio::process::Command) -> Result<Self, ClientError> {
         Self::spawn_with(&mut command, ConnectOptions::default()).await
     }
 
+    /// [`DaemonClient::spawn`] with options; `command`'s stdio settings are
+    /// replaced.
     pub async fn spawn_with(
         command: &mut tokio::process::Command,
         options: ConnectOptions,
@@ -155,8 +160,12 @@ impl DaemonClient {
         command
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(false);
         let mut child = command.spawn().map_err(ClientError::Spawn)?;
+        if let Some(stderr) = child.stderr.take() {
+            super::child_stderr::forward(stderr, child.id());
+        }
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(ClientError::Spawn(io::Error::other(
                 "the child has no stdio pipes",

@@ -41,9 +41,11 @@
 //!
 //! Layout: [`wire`] (primitives and limits), [`stderr`] (log and error
 //! messages), [`handshake`], `types`/`build` (operation values), and
-//! [`client`], the only part that does IO.
+//! [`client`], the only part that does IO besides [`child_stderr`] (what a
+//! daemon prints on its own stderr, forwarded to `tracing`).
 
 pub mod build;
+pub mod child_stderr;
 pub mod client;
 mod connection;
 pub mod handshake;

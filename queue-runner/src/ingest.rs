@@ -193,6 +193,8 @@ where
                 system: drv.platform.clone(),
                 required_features,
                 input_drvs,
+                // Set by the loader, which asks `FailedPaths`.
+                known_failed: false,
             };
             let outputs = outs
                 .into_iter()

@@ -105,6 +105,7 @@ fn one_step_build(i: usize, rng: &mut Rng) -> Event {
             system: system.to_string(),
             required_features: features.iter().map(|f| f.to_string()).collect(),
             input_drvs: Vec::new(),
+            known_failed: false,
         }],
     }
 }
@@ -230,6 +231,7 @@ fn bytes_per_waiting_step(steps: usize) -> usize {
                 .filter(|_| i > 0)
                 .map(|_| drv_path(usize::try_from(rng.next()).unwrap_or(0) % i))
                 .collect(),
+            known_failed: false,
         })
         .collect();
     // One build on top of everything.

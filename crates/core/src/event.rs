@@ -17,7 +17,9 @@ pub enum Event {
     /// outputs are not all valid in the store, and only those. An input
     /// derivation absent from `steps` counts as already built. So a build
     /// whose `top_drv` is absent from `steps` (and not already a step of
-    /// another build) finishes at once as a cached success.
+    /// another build) finishes at once as a cached success, and one that
+    /// needs a step marked `known_failed` (and whose top is not already a
+    /// step of another build) as a cached failure.
     BuildQueued {
         build: BuildSpec,
         steps: Vec<StepSpec>,
@@ -79,6 +81,10 @@ pub struct StepSpec {
     /// The input derivations (all of them: those whose outputs are valid are
     /// simply absent from the event's `steps`).
     pub input_drvs: Vec<DrvPath>,
+    /// An output is known to fail (in `FailedPaths`): a build that needs
+    /// this step finishes at once as a cached failure, and nothing is
+    /// dispatched for it.
+    pub known_failed: bool,
 }
 
 /// A builder's capabilities.

@@ -39,6 +39,10 @@ impl<O: StepOrder> Core<O> {
                     self.finish_without_steps(&spec, Status::Success, true);
                     return;
                 }
+                if let Some(failed) = known_failure(&spec.top_drv, &steps) {
+                    self.finish_cached_failure(&spec, failed);
+                    return;
+                }
                 match creation_order(&spec.top_drv, &by_path, |drv| self.lookup(drv).is_some()) {
                     Ok(order) => {
                         let created = self.create_steps(&order);
@@ -90,6 +94,25 @@ impl<O: StepOrder> Core<O> {
             status,
             cached,
             failed_step: None,
+            dependents: Vec::new(),
+        }));
+    }
+
+    /// A build that needs a step known to fail: it finishes at once, with
+    /// `Failed` if that step is its top and `DepFailed` otherwise, cached,
+    /// and the graph untouched.
+    fn finish_cached_failure(&mut self, spec: &BuildSpec, failed: &DrvPath) {
+        let status = if *failed == spec.top_drv {
+            Status::Failed
+        } else {
+            Status::DepFailed
+        };
+        self.counts.record_build_finished(status);
+        self.out.push(Command::BuildFinished(BuildFinished {
+            build: spec.id,
+            status,
+            cached: true,
+            failed_step: Some(failed.clone()),
             dependents: Vec::new(),
         }));
     }
@@ -193,4 +216,15 @@ fn creation_order<'a>(
         }
     }
     Ok(order)
+}
+
+/// The step known to fail that the build of `top` needs, if any: `top`
+/// itself first, else the first marked one in `steps` (all of which the
+/// build needs: the event holds only its closure).
+fn known_failure<'a>(top: &DrvPath, steps: &'a [StepSpec]) -> Option<&'a DrvPath> {
+    let failed = || steps.iter().filter(|s| s.known_failed);
+    failed()
+        .find(|s| s.drv_path == *top)
+        .or_else(|| failed().next())
+        .map(|s| &s.drv_path)
 }

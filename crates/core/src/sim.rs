@@ -92,7 +92,13 @@ impl Dag {
 
     /// What the driver would send: the closure of `top` without the
     /// derivations whose outputs are `valid`.
-    pub fn step_specs(&self, top: &str, valid: &BTreeSet<String>) -> Vec<StepSpec> {
+    /// `failed` are known to fail (`FailedPaths`).
+    pub fn step_specs(
+        &self,
+        top: &str,
+        valid: &BTreeSet<String>,
+        failed: &BTreeSet<String>,
+    ) -> Vec<StepSpec> {
         self.closure(top)
             .into_iter()
             .filter(|name| !valid.contains(name))
@@ -103,6 +109,7 @@ impl Dag {
                     system: node.system.clone(),
                     required_features: node.features.clone(),
                     input_drvs: node.inputs.iter().map(|i| drv(i)).collect(),
+                    known_failed: failed.contains(&name),
                 }
             })
             .collect()
@@ -122,6 +129,8 @@ pub(crate) struct Sim<O: StepOrder = crate::HydraOrder> {
     pub now: Millis,
     /// Derivations whose outputs are valid in the simulated store.
     pub valid: BTreeSet<String>,
+    /// Derivations whose outputs are known to fail (`FailedPaths`).
+    pub known_failed: BTreeSet<String>,
     pub machines: BTreeMap<String, SimMachine>,
     /// Every machine id ever connected, with its name.
     names: BTreeMap<MachineId, String>,
@@ -157,6 +166,7 @@ impl<O: StepOrder> Sim<O> {
             dag,
             now: Millis::ZERO,
             valid: BTreeSet::new(),
+            known_failed: BTreeSet::new(),
             machines: BTreeMap::new(),
             names: BTreeMap::new(),
             next_machine: 1,
@@ -197,6 +207,7 @@ impl<O: StepOrder> Sim<O> {
     /// - `connect NAME SYSTEM[,SYSTEM…] [slots=N] [features=F,…] [mandatory=F,…] [speed=X]`
     /// - `disconnect NAME`
     /// - `valid DRV…` (outputs already in the store)
+    /// - `failed DRV…` (outputs known to fail: `FailedPaths`)
     /// - `queue #ID TOP [global=N] [prio=N]`
     /// - `ok DRV` / `fail DRV [STATUS] [retry]` (for the machine building it)
     /// - `report NAME DRV ok` (a result from a machine, believed or not)
@@ -230,6 +241,9 @@ impl<O: StepOrder> Sim<O> {
             }
             ["disconnect", name] => self.disconnect(name),
             ["valid", names @ ..] => self.valid.extend(names.iter().map(|n| n.to_string())),
+            ["failed", names @ ..] => self
+                .known_failed
+                .extend(names.iter().map(|n| n.to_string())),
             ["queue", id, top, ..] => {
                 let global = option("global").map_or(0, |v| v.parse().expect("global"));
                 let prio = option("prio").map_or(0, |v| v.parse().expect("prio"));
@@ -316,7 +330,7 @@ impl<O: StepOrder> Sim<O> {
     }
 
     pub fn queue(&mut self, id: BuildId, top: &str, global_priority: i32, priority: i32) {
-        let steps = self.dag.step_specs(top, &self.valid);
+        let steps = self.dag.step_specs(top, &self.valid, &self.known_failed);
         self.queued.insert(id, top.to_string());
         self.priorities.insert(id, (global_priority, priority));
         self.handle(Event::BuildQueued {

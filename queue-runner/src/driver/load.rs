@@ -5,7 +5,9 @@
 //! arrives during a load schedules exactly one more; a load of new builds
 //! reads only ids above the highest id already loaded, so its cost is
 //! proportional to what is new. Restarted builds (ids below that mark) are
-//! found by id only and loaded if not held.
+//! found by id only and loaded if not held. A build finished here is not
+//! loaded again until its rows are written and a load has started since
+//! (`Driver::recently_finished`), so a restart is seen at the next load.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -15,10 +17,6 @@ use sluice_core::{BuildId, BuildSpec, DrvPath, Event, JobsetId};
 use super::{Driver, DriverEvent};
 use crate::db::queue::QueuedBuild;
 use crate::ingest::{self, BatchClosure};
-
-/// How long a finished build is kept from being loaded again while its
-/// rows are being written.
-const RECENT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What a load found.
 #[derive(Debug)]
@@ -80,17 +78,13 @@ impl Driver {
         let me = self.me.clone();
         let after = self.loader.max_id;
         let limit = self.loader.batch;
-        while self
-            .recently_finished
-            .front()
-            .is_some_and(|(at, _)| at.elapsed() > RECENT)
-        {
-            self.recently_finished.pop_front();
-        }
+        // Builds whose rows were written before this load starts are seen
+        // finished by it: no need to keep them out any more.
+        self.recently_finished.retain(|_, written| !*written);
         let held: HashSet<i32> = self
             .builds
             .keys()
-            .chain(self.recently_finished.iter().map(|(_, b)| b))
+            .chain(self.recently_finished.keys())
             .map(|b| b.0)
             .collect();
         tokio::spawn(async move {
@@ -115,17 +109,17 @@ impl Driver {
         if batch.more {
             self.loader.want_new = true;
         }
-        let recent: HashSet<BuildId> = self.recently_finished.iter().map(|(_, b)| *b).collect();
         for build in batch.builds {
             self.loader.max_id = self.loader.max_id.max(build.id);
             let id = BuildId(build.id);
-            if self.builds.contains_key(&id) || recent.contains(&id) {
+            if self.builds.contains_key(&id) || self.recently_finished.contains_key(&id) {
                 continue;
             }
             let steps = match batch.closure.steps_for(&build.drv_path) {
                 Ok(steps) => steps,
                 Err(e) => {
                     tracing::error!(build = build.id, error = %e, "cannot read the build's closure");
+                    self.recently_finished.insert(id, false);
                     self.send_write(super::writer::WriteJob::AbortBuild {
                         build: build.id,
                         drv_path: build.drv_path.clone(),
@@ -249,11 +243,44 @@ async fn load(
             tokio::fs::read(p).await
         })
         .await;
-        Ok(())
+        drop(client);
+        mark_known_failures(&pool, &mut batch.closure).await
     }
     .await;
     if let Err(e) = result {
         batch.error = Some(e);
     }
     batch
+}
+
+/// Marks the derivations of `closure` with an output in `FailedPaths`
+/// ([`sluice_core::StepSpec::known_failed`]), in one query for the batch.
+async fn mark_known_failures(
+    pool: &sqlx::PgPool,
+    closure: &mut BatchClosure,
+) -> Result<(), String> {
+    let paths: Vec<String> = closure
+        .drvs
+        .values()
+        .flat_map(|d| d.outputs.values().flatten().cloned())
+        .collect();
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(|e| crate::db::describe_sqlx_error(&e))?;
+    let failed = crate::db::results::failed_paths_among(&mut conn, &paths)
+        .await
+        .map_err(|e| e.to_string())?;
+    if failed.is_empty() {
+        return Ok(());
+    }
+    for drv in closure.drvs.values_mut() {
+        if drv.outputs.values().flatten().any(|p| failed.contains(p)) {
+            drv.spec.known_failed = true;
+        }
+    }
+    Ok(())
 }

@@ -61,6 +61,9 @@ pub enum DriverEvent {
     Resync,
     /// The writer found the database gone, or back.
     Database(writer::DatabaseHealth),
+    /// The writer is done with these finished builds' rows (committed, or
+    /// refused for good).
+    BuildsWritten(Vec<BuildId>),
     Shutdown,
 }
 
@@ -149,9 +152,11 @@ pub struct Driver {
     /// finish and for floating content-addressed inputs of later steps.
     built_outputs: HashMap<DrvPath, BuiltStep>,
     started_builds: HashSet<BuildId>,
-    /// Builds finished recently, whose rows the writer may not have
-    /// committed yet: a load must not take them for queued ones.
-    recently_finished: std::collections::VecDeque<(Instant, BuildId)>,
+    /// Builds finished here whose rows a load may not see yet: `false`
+    /// until the writer has written them ([`DriverEvent::BuildsWritten`]),
+    /// `true` after, until the next load starts (a load in flight may have
+    /// read them before). A load must not take them for queued ones.
+    recently_finished: HashMap<BuildId, bool>,
     next_attempt: u64,
     loader: load::Loader,
     counters: Counters,
@@ -318,6 +323,13 @@ impl Driver {
                 self.check_held_builds(true);
             }
             DriverEvent::Database(health) => self.database = health,
+            DriverEvent::BuildsWritten(ids) => {
+                for id in ids {
+                    if let Some(written) = self.recently_finished.get_mut(&id) {
+                        *written = true;
+                    }
+                }
+            }
             DriverEvent::Shutdown => {}
         }
     }
@@ -526,12 +538,21 @@ impl Driver {
             );
         }
         if let Some(stepnr) = a.stepnr {
+            let failed_paths = if fails_for_good(report.status) {
+                self.closure
+                    .get(&a.drv_path)
+                    .map(|c| c.outputs.values().flatten().cloned().collect())
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
             self.send_write(WriteJob::FinishStep {
                 build: a.build,
                 stepnr,
                 drv_path: a.drv_path.as_str().to_string(),
                 machine: a.machine_name.clone(),
                 report,
+                failed_paths,
             });
         }
         let succeeded = outcome == StepOutcome::Success;
@@ -595,6 +616,7 @@ impl Driver {
                     outputs: Vec::new(),
                     overhead_ms: 0,
                 },
+                failed_paths: Vec::new(),
             });
         }
     }
@@ -730,7 +752,7 @@ impl Driver {
                 continue;
             };
             self.started_builds.remove(&id);
-            self.recently_finished.push_back((Instant::now(), id));
+            self.recently_finished.insert(id, false);
             self.counters.builds_done += 1;
             let top = DrvPath::from(build.drv_path.as_str());
             let built = self.built_outputs.get(&top);
@@ -796,6 +818,12 @@ impl Driver {
         };
         let _ = self.status.send(snapshot);
     }
+}
+
+/// Whether a step status is a failure of the build itself, which building
+/// again will not fix: its outputs go into `FailedPaths` (Hydra's rule).
+fn fails_for_good(status: i32) -> bool {
+    matches!(status, 1 | 7 | 10 | 11)
 }
 
 /// A Hydra step status from an agent, as the core's outcome.

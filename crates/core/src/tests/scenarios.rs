@@ -112,6 +112,24 @@ fn a_build_whose_outputs_are_valid_finishes_cached() {
 }
 
 #[test]
+fn a_build_needing_a_known_failure_finishes_cached_without_dispatch() {
+    let mut sim = Sim::new(DIAMOND, config());
+    sim.run(
+        "
+        connect m1 x86_64-linux
+        failed b
+        queue #1 d
+        > finished #1 dep-failed (cached) by b
+        queue #2 b
+        > finished #2 failed (cached) by b
+        queue #3 c
+        > dispatch a -> m1 for #3
+        ",
+    );
+    assert_eq!(sim.core.step_count(), 2, "only #3's steps exist");
+}
+
+#[test]
 fn global_priority_then_build_priority_then_oldest_build() {
     let mut sim = Sim::new(
         "

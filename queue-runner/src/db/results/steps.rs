@@ -382,3 +382,39 @@ pub async fn insert_failed_paths(
         .map_err(db_err(&what))?;
     Ok(())
 }
+
+/// Which of `paths` are in `FailedPaths`: one indexed query (the table's
+/// primary key) for a whole batch.
+pub async fn failed_paths_among(
+    conn: &mut PgConnection,
+    paths: &[String],
+) -> Result<std::collections::HashSet<String>, ResultsError> {
+    if paths.is_empty() {
+        return Ok(Default::default());
+    }
+    let found: Vec<String> =
+        sqlx::query_scalar("select path from FailedPaths where path = any($1::text[])")
+            .bind(paths)
+            .fetch_all(conn)
+            .await
+            .map_err(db_err("reading FailedPaths"))?;
+    Ok(found.into_iter().collect())
+}
+
+/// The build under which `drv_path` last failed for good (its own step
+/// row with status 1, 7, 10 or 11), if one records it: what a cached
+/// failure of it is `propagatedFrom`.
+pub async fn last_failure_of(
+    conn: &mut PgConnection,
+    drv_path: &str,
+) -> Result<Option<i32>, ResultsError> {
+    sqlx::query_scalar(
+        "select build from BuildSteps
+         where drvPath = $1 and busy = 0 and status in (1, 7, 10, 11) and propagatedFrom is null
+         order by build desc, stepnr desc limit 1",
+    )
+    .bind(drv_path)
+    .fetch_optional(conn)
+    .await
+    .map_err(db_err("finding the last failure of a step"))
+}

@@ -32,6 +32,8 @@ pub(super) enum Commit {
         result: StepResult,
         /// The step's log file, when it exists.
         log: Option<PathBuf>,
+        /// Its output paths, when it failed for good: into `FailedPaths`.
+        failed_paths: Vec<String>,
     },
     /// A finished step row of its own (unsupported).
     InsertStep { row: StepRow },
@@ -40,12 +42,27 @@ pub(super) enum Commit {
         /// Rows recording the failed step under the dependent builds.
         dependent_rows: Vec<StepRow>,
         outcomes: Vec<BuildOutcome>,
+        /// A cached failure of this derivation (it is in `FailedPaths`):
+        /// the rows are `propagatedFrom` the build it last failed under.
+        cached_failure: Option<String>,
     },
     /// A build that cannot be built at all, with the row saying why.
     AbortBuild { row: StepRow, time: i64 },
 }
 
 impl Commit {
+    /// The builds this write finishes.
+    pub(super) fn finished_builds(&self) -> Vec<sluice_core::BuildId> {
+        match self {
+            Commit::FinishBuilds { outcomes, .. } => outcomes
+                .iter()
+                .map(|o| sluice_core::BuildId(o.build()))
+                .collect(),
+            Commit::AbortBuild { row, .. } => vec![sluice_core::BuildId(row.build)],
+            _ => Vec::new(),
+        }
+    }
+
     /// The build a failure of this write is reported under.
     pub(super) fn build(&self) -> i32 {
         match self {
@@ -129,8 +146,10 @@ async fn write(conn: &mut PgConnection, commit: &Commit) -> Result<Committed, Co
             stepnr,
             result,
             log,
+            failed_paths,
         } => {
             results::finish_step(conn, *build, *stepnr, result).await?;
+            results::insert_failed_paths(conn, failed_paths).await?;
             notify::step_finished(conn, *build, *stepnr, log.as_deref()).await?;
             Ok(None)
         }
@@ -142,9 +161,18 @@ async fn write(conn: &mut PgConnection, commit: &Commit) -> Result<Committed, Co
             head,
             dependent_rows,
             outcomes,
+            cached_failure,
         } => {
+            let propagated_from = match cached_failure {
+                Some(drv) => results::last_failure_of(conn, drv).await?,
+                None => None,
+            };
             for row in dependent_rows {
-                results::create_step(conn, row).await?;
+                let mut row = row.clone();
+                if cached_failure.is_some() {
+                    row.propagated_from = propagated_from.filter(|b| *b != row.build);
+                }
+                results::create_step(conn, &row).await?;
             }
             // Only builds this write really finished are announced: one
             // that was cancelled meanwhile keeps its own notification.

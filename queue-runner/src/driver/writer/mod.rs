@@ -73,6 +73,9 @@ pub enum WriteJob {
         drv_path: String,
         machine: String,
         report: StepReport,
+        /// The step's output paths when it failed for good (status 1, 7,
+        /// 10 or 11): recorded in `FailedPaths` with the row.
+        failed_paths: Vec<String>,
     },
     UnsupportedStep {
         build: BuildId,
@@ -184,6 +187,13 @@ impl Writer {
                 }
             }
         };
+        let finished = commit.finished_builds();
+        if !finished.is_empty() {
+            let _ = self
+                .events
+                .send(super::DriverEvent::BuildsWritten(finished))
+                .await;
+        }
         if let Some(reply) = reply {
             let _ = reply.send(answer.and_then(|stepnr| {
                 stepnr.ok_or_else(|| "no step number was allocated".to_string())
@@ -278,6 +288,7 @@ impl Writer {
                 drv_path,
                 machine,
                 report,
+                failed_paths,
             } => {
                 let result = results::StepResult {
                     status: status_from_code(report.status),
@@ -299,6 +310,7 @@ impl Writer {
                         stepnr,
                         result,
                         log,
+                        failed_paths,
                     },
                     None,
                 )
@@ -394,10 +406,24 @@ impl Writer {
                 }
                 continue;
             }
-            if let (Some(drv), true) = (&failed_step, id != head.0) {
+            match (&failed_step, cached) {
+                // A cached failure: every build gets a row saying so.
+                (Some(drv), true) => dependent_rows.push(StepRow {
+                    build: id,
+                    step_type: StepKind::Build,
+                    drv_path: drv.clone(),
+                    system: String::new(),
+                    machine: String::new(),
+                    state: StepState::Finished(Status::CachedFailure),
+                    error_msg: None,
+                    start_time: Some(stop),
+                    stop_time: Some(stop),
+                    propagated_from: None,
+                    outputs: Vec::new(),
+                }),
                 // The step failed under the head build; record it here as
                 // propagated from there.
-                dependent_rows.push(StepRow {
+                (Some(drv), false) if id != head.0 => dependent_rows.push(StepRow {
                     build: id,
                     step_type: StepKind::Build,
                     drv_path: drv.clone(),
@@ -409,7 +435,8 @@ impl Writer {
                     stop_time: Some(stop),
                     propagated_from: Some(head.0),
                     outputs: Vec::new(),
-                });
+                }),
+                _ => {}
             }
             outcomes.push(results::BuildOutcome::Failed(results::BuildFailure {
                 build: id,
@@ -423,6 +450,7 @@ impl Writer {
             head: head.0,
             dependent_rows,
             outcomes,
+            cached_failure: failed_step.filter(|_| cached),
         }
     }
 }

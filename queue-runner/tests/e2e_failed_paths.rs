@@ -50,6 +50,19 @@ async fn a_failed_path_is_a_cached_failure_until_a_restart_clears_it() {
     let first = d.submit(&jobs).await;
     let statuses = d.wait_finished(&first, 60).await;
     assert_eq!((statuses[&first[0]], statuses[&first[1]]), (1, 2));
+    // The dependent's row says what the failed attempt said: its own
+    // status (never 2, which is for builds), error and machine.
+    assert_eq!(
+        steps_of(&d, first[1]).await,
+        vec![(Some(1), "a1".to_string(), Some(first[0]))]
+    );
+    let errors: Vec<Option<String>> =
+        sqlx::query_scalar("select errorMsg from BuildSteps where build = any($1) order by build")
+            .bind(&first)
+            .fetch_all(&d.pool)
+            .await
+            .unwrap();
+    assert!(errors[0].is_some() && errors[0] == errors[1], "{errors:?}");
     let out: String =
         sqlx::query_scalar("select path from BuildOutputs where build = $1 and name = 'out'")
             .bind(first[0])

@@ -418,3 +418,23 @@ pub async fn last_failure_of(
     .await
     .map_err(db_err("finding the last failure of a step"))
 }
+
+/// The last finished row of `drv_path` under `build`: its status, error
+/// message and machine. What a dependent build's row copies from the
+/// attempt that really failed.
+pub async fn finished_step_of(
+    conn: &mut PgConnection,
+    build: i32,
+    drv_path: &str,
+) -> Result<Option<(i32, Option<String>, String)>, ResultsError> {
+    sqlx::query_as(
+        "select status, errorMsg, machine from BuildSteps
+         where build = $1 and drvPath = $2 and busy = 0 and status is not null
+         order by stepnr desc limit 1",
+    )
+    .bind(build)
+    .bind(drv_path)
+    .fetch_optional(conn)
+    .await
+    .map_err(db_err("reading a finished step"))
+}

@@ -13,7 +13,9 @@ use std::path::PathBuf;
 
 use sqlx::{Connection, PgConnection};
 
-use crate::db::results::{self, BuildOutcome, ResultsError, StepPhase, StepResult, StepRow};
+use crate::db::results::{
+    self, BuildOutcome, ResultsError, StepPhase, StepResult, StepRow, StepState,
+};
 use crate::db::{is_transient, notify};
 
 /// A write, ready to be committed (possibly more than once).
@@ -167,10 +169,28 @@ async fn write(conn: &mut PgConnection, commit: &Commit) -> Result<Committed, Co
                 Some(drv) => results::last_failure_of(conn, drv).await?,
                 None => None,
             };
+            // The attempt that really failed, under the head build: the
+            // dependents' rows say what it said (its own status, error and
+            // machine), never the builds' status 2.
+            let source = match (cached_failure, dependent_rows.first()) {
+                (None, Some(row)) => results::finished_step_of(conn, *head, &row.drv_path).await?,
+                _ => None,
+            };
             for row in dependent_rows {
                 let mut row = row.clone();
                 if cached_failure.is_some() {
                     row.propagated_from = propagated_from.filter(|b| *b != row.build);
+                } else if results::finished_step_of(conn, row.build, &row.drv_path)
+                    .await?
+                    .is_some()
+                {
+                    // Already recorded under this build (an unsupported
+                    // step has a row per build): one row, not two.
+                    continue;
+                } else if let Some((status, error_msg, machine)) = &source {
+                    row.state = StepState::Finished(super::status_from_code(*status));
+                    row.error_msg = error_msg.clone();
+                    row.machine = machine.clone();
                 }
                 results::create_step(conn, &row).await?;
             }

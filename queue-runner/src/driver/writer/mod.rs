@@ -422,14 +422,19 @@ impl Writer {
                     outputs: Vec::new(),
                 }),
                 // The step failed under the head build; record it here as
-                // propagated from there.
+                // propagated from there (status, error and machine are
+                // copied from the head's row when committed). A step's
+                // status is never 2: that one is for builds.
                 (Some(drv), false) if id != head.0 => dependent_rows.push(StepRow {
                     build: id,
                     step_type: StepKind::Build,
                     drv_path: drv.clone(),
                     system: String::new(),
                     machine: String::new(),
-                    state: StepState::Finished(status_from_code(finished.status)),
+                    state: StepState::Finished(match status_from_code(finished.status) {
+                        Status::DepFailed => Status::Failed,
+                        other => other,
+                    }),
                     error_msg: None,
                     start_time: Some(stop),
                     stop_time: Some(stop),

@@ -69,6 +69,11 @@ pub struct Settings {
     /// writes before it gives up on them [default: 30]
     #[arg(long, value_name = "SECONDS")]
     pub shutdown_timeout_s: Option<u64>,
+    /// Database writes queued at most; while more wait (the database is
+    /// slow or away), no new step is dispatched and no build loaded
+    /// [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub max_pending_writes: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +119,8 @@ pub struct ServeConfig {
     pub max_output_bytes: u64,
     /// How long a shutdown waits for pending database writes.
     pub shutdown_timeout: Duration,
+    /// Writes queued at most before dispatching pauses.
+    pub max_pending_writes: usize,
 }
 
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50051";
@@ -145,6 +152,7 @@ impl ServeConfig {
             max_log_bytes: file.max_log_bytes.unwrap_or(64 << 20),
             max_output_bytes: file.max_output_bytes.unwrap_or(2 << 30),
             shutdown_timeout: Duration::from_secs(file.shutdown_timeout_s.unwrap_or(30)),
+            max_pending_writes: file.max_pending_writes.unwrap_or(4096).max(1),
         })
     }
 }
@@ -165,6 +173,7 @@ impl Settings {
             max_log_bytes: self.max_log_bytes.or(other.max_log_bytes),
             max_output_bytes: self.max_output_bytes.or(other.max_output_bytes),
             shutdown_timeout_s: self.shutdown_timeout_s.or(other.shutdown_timeout_s),
+            max_pending_writes: self.max_pending_writes.or(other.max_pending_writes),
         }
     }
 }
@@ -264,6 +273,7 @@ mod tests {
         assert_eq!(example.max_log_bytes, defaults.max_log_bytes);
         assert_eq!(example.max_output_bytes, defaults.max_output_bytes);
         assert_eq!(example.shutdown_timeout, defaults.shutdown_timeout);
+        assert_eq!(example.max_pending_writes, defaults.max_pending_writes);
     }
 
     #[test]
@@ -293,6 +303,7 @@ mod tests {
                 "shutdown-timeout-s",
                 d.shutdown_timeout.as_secs().to_string(),
             ),
+            ("max-pending-writes", d.max_pending_writes.to_string()),
         ];
         let command = Settings::augment_args(clap::Command::new("serve"));
         let help = |long: &str| {

@@ -203,6 +203,7 @@ pub async fn run_with(
         max_output_bytes: config.max_output_bytes,
         load_batch: 2000,
         shutdown_timeout: config.shutdown_timeout,
+        max_pending_writes: config.max_pending_writes,
     };
     let db_pool = pool.clone();
     let driver = Driver::new(

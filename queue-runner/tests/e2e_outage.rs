@@ -127,3 +127,62 @@ async fn results_that_finish_while_postgresql_is_down_are_written_when_it_is_bac
     assert_eq!(paths, 2);
     d.stop().await;
 }
+
+const MANY: &str = r#"{
+  b1 = mkDrv { name = "b1"; args = [ "-c" "sleep 1; echo 1 > $out" ]; };
+  b2 = mkDrv { name = "b2"; args = [ "-c" "sleep 1; echo 2 > $out" ]; };
+  b3 = mkDrv { name = "b3"; args = [ "-c" "sleep 1; echo 3 > $out" ]; };
+  b4 = mkDrv { name = "b4"; args = [ "-c" "sleep 1; echo 4 > $out" ]; };
+  b5 = mkDrv { name = "b5"; args = [ "-c" "sleep 1; echo 5 > $out" ]; };
+  b6 = mkDrv { name = "b6"; args = [ "-c" "sleep 1; echo 6 > $out" ]; };
+}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_write_queue_pauses_dispatch_and_loses_nothing() {
+    // Room for one queued write: an outage fills it at once.
+    let mut d = Deployment::start_with(|c| c.max_pending_writes = 1).await;
+    d.add_agent("a1", 2).await;
+    let names = ["b1", "b2", "b3", "b4", "b5", "b6"];
+    let drvs = d.env.instantiate(MANY, &names);
+    let jobs: Vec<(String, String)> = names
+        .iter()
+        .zip(&drvs)
+        .map(|(n, p)| (n.to_string(), p.clone()))
+        .collect();
+    let ids = d.submit(&jobs).await;
+    wait_status(&d, 60, |s| s["nrStepsBuilding"].as_u64() == Some(2)).await;
+
+    d.pg.stop();
+    // The writes back up behind the outage, and dispatching pauses: the
+    // steps already running finish, the rest wait.
+    wait_status(&d, 60, |s| {
+        s["databaseUp"] == false && s["nrPendingWrites"].as_u64() >= Some(2)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during = status(&d).await;
+    assert!(
+        during["nrStepsDone"].as_u64() <= Some(4),
+        "dispatching went on during the outage: {during}"
+    );
+    d.pg.start_again();
+
+    let statuses = d.wait_finished(&ids, 120).await;
+    assert!(statuses.values().all(|s| *s == 0), "{statuses:?}");
+    wait_status(&d, 30, |s| s["nrPendingWrites"].as_u64() == Some(0)).await;
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "select build, count(*) from BuildSteps where build = any($1) and status = 0 group by build",
+    )
+    .bind(&ids)
+    .fetch_all(&d.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    assert!(rows.iter().all(|(_, n)| *n == 1), "{rows:?}");
+    let (busy,): (i64,) = sqlx::query_as("select count(*) from BuildSteps where busy <> 0")
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
+    assert_eq!(busy, 0);
+    d.stop().await;
+}

@@ -63,8 +63,10 @@ impl Driver {
         self.start_load();
     }
 
-    fn start_load(&mut self) {
-        if self.loader.in_flight {
+    pub(super) fn start_load(&mut self) {
+        // Nothing new is loaded while writes are backlogged: a load's
+        // cached builds would only add to them. `drain_backlog` calls again.
+        if self.loader.in_flight || !self.write_backlog.is_empty() {
             return;
         }
         let restarted = std::mem::take(&mut self.loader.want_restarted);

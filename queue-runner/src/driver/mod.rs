@@ -87,6 +87,9 @@ pub struct DriverConfig {
     pub load_batch: i64,
     /// How long [`Driver::run`] waits at shutdown for pending writes.
     pub shutdown_timeout: Duration,
+    /// Writes queued for the writer at most; past that the driver keeps
+    /// the rest in order and dispatches nothing until they drain.
+    pub max_pending_writes: usize,
 }
 
 /// One attempt at a step, from dispatch to its end.
@@ -142,6 +145,12 @@ pub struct Driver {
     store: Store,
     writer: mpsc::Sender<WriteJob>,
     writer_task: tokio::task::JoinHandle<()>,
+    /// Writes that found the writer's queue full, in order: they go before
+    /// any later write. While any wait, dispatches and loads wait too.
+    write_backlog: std::collections::VecDeque<WriteJob>,
+    /// Dispatches the core made while writes were backlogged, started
+    /// once the backlog drains (at most one per free slot).
+    deferred_dispatches: std::collections::VecDeque<(DrvPath, MachineId, BuildId)>,
     attempts_shared: Attempts,
     machines: HashMap<MachineId, Machine>,
     attempts: HashMap<AttemptId, Attempt>,
@@ -191,6 +200,7 @@ impl Driver {
             store.clone(),
             config.data_dir.clone(),
             me.clone(),
+            config.max_pending_writes,
         );
         Driver {
             core: Core::new(config.core.clone()),
@@ -204,6 +214,8 @@ impl Driver {
             store,
             writer,
             writer_task,
+            write_backlog: Default::default(),
+            deferred_dispatches: Default::default(),
             attempts_shared,
             machines: HashMap::new(),
             attempts: HashMap::new(),
@@ -239,10 +251,20 @@ impl Driver {
             let sleep_for = deadline
                 .map(|d| Duration::from_millis(d.0.saturating_sub(self.now().0)))
                 .unwrap_or(Duration::from_secs(3600));
+            let writer = self.writer.clone();
+            let backlogged = !self.write_backlog.is_empty();
             let event = tokio::select! {
                 e = self.events.recv() => e,
                 _ = tokio::time::sleep(sleep_for) => {
                     self.apply(Event::Tick);
+                    self.publish_status();
+                    continue;
+                }
+                permit = writer.reserve(), if backlogged => {
+                    if let (Ok(permit), Some(job)) = (permit, self.write_backlog.pop_front()) {
+                        permit.send(job);
+                    }
+                    self.drain_backlog();
                     self.publish_status();
                     continue;
                 }
@@ -369,6 +391,8 @@ impl Driver {
             Command::CancelStep {
                 drv_path, machine, ..
             } => {
+                self.deferred_dispatches
+                    .retain(|(d, m, _)| !(*d == drv_path && *m == machine));
                 if let Some(id) = self.by_step.remove(&(drv_path, machine)) {
                     if let Some(m) = self.machines.get(&machine) {
                         let _ = m.commands.try_send(ToAgent::Cancel(id));
@@ -399,24 +423,53 @@ impl Driver {
         }
     }
 
-    fn send_write(&self, job: WriteJob) {
-        let writer = self.writer.clone();
-        // The writer's queue is bounded; waiting for room happens in a
-        // task so the driver never blocks, and order is kept by the
-        // channel's FIFO among jobs that are already queued. A job that
-        // cannot be queued at once waits in order behind earlier ones.
-        match writer.try_send(job) {
+    /// Queues a write for the writer, in order. When its queue is full the
+    /// write waits in the driver's backlog (never in a task of its own),
+    /// and so does every later one; dispatching and loading pause until
+    /// the backlog has drained ([`Driver::drain_backlog`]).
+    fn send_write(&mut self, job: WriteJob) {
+        if !self.write_backlog.is_empty() {
+            self.write_backlog.push_back(job);
+            return;
+        }
+        match self.writer.try_send(job) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(job)) => {
-                let w = self.writer.clone();
-                tokio::spawn(async move {
-                    let _ = w.send(job).await;
-                });
+                tracing::warn!(
+                    "the database writer is behind: dispatching pauses until its queue drains"
+                );
+                self.write_backlog.push_back(job);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 tracing::error!("the database writer stopped; results are not being recorded");
             }
         }
+    }
+
+    /// Moves backlogged writes into the writer's queue while it has room;
+    /// once none wait, starts the dispatches and loads that waited.
+    fn drain_backlog(&mut self) {
+        while let Some(job) = self.write_backlog.pop_front() {
+            match self.writer.try_send(job) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(job)) => {
+                    self.write_backlog.push_front(job);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    tracing::error!("the database writer stopped; results are not being recorded");
+                    self.write_backlog.clear();
+                }
+            }
+        }
+        tracing::info!("the database writer caught up: dispatching again");
+        while let Some((drv_path, machine, build)) = self.deferred_dispatches.pop_front() {
+            self.dispatch(drv_path, machine, build);
+            if !self.write_backlog.is_empty() {
+                return;
+            }
+        }
+        self.start_load();
     }
 
     fn on_agent(&mut self, msg: FromAgent) {
@@ -462,6 +515,7 @@ impl Driver {
                     self.end_attempt(id, 3, "the builder disconnected");
                 }
                 self.by_step.retain(|(_, m), _| *m != machine);
+                self.deferred_dispatches.retain(|(_, m, _)| *m != machine);
                 self.apply(Event::MachineDisconnected { machine });
             }
             FromAgent::Heartbeat { machine, load } => {
@@ -622,6 +676,11 @@ impl Driver {
     }
 
     fn dispatch(&mut self, drv_path: DrvPath, machine: MachineId, build: BuildId) {
+        if !self.write_backlog.is_empty() {
+            self.deferred_dispatches
+                .push_back((drv_path, machine, build));
+            return;
+        }
         let id = AttemptId(self.next_attempt);
         self.next_attempt += 1;
         let Some(m) = self.machines.get_mut(&machine) else {
@@ -814,7 +873,8 @@ impl Driver {
                 writer::DatabaseHealth::Up => None,
                 writer::DatabaseHealth::Down { since_unix } => Some(since_unix),
             },
-            pending_writes: self.writer.max_capacity() - self.writer.capacity(),
+            pending_writes: self.writer.max_capacity() - self.writer.capacity()
+                + self.write_backlog.len(),
         };
         let _ = self.status.send(snapshot);
     }

@@ -41,6 +41,12 @@ pub struct Agent {
 
 impl Deployment {
     pub async fn start() -> Deployment {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`Deployment::start`] with the queue runner's settings changed by
+    /// `adjust` first.
+    pub async fn start_with(adjust: impl FnOnce(&mut ServeConfig)) -> Deployment {
         let pg = TestPg::start();
         let env = NixEnv::new();
         let host_daemon = NixDaemon::start();
@@ -60,7 +66,10 @@ impl Deployment {
             max_log_bytes: 1 << 20,
             max_output_bytes: 1 << 30,
             shutdown_timeout: Duration::from_secs(10),
+            max_pending_writes: 4096,
         };
+        let mut config = config;
+        adjust(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let (bound_tx, bound_rx) = oneshot::channel();
         let task = tokio::spawn(service::run_with(

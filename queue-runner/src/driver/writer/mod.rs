@@ -109,8 +109,6 @@ pub struct Writer {
     outage: Option<Instant>,
 }
 
-/// Room for this many queued writes before the driver's sends wait.
-const QUEUE: usize = 4096;
 /// The first and the longest wait between tries of a write.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -132,13 +130,17 @@ impl Writer {
     /// the queue is empty, then the returned handle completes: awaiting it
     /// after dropping the senders flushes the queue. `events` is the
     /// driver's inbox, told when the database goes away and comes back.
+    /// `queue` writes wait in the channel at most; beyond that the driver
+    /// holds them back in order and stops dispatching (see
+    /// `Driver::send_write`).
     pub fn spawn(
         pool: sqlx::PgPool,
         store: Store,
         data_dir: PathBuf,
         events: mpsc::Sender<super::DriverEvent>,
+        queue: usize,
     ) -> (mpsc::Sender<WriteJob>, tokio::task::JoinHandle<()>) {
-        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let (tx, mut rx) = mpsc::channel(queue.max(1));
         let mut writer = Writer {
             pool,
             store,

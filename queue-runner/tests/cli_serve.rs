@@ -256,3 +256,48 @@ fn a_wrong_agent_token_is_logged_with_peer_and_reason_never_the_token() {
         Some(0)
     );
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_and_a_second_signal_exits_at_once() {
+    let dir = data_dir();
+    let _leftovers = StopLeftovers(dir.path().to_path_buf());
+    let tokens = token_file(dir.path(), TOKEN);
+    let mut serve = Proc::spawn(
+        Command::new(QUEUE_RUNNER)
+            .args(["--log-format", "json", "serve", "--data-dir"])
+            .arg(dir.path())
+            .arg("--agent-token-file")
+            .arg(&tokens)
+            .args([
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .env("NIX_CONFIG", sluice_test_support::nix::NIX_CONFIG)
+            .env_remove("DATABASE_URL")
+            .env_remove("RUST_LOG"),
+    );
+    serve.expect_line("queue runner up", UP);
+    for line in serve.output().lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+
+    // Two signals at once: the second does not wait for the first's
+    // orderly shutdown, and still asks the embedded PostgreSQL to stop.
+    serve.signal(Signal::SIGTERM);
+    serve.signal(Signal::SIGTERM);
+    let status = serve.wait_exit(Duration::from_secs(30)).expect("exits");
+    assert!(
+        status.code() == Some(0) || status.code() == Some(128 + 15),
+        "{status:?}: {}",
+        serve.output()
+    );
+    assert!(
+        sluice_test_support::wait_until(Duration::from_secs(30), || postmasters_of(dir.path())
+            .is_empty()),
+        "PostgreSQL left running"
+    );
+}

@@ -1,0 +1,290 @@
+//! Attempts: one dispatch of a step to a machine, from the core's
+//! `Dispatch` through its preparation (row and assignment) to its end
+//! (the agent's result, a cancel, a lost machine, a failed preparation).
+//!
+//! Invariant: an attempt's row is finished exactly once, by `complete`
+//! (the agent's result) or `end_attempt` (the driver gives up); the write
+//! that finishes it is queued before the core hears of its end.
+
+use super::*;
+
+/// One attempt at a step, from dispatch to its end.
+#[derive(Debug, Clone)]
+pub(super) struct Attempt {
+    pub(super) drv_path: DrvPath,
+    pub(super) machine: MachineId,
+    pub(super) build: BuildId,
+    pub(super) machine_name: String,
+    /// `None` until the `BuildSteps` row exists.
+    pub(super) stepnr: Option<i32>,
+    pub(super) started_unix: i64,
+}
+
+impl Driver {
+    pub(super) fn on_finished(
+        &mut self,
+        machine: MachineId,
+        attempt: AttemptId,
+        report: StepReport,
+    ) {
+        let Some(a) = self.attempts.get(&attempt) else {
+            tracing::warn!(%attempt, "result for an unknown attempt");
+            return;
+        };
+        if a.machine != machine {
+            tracing::warn!(%attempt, %machine, "result from a machine that does not run it");
+            return;
+        }
+        // The assignment is sent only once the row exists, so a result
+        // for an attempt without a row is a lie.
+        if a.stepnr.is_none() {
+            tracing::warn!(%attempt, "result for an attempt that was never assigned");
+            return;
+        }
+        self.complete(attempt, report);
+    }
+
+    /// Records the end of an attempt and tells the core.
+    pub(super) fn complete(&mut self, attempt: AttemptId, report: StepReport) {
+        let Some(a) = self.attempts.remove(&attempt) else {
+            return;
+        };
+        let _ = self.attempts_shared.remove(attempt);
+        self.by_step.remove(&(a.drv_path.clone(), a.machine));
+        if let Some(m) = self.machines.get_mut(&a.machine) {
+            m.running = m.running.saturating_sub(1);
+            m.steps_done += 1;
+            let ms = (report.stop_time - report.start_time).max(0) as u64 * 1000;
+            m.build_ms_total += ms;
+        }
+        self.counters.steps_done += 1;
+        let outcome = outcome_of(report.status);
+        if report.status == 0 {
+            self.built_outputs.insert(
+                a.drv_path.clone(),
+                BuiltStep {
+                    outputs: report.outputs.clone(),
+                    start_time: report.start_time,
+                    stop_time: report.stop_time,
+                },
+            );
+        }
+        if let Some(stepnr) = a.stepnr {
+            let failed_paths = if fails_for_good(report.status) {
+                self.closure
+                    .get(&a.drv_path)
+                    .map(|c| c.outputs.values().flatten().cloned().collect())
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            self.send_write(WriteJob::FinishStep {
+                build: a.build,
+                stepnr,
+                drv_path: a.drv_path.as_str().to_string(),
+                machine: a.machine_name.clone(),
+                report,
+                failed_paths,
+            });
+        }
+        let succeeded = outcome == StepOutcome::Success;
+        self.apply(Event::StepFinished {
+            drv_path: a.drv_path.clone(),
+            machine: a.machine,
+            outcome,
+        });
+        if succeeded {
+            // The builds this step finished were recorded by the call
+            // above; only a floating output's path is needed later (by
+            // dependents, to resolve their inputs).
+            let floating = self
+                .closure
+                .get(&a.drv_path)
+                .is_some_and(|c| c.outputs.values().any(Option::is_none));
+            if !floating {
+                self.built_outputs.remove(&a.drv_path);
+            }
+            self.closure.remove(&a.drv_path);
+        }
+    }
+
+    /// Ends an attempt the driver itself gives up on (cancel, disconnect,
+    /// preparation failure), recording `status` with `error`.
+    pub(super) fn end_attempt(&mut self, attempt: AttemptId, status: i32, error: &str) {
+        let Some(a) = self.attempts.remove(&attempt) else {
+            return;
+        };
+        let _ = self.attempts_shared.remove(attempt);
+        if let Some(m) = self.machines.get_mut(&a.machine) {
+            m.running = m.running.saturating_sub(1);
+        }
+        if let Some(stepnr) = a.stepnr {
+            let now = unix_now();
+            self.send_write(WriteJob::FinishStep {
+                build: a.build,
+                stepnr,
+                drv_path: a.drv_path.as_str().to_string(),
+                machine: a.machine_name.clone(),
+                report: StepReport {
+                    status,
+                    error_msg: error.to_string(),
+                    times_built: 0,
+                    is_non_deterministic: false,
+                    start_time: a.started_unix,
+                    stop_time: now,
+                    outputs: Vec::new(),
+                    overhead_ms: 0,
+                },
+                failed_paths: Vec::new(),
+            });
+        }
+    }
+
+    pub(super) fn dispatch(&mut self, drv_path: DrvPath, machine: MachineId, build: BuildId) {
+        if !self.write_backlog.is_empty() {
+            self.deferred_dispatches
+                .push_back((drv_path, machine, build));
+            return;
+        }
+        let id = AttemptId(self.next_attempt);
+        self.next_attempt += 1;
+        let Some(m) = self.machines.get_mut(&machine) else {
+            return;
+        };
+        m.running += 1;
+        let machine_name = m.info.name.clone();
+        let first_for_build = self.started_builds.insert(build);
+        let outputs = self
+            .closure
+            .get(&drv_path)
+            .map(|c| c.outputs.clone())
+            .unwrap_or_default();
+        let system = self
+            .closure
+            .get(&drv_path)
+            .map(|c| c.spec.system.clone())
+            .unwrap_or_default();
+        let started_unix = unix_now();
+        self.attempts.insert(
+            id,
+            Attempt {
+                drv_path: drv_path.clone(),
+                machine,
+                build,
+                machine_name: machine_name.clone(),
+                stepnr: None,
+                started_unix,
+            },
+        );
+        self.by_step.insert((drv_path.clone(), machine), id);
+        let realised = self.realised_inputs(&drv_path);
+        let job = prepare::Preparation {
+            attempt: id,
+            machine,
+            build,
+            drv_path: drv_path.as_str().to_string(),
+            system,
+            machine_name,
+            outputs,
+            first_for_build,
+            started_unix,
+            realised,
+            max_log_bytes: self.config.max_log_bytes,
+            max_output_bytes: self.config.max_output_bytes,
+            timeouts: self
+                .builds
+                .get(&build)
+                .map(|b| (b.max_silent_s, b.timeout_s))
+                .unwrap_or((3600, 36000)),
+        };
+        let writer = self.writer.clone();
+        let store = self.store.clone();
+        let me = self.me.clone();
+        tokio::spawn(prepare::run(job, writer, store, me));
+    }
+
+    /// Output paths built by this run for the input derivations of
+    /// `drv_path`: what a floating content-addressed input resolves to.
+    pub(super) fn realised_inputs(&self, drv_path: &DrvPath) -> HashMap<(String, String), String> {
+        let mut out = HashMap::new();
+        let Some(step) = self.closure.get(drv_path) else {
+            return out;
+        };
+        for input in &step.spec.input_drvs {
+            if let Some(built) = self.built_outputs.get(input) {
+                for (name, path) in &built.outputs {
+                    out.insert((input.as_str().to_string(), name.clone()), path.clone());
+                }
+            }
+        }
+        out
+    }
+
+    pub(super) fn on_prepared(
+        &mut self,
+        attempt: AttemptId,
+        stepnr: i32,
+        assignment: Result<(crate::agents::Assignment, AttemptEntry), String>,
+    ) {
+        let Some(a) = self.attempts.get_mut(&attempt) else {
+            // Cancelled or disconnected meanwhile; its row (if any) was
+            // finished without a step number, so finish it now.
+            if stepnr > 0 {
+                tracing::debug!(%attempt, "prepared after the attempt ended");
+            }
+            return;
+        };
+        if stepnr > 0 {
+            a.stepnr = Some(stepnr);
+        }
+        let machine = a.machine;
+        let started = a.started_unix;
+        let sent = assignment.and_then(|(assignment, entry)| {
+            self.attempts_shared
+                .register(attempt, entry)
+                .map_err(|e| e.to_string())?;
+            let commands = self
+                .machines
+                .get(&machine)
+                .map(|m| m.commands.clone())
+                .ok_or_else(|| "the builder went away".to_string())?;
+            commands
+                .try_send(ToAgent::Assign(assignment))
+                .map_err(|_| "the builder's command queue is full or closed".to_string())
+        });
+        if let Err(error) = sent {
+            let report = StepReport {
+                status: 3,
+                error_msg: error,
+                times_built: 0,
+                is_non_deterministic: false,
+                start_time: started,
+                stop_time: unix_now(),
+                outputs: Vec::new(),
+                overhead_ms: 0,
+            };
+            self.complete(attempt, report);
+        }
+    }
+}
+
+/// Whether a step status is a failure of the build itself, which building
+/// again will not fix: its outputs go into `FailedPaths` (Hydra's rule).
+fn fails_for_good(status: i32) -> bool {
+    matches!(status, 1 | 7 | 10 | 11)
+}
+
+/// A Hydra step status from an agent, as the core's outcome.
+fn outcome_of(status: i32) -> StepOutcome {
+    let failed = |failure, can_retry| StepOutcome::Failed { failure, can_retry };
+    match status {
+        0 => StepOutcome::Success,
+        1 => failed(StepFailure::Failed, false),
+        7 => failed(StepFailure::TimedOut, false),
+        10 => failed(StepFailure::LogLimitExceeded, false),
+        11 => failed(StepFailure::NarSizeLimitExceeded, false),
+        12 => failed(StepFailure::NotDeterministic, false),
+        // 3 and anything unexpected: infrastructure trouble, retried.
+        _ => failed(StepFailure::Aborted, true),
+    }
+}

@@ -1,0 +1,55 @@
+//! Builds the core finished: the write that records them, and forgetting
+//! what nobody needs any more.
+
+use super::*;
+
+impl Driver {
+    pub(super) fn build_finished(&mut self, finished: sluice_core::BuildFinished) {
+        let mut ids = vec![(finished.build, finished.status)];
+        ids.extend(finished.dependents.iter().map(|d| (d.build, d.status)));
+        let mut builds = Vec::new();
+        for (id, status) in ids {
+            let Some(build) = self.builds.remove(&id) else {
+                continue;
+            };
+            self.started_builds.remove(&id);
+            self.recently_finished.insert(id, false);
+            self.counters.builds_done += 1;
+            let top = DrvPath::from(build.drv_path.as_str());
+            let built = self.built_outputs.get(&top);
+            builds.push(writer::FinishedBuild {
+                build: build.clone(),
+                status: status.code(),
+                outputs: built.map(|b| b.outputs.clone()),
+                times: built.map(|b| (b.start_time, b.stop_time)),
+            });
+        }
+        if builds.is_empty() {
+            return;
+        }
+        self.send_write(WriteJob::FinishBuilds {
+            head: finished.build,
+            cached: finished.cached,
+            failed_step: finished.failed_step.map(|d| d.as_str().to_string()),
+            builds,
+            time: unix_now(),
+        });
+        // Forget closure details nobody needs any more.
+        if self.builds.is_empty() {
+            self.prune();
+        }
+    }
+
+    /// Drops what the driver keeps about derivations the core no longer
+    /// holds a step for (steps of failed or cancelled builds), so memory
+    /// follows the queue, not the history.
+    pub(super) fn prune(&mut self) {
+        let core = &self.core;
+        self.closure.retain(|drv, _| core.has_step(drv.as_str()));
+        if self.builds.is_empty() {
+            self.built_outputs.clear();
+        }
+        let live: HashSet<BuildId> = self.builds.keys().copied().collect();
+        self.started_builds.retain(|b| live.contains(b));
+    }
+}

@@ -12,10 +12,10 @@ use std::time::Duration;
 use harness::{http_get, Deployment};
 
 const JOBS: &str = r#"rec {
-  ok1 = mkDrv { name = "ok1"; args = [ "-c" "sleep 2; echo one > $out" ]; };
-  ok2 = mkDrv { name = "ok2"; args = [ "-c" "sleep 2; echo two > $out" ]; };
-  bad = mkDrv { name = "bad"; args = [ "-c" "sleep 2; echo broken; exit 1" ]; };
-  needsBad = mkDrv { name = "needs-bad"; dep = bad; args = [ "-c" "cat $dep > $out" ]; };
+  ok1 = mkDrv { PATH = "/usr/bin:/bin"; name = "ok1"; args = [ "-c" "sleep 2; echo one > $out" ]; };
+  ok2 = mkDrv { PATH = "/usr/bin:/bin"; name = "ok2"; args = [ "-c" "sleep 2; echo two > $out" ]; };
+  bad = mkDrv { PATH = "/usr/bin:/bin"; name = "bad"; args = [ "-c" "sleep 2; echo broken; exit 1" ]; };
+  needsBad = mkDrv { PATH = "/usr/bin:/bin"; name = "needs-bad"; dep = bad; args = [ "-c" "cat $dep > $out" ]; };
 }"#;
 
 /// The `queueRunner` object of `/status`.
@@ -129,12 +129,12 @@ async fn results_that_finish_while_postgresql_is_down_are_written_when_it_is_bac
 }
 
 const MANY: &str = r#"{
-  b1 = mkDrv { name = "b1"; args = [ "-c" "sleep 1; echo 1 > $out" ]; };
-  b2 = mkDrv { name = "b2"; args = [ "-c" "sleep 1; echo 2 > $out" ]; };
-  b3 = mkDrv { name = "b3"; args = [ "-c" "sleep 1; echo 3 > $out" ]; };
-  b4 = mkDrv { name = "b4"; args = [ "-c" "sleep 1; echo 4 > $out" ]; };
-  b5 = mkDrv { name = "b5"; args = [ "-c" "sleep 1; echo 5 > $out" ]; };
-  b6 = mkDrv { name = "b6"; args = [ "-c" "sleep 1; echo 6 > $out" ]; };
+  b1 = mkDrv { PATH = "/usr/bin:/bin"; name = "b1"; args = [ "-c" "sleep 1; echo 1 > $out" ]; };
+  b2 = mkDrv { PATH = "/usr/bin:/bin"; name = "b2"; args = [ "-c" "sleep 1; echo 2 > $out" ]; };
+  b3 = mkDrv { PATH = "/usr/bin:/bin"; name = "b3"; args = [ "-c" "sleep 1; echo 3 > $out" ]; };
+  b4 = mkDrv { PATH = "/usr/bin:/bin"; name = "b4"; args = [ "-c" "sleep 1; echo 4 > $out" ]; };
+  b5 = mkDrv { PATH = "/usr/bin:/bin"; name = "b5"; args = [ "-c" "sleep 1; echo 5 > $out" ]; };
+  b6 = mkDrv { PATH = "/usr/bin:/bin"; name = "b6"; args = [ "-c" "sleep 1; echo 6 > $out" ]; };
 }"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

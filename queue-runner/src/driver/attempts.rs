@@ -44,11 +44,15 @@ impl Driver {
         self.complete(attempt, report);
     }
 
-    /// Records the end of an attempt and tells the core.
-    pub(super) fn complete(&mut self, attempt: AttemptId, report: StepReport) {
+    /// Records the end of an attempt and tells the core. The row's times
+    /// come from our clock (dispatch to now), never the agent's: its clock
+    /// may be wrong, or lie.
+    pub(super) fn complete(&mut self, attempt: AttemptId, mut report: StepReport) {
         let Some(a) = self.attempts.remove(&attempt) else {
             return;
         };
+        report.start_time = a.started_unix;
+        report.stop_time = unix_now().max(a.started_unix);
         let _ = self.attempts_shared.remove(attempt);
         self.by_step.remove(&(a.drv_path.clone(), a.machine));
         if let Some(m) = self.machines.get_mut(&a.machine) {

@@ -1,0 +1,147 @@
+//! Agents that lie or talk nonsense, against the whole queue runner (the
+//! real driver, PostgreSQL and gRPC): a hand-driven client stands in for
+//! the agent, so it can say what no real agent would.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "e2e/harness.rs"]
+mod harness;
+
+use std::time::Duration;
+
+use harness::{http_get, Deployment, TOKEN};
+use sluice_proto::v1 as pb;
+use sluice_proto::v1::queue_runner_client::QueueRunnerClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+#[derive(Clone)]
+struct Bearer(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
+        Ok(r)
+    }
+}
+
+type Raw = QueueRunnerClient<InterceptedService<Channel, Bearer>>;
+
+async fn raw_client(d: &Deployment) -> Raw {
+    let channel = Channel::from_shared(format!("http://{}", d.bound.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer = Bearer(format!("Bearer {TOKEN}").parse().unwrap());
+    QueueRunnerClient::with_interceptor(channel, bearer)
+}
+
+/// Registers for the local system and opens the work stream.
+async fn session(
+    client: &mut Raw,
+) -> (
+    String,
+    tokio::sync::mpsc::Sender<pb::AgentEvent>,
+    tonic::Streaming<pb::RunnerCommand>,
+) {
+    let system = sluice_builder_agent::host::nix_system().await;
+    let session = client
+        .register(pb::RegisterRequest {
+            name: "liar".into(),
+            systems: vec![system],
+            max_jobs: 1,
+            speed_factor: 1.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::AgentEvent {
+        session_id: session.clone(),
+        event: Some(pb::agent_event::Event::Hello(pb::Hello {})),
+    })
+    .await
+    .unwrap();
+    let commands = client
+        .work(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (session, tx, commands)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_times_from_an_agent_are_replaced_by_the_queue_runners_clock() {
+    let d = Deployment::start().await;
+    let mut client = raw_client(&d).await;
+    let (session, _keep, mut commands) = session(&mut client).await;
+    let drvs = d.env.instantiate(
+        r#"{ x = mkDrv { name = "lied-about"; args = [ "-c" "echo hi > $out" ]; }; }"#,
+        &["x"],
+    );
+    let before = sluice_queue_runner::driver::unix_now();
+    let ids = d.submit(&[("x".into(), drvs[0].clone())]).await;
+
+    let assignment = tokio::time::timeout(Duration::from_secs(30), commands.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(pb::runner_command::Command::Assign(assignment)) = assignment.command else {
+        panic!("expected an assignment, got {assignment:?}");
+    };
+    client
+        .report_result(pb::StepResult {
+            session_id: session.clone(),
+            step_id: assignment.step_id.clone(),
+            status: 1,
+            error_msg: "builder failed".into(),
+            start_time: i64::MIN,
+            stop_time: i64::MAX,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let statuses = d.wait_finished(&ids, 30).await;
+    assert_eq!(statuses[&ids[0]], 1);
+    let after = sluice_queue_runner::driver::unix_now();
+    let (start, stop): (i32, i32) =
+        sqlx::query_as("select startTime, stopTime from BuildSteps where build = $1")
+            .bind(ids[0])
+            .fetch_one(&d.pool)
+            .await
+            .unwrap();
+    let (start, stop) = (i64::from(start), i64::from(stop));
+    assert!(
+        before <= start && start <= stop && stop <= after,
+        "{before} <= {start} <= {stop} <= {after}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_grpc_port_leaves_the_queue_runner_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = Deployment::start().await;
+    for garbage in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &[0xffu8; 4096][..],
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x04\x01\xff\xff\xff\xff"[..],
+    ] {
+        let mut s = tokio::net::TcpStream::connect(d.bound.grpc).await.unwrap();
+        let _ = s.write_all(garbage).await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+    }
+    // Still serving agents and the web UI.
+    let mut client = raw_client(&d).await;
+    let (_session, _keep, _commands) = session(&mut client).await;
+    let status = http_get(d.bound.http, "/status").await.unwrap();
+    assert!(status.contains("\"status\":\"up\""), "{status}");
+    d.stop().await;
+}

@@ -11,8 +11,11 @@
 //!
 //! Invariants: each `.drv` is read and parsed at most once per batch, so a
 //! jobset whose builds share dependencies costs the size of the union of
-//! their closures, not the sum; a derivation that cannot be read or parsed
-//! fails only the builds that need it, with a message naming the file.
+//! their closures, not the sum; a derivation that is missing or cannot be
+//! parsed fails only the builds that need it, with a message naming the
+//! file; a transient failure (the store's daemon, an I/O error other than
+//! a missing file) fails no build: the batch says so
+//! ([`BatchClosure::transient`]) and is read again later.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -32,8 +35,6 @@ pub enum IngestError {
     Read { path: String, cause: String },
     #[error("parsing derivation {path}: {cause}")]
     Parse { path: String, cause: String },
-    #[error("querying the store about {path}: {cause}")]
-    Store { path: String, cause: String },
 }
 
 /// One derivation of a closure, with what the driver needs besides the
@@ -53,8 +54,13 @@ pub struct BatchClosure {
     pub drvs: HashMap<String, ClosureDrv>,
     /// Derivations whose outputs are all valid: no step.
     pub valid: HashSet<String>,
-    /// Derivations that could not be read.
+    /// Derivations that are missing or malformed: the builds that need
+    /// them cannot be built.
     pub broken: HashMap<String, IngestError>,
+    /// A failure that says nothing about the derivations (the store did
+    /// not answer, a read failed for another reason than a missing file):
+    /// nothing of this batch may be used; read it again later.
+    pub transient: Option<String>,
 }
 
 impl BatchClosure {
@@ -115,8 +121,12 @@ where
         for (path, result) in reads {
             match result {
                 Ok((sp, drv)) => parsed.push((path, sp, drv)),
-                Err(e) => {
+                Err(ReadFailure::Broken(e)) => {
                     batch.broken.insert(path, e);
+                }
+                Err(ReadFailure::Transient(e)) => {
+                    batch.transient = Some(e);
+                    return batch;
                 }
             }
         }
@@ -152,13 +162,7 @@ where
             match store.query_valid_paths(static_paths.iter(), false).await {
                 Ok(v) => v,
                 Err(e) => {
-                    for (path, _, _) in parsed {
-                        let err = IngestError::Store {
-                            path: path.clone(),
-                            cause: e.to_string(),
-                        };
-                        batch.broken.insert(path, err);
-                    }
+                    batch.transient = Some(format!("querying the store's valid paths: {e}"));
                     return batch;
                 }
             }
@@ -206,30 +210,44 @@ where
     batch
 }
 
+/// Why one `.drv` was not read.
+enum ReadFailure {
+    /// Missing or malformed: the derivation itself is at fault.
+    Broken(IngestError),
+    /// Anything else: try again later.
+    Transient(String),
+}
+
 async fn read_one<F, Fut>(
     store_dir: &StoreDir,
     path: &str,
     read_file: &F,
-) -> Result<(StorePath, Derivation), IngestError>
+) -> Result<(StorePath, Derivation), ReadFailure>
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = std::io::Result<Vec<u8>>>,
 {
-    let sp = store_dir.parse_path(path).map_err(|e| IngestError::Parse {
-        path: path.into(),
-        cause: e.to_string(),
+    let parse_error = |cause: String| {
+        ReadFailure::Broken(IngestError::Parse {
+            path: path.into(),
+            cause,
+        })
+    };
+    let sp = store_dir
+        .parse_path(path)
+        .map_err(|e| parse_error(e.to_string()))?;
+    let text = read_file(path.to_string()).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ReadFailure::Broken(IngestError::Read {
+                path: path.into(),
+                cause: e.to_string(),
+            })
+        } else {
+            ReadFailure::Transient(format!("reading derivation {path}: {e}"))
+        }
     })?;
-    let text = read_file(path.to_string())
-        .await
-        .map_err(|e| IngestError::Read {
-            path: path.into(),
-            cause: e.to_string(),
-        })?;
-    let drv =
-        Derivation::parse_drv_file(store_dir, &sp, &text).map_err(|e| IngestError::Parse {
-            path: path.into(),
-            cause: e.to_string(),
-        })?;
+    let drv = Derivation::parse_drv_file(store_dir, &sp, &text)
+        .map_err(|e| parse_error(e.to_string()))?;
     Ok((sp, drv))
 }
 

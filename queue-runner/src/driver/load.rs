@@ -246,6 +246,10 @@ async fn load(
         })
         .await;
         drop(client);
+        if let Some(error) = batch.closure.transient.take() {
+            // Nothing of this batch is used; the load is retried.
+            return Err(error);
+        }
         mark_known_failures(&pool, &mut batch.closure).await
     }
     .await;

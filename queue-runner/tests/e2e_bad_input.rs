@@ -1,0 +1,95 @@
+//! Builds the queue runner cannot read: a `.drv` that is missing and one
+//! that is not a derivation. Each is aborted (status 3) with a message
+//! naming the file, and the builds beside them in the same load go on.
+//! The real driver, PostgreSQL and Nix store.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "e2e/harness.rs"]
+mod harness;
+
+use harness::Deployment;
+use sluice_queue_runner::db::evaluator::{queue_builds, NewBuild};
+
+fn build(job: &str, drv_path: &str) -> NewBuild {
+    NewBuild {
+        job: job.into(),
+        nix_name: job.into(),
+        drv_path: drv_path.into(),
+        system: "x86_64-linux".into(),
+        outputs: vec![("out".into(), None)],
+    }
+}
+
+/// Removes a file on drop, also when the test fails.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_and_malformed_derivations_abort_only_their_builds_naming_the_file() {
+    let d = Deployment::start().await;
+    let nonce = d.env.nonce().to_string();
+    // Store paths in form, with this run's nonce in the name.
+    let hash = "0123456789abcdfghijklmnpqrsvwxyz";
+    let missing = format!("/nix/store/{hash}-missing-{nonce}.drv");
+    let malformed = format!("/nix/store/{hash}-malformed-{nonce}.drv");
+    std::fs::write(&malformed, b"Derive([(\"out\",garbage").unwrap();
+    let _cleanup = RemoveOnDrop(malformed.clone().into());
+
+    // A good build in the same load: its outputs are valid already.
+    let good = d
+        .env
+        .instantiate(
+            r#"{ x = mkDrv { name = "good"; args = [ "-c" "echo hi > $out" ]; }; }"#,
+            &["x"],
+        )
+        .remove(0);
+    d.env.realise(&good);
+    let good_out = sluice_test_support::nix::run(
+        std::process::Command::new("nix-store")
+            .args(["-q", "--outputs", &good])
+            .env("NIX_CONFIG", sluice_test_support::nix::NIX_CONFIG),
+    );
+    let mut good_build = build("good", &good);
+    good_build.outputs = vec![("out".into(), Some(good_out.trim().to_string()))];
+
+    let ids = queue_builds(
+        &d.pool,
+        "bad",
+        "input",
+        &[
+            build("missing", &missing),
+            build("malformed", &malformed),
+            good_build,
+        ],
+        sluice_queue_runner::driver::unix_now(),
+    )
+    .await
+    .unwrap();
+    sqlx::query("notify builds_added")
+        .execute(&d.pool)
+        .await
+        .unwrap();
+
+    let statuses = d.wait_finished(&ids, 60).await;
+    assert_eq!(statuses[&ids[0]], 3, "missing");
+    assert_eq!(statuses[&ids[1]], 3, "malformed");
+    assert_eq!(statuses[&ids[2]], 0, "the good build beside them");
+    for (id, file) in [(ids[0], &missing), (ids[1], &malformed)] {
+        let (status, error): (Option<i32>, Option<String>) =
+            sqlx::query_as("select status, errorMsg from BuildSteps where build = $1")
+                .bind(id)
+                .fetch_one(&d.pool)
+                .await
+                .unwrap();
+        assert_eq!(status, Some(3));
+        let error = error.unwrap_or_default();
+        assert!(error.contains(file.as_str()), "{error}");
+    }
+    d.stop().await;
+}

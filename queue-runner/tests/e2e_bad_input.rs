@@ -18,6 +18,8 @@ fn build(job: &str, drv_path: &str) -> NewBuild {
         drv_path: drv_path.into(),
         system: "x86_64-linux".into(),
         outputs: vec![("out".into(), None)],
+        max_silent_s: NewBuild::DEFAULT_LIMITS.0,
+        timeout_s: NewBuild::DEFAULT_LIMITS.1,
     }
 }
 

@@ -102,12 +102,11 @@ async fn cancelling_or_deleting_a_build_kills_its_processes_and_spares_the_other
 
     let statuses = d.wait_finished(&ids[2..], 60).await;
     assert_eq!(statuses[&ids[2]], 0, "the other build went on");
-    let (status,): (Option<i32>,) =
-        sqlx::query_as("select buildStatus from Builds where id = $1")
-            .bind(ids[0])
-            .fetch_one(&d.pool)
-            .await
-            .unwrap();
+    let (status,): (Option<i32>,) = sqlx::query_as("select buildStatus from Builds where id = $1")
+        .bind(ids[0])
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
     assert_eq!(status, Some(4), "the cancelled build keeps its status");
     d.stop().await;
 }

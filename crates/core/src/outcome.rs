@@ -354,7 +354,7 @@ impl<O: StepOrder> Core<O> {
 
 /// Every unfinished build that needs `step`, directly or through other
 /// steps, by id.
-fn dependent_builds(step: &Arc<Step>) -> BTreeMap<BuildId, Arc<Build>> {
+pub(crate) fn dependent_builds(step: &Arc<Step>) -> BTreeMap<BuildId, Arc<Build>> {
     let mut builds = BTreeMap::new();
     let mut seen: HashSet<*const Step> = HashSet::from([Arc::as_ptr(step)]);
     let mut pending = vec![step.clone()];

@@ -4,7 +4,7 @@
 //! O(machines + classes); they never walk the step graph.
 
 use crate::order::StepOrder;
-use crate::types::{DrvPath, MachineId, Millis};
+use crate::types::{BuildId, DrvPath, MachineId, Millis};
 use crate::Core;
 
 /// Counters of the whole core. Step counts by phase cover the steps held
@@ -118,6 +118,19 @@ impl<O: StepOrder> Core<O> {
     /// Whether the core holds a live step for `drv_path`.
     pub fn has_step(&self, drv_path: &str) -> bool {
         self.lookup(drv_path).is_some()
+    }
+
+    /// The unfinished builds that need the step of `drv_path` (directly or
+    /// through other steps), by increasing id; empty if there is no such
+    /// step. Costs a walk over the step's dependents.
+    pub fn builds_needing(&self, drv_path: &str) -> Vec<BuildId> {
+        self.lookup(drv_path)
+            .map(|step| {
+                crate::outcome::dependent_builds(&step)
+                    .into_keys()
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Derivations the core holds a step for (a full scan of the index).

@@ -16,6 +16,15 @@ pub struct NewBuild {
     pub system: String,
     /// Output name → statically known path (`None` for floating outputs).
     pub outputs: Vec<(String, Option<String>)>,
+    /// `Builds.maxsilent` and `Builds.timeout`, in seconds: what Hydra's
+    /// evaluator takes from `meta.maxSilent` and `meta.timeout`.
+    pub max_silent_s: i32,
+    pub timeout_s: i32,
+}
+
+impl NewBuild {
+    /// Hydra's defaults for `maxsilent` and `timeout`.
+    pub const DEFAULT_LIMITS: (i32, i32) = (3600, 36000);
 }
 
 /// One build's state, for `--wait`.
@@ -172,7 +181,7 @@ pub async fn queue_builds(
         let id: i32 = sqlx::query_scalar(
             "insert into Builds (finished, timestamp, jobset_id, job, nixName, drvPath, system,
                                  maxsilent, timeout, isCurrent, priority, globalPriority)
-             values (0, $1, $2, $3, $4, $5, $6, 3600, 36000, 1, 100, 0) returning id",
+             values (0, $1, $2, $3, $4, $5, $6, $7, $8, 1, 100, 0) returning id",
         )
         .bind(now as i32)
         .bind(jobset_id)
@@ -180,6 +189,8 @@ pub async fn queue_builds(
         .bind(&build.nix_name)
         .bind(&build.drv_path)
         .bind(&build.system)
+        .bind(build.max_silent_s)
+        .bind(build.timeout_s)
         .fetch_one(&mut *tx)
         .await?;
         for (name, path) in &build.outputs {

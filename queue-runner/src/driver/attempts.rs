@@ -145,7 +145,7 @@ impl Driver {
     }
 
     pub(super) fn dispatch(&mut self, drv_path: DrvPath, machine: MachineId, build: BuildId) {
-        if !self.write_backlog.is_empty() {
+        if self.hold_dispatches || !self.write_backlog.is_empty() {
             self.deferred_dispatches
                 .push_back((drv_path, machine, build));
             return;
@@ -195,16 +195,29 @@ impl Driver {
             realised,
             max_log_bytes: self.config.max_log_bytes,
             max_output_bytes: self.config.max_output_bytes,
-            timeouts: self
-                .builds
-                .get(&build)
-                .map(|b| (b.max_silent_s, b.timeout_s))
-                .unwrap_or((3600, 36000)),
+            timeouts: self.step_limits(&drv_path, build),
         };
         let writer = self.writer.clone();
         let store = self.store.clone();
         let me = self.me.clone();
         tokio::spawn(prepare::run(job, writer, store, me));
+    }
+
+    /// The max silent time and timeout for a step: the largest among the
+    /// builds that need it, so that sharing a step with a build of tighter
+    /// limits never cuts a build short. Hydra's defaults if no build is
+    /// held.
+    fn step_limits(&self, drv_path: &DrvPath, build: BuildId) -> (u32, u32) {
+        let mut needing = self.core.builds_needing(drv_path.as_str());
+        if needing.is_empty() {
+            needing.push(build);
+        }
+        needing
+            .iter()
+            .filter_map(|id| self.builds.get(id))
+            .map(|b| (b.max_silent_s, b.timeout_s))
+            .reduce(|(s1, t1), (s2, t2)| (s1.max(s2), t1.max(t2)))
+            .unwrap_or((3600, 36000))
     }
 
     /// Output paths built by this run for the input derivations of

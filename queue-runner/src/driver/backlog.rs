@@ -45,13 +45,19 @@ impl Driver {
             }
         }
         tracing::info!("the database writer caught up: dispatching again");
+        self.start_deferred_dispatches();
+        self.start_load();
+    }
+
+    /// Starts the dispatches held back, in order, until one finds the
+    /// writes backlogged again.
+    pub(super) fn start_deferred_dispatches(&mut self) {
         while let Some((drv_path, machine, build)) = self.deferred_dispatches.pop_front() {
             self.dispatch(drv_path, machine, build);
             if !self.write_backlog.is_empty() {
                 return;
             }
         }
-        self.start_load();
     }
 
     /// Waits, up to the configured shutdown timeout, for the writer to

@@ -111,6 +111,7 @@ impl Driver {
         if batch.more {
             self.loader.want_new = true;
         }
+        self.hold_dispatches = true;
         for build in batch.builds {
             self.loader.max_id = self.loader.max_id.max(build.id);
             let id = BuildId(build.id);
@@ -149,6 +150,8 @@ impl Driver {
             self.builds.insert(id, Arc::new(build));
             self.apply(Event::BuildQueued { build: spec, steps });
         }
+        self.hold_dispatches = false;
+        self.start_deferred_dispatches();
         self.start_load();
     }
 

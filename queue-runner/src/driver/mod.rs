@@ -141,6 +141,10 @@ pub struct Driver {
     /// Dispatches the core made while writes were backlogged, started
     /// once the backlog drains (at most one per free slot).
     deferred_dispatches: std::collections::VecDeque<(DrvPath, MachineId, BuildId)>,
+    /// While a loaded batch is being queued: its dispatches wait until
+    /// every build of the batch is known, so a step's limits are the
+    /// largest among all the builds that need it.
+    hold_dispatches: bool,
     attempts_shared: Attempts,
     machines: HashMap<MachineId, Machine>,
     attempts: HashMap<AttemptId, Attempt>,
@@ -206,6 +210,7 @@ impl Driver {
             writer_task,
             write_backlog: Default::default(),
             deferred_dispatches: Default::default(),
+            hold_dispatches: false,
             attempts_shared,
             machines: HashMap::new(),
             attempts: HashMap::new(),

@@ -205,6 +205,8 @@ pub async fn queue(
             drv_path: job.drv_path.clone(),
             system: drv.platform,
             outputs: outputs.into_iter().collect(),
+            max_silent_s: NewBuild::DEFAULT_LIMITS.0,
+            timeout_s: NewBuild::DEFAULT_LIMITS.1,
         })
         .collect();
     evaluator::queue_builds(pool, project, jobset, &builds, super::driver::unix_now())

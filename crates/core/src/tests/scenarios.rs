@@ -112,6 +112,29 @@ fn a_build_whose_outputs_are_valid_finishes_cached() {
 }
 
 #[test]
+fn the_builds_needing_a_step_include_those_needing_it_through_others() {
+    let mut sim = Sim::new(DIAMOND, config());
+    sim.run(
+        "
+        queue #1 d
+        queue #2 b
+        queue #3 c
+        ",
+    );
+    let ids = |drv: &str| -> Vec<u64> {
+        sim.core
+            .builds_needing(crate::sim::drv(drv).as_str())
+            .into_iter()
+            .map(|b| b.0 as u64)
+            .collect()
+    };
+    assert_eq!(ids("a"), vec![1, 2, 3]);
+    assert_eq!(ids("b"), vec![1, 2]);
+    assert_eq!(ids("d"), vec![1]);
+    assert!(ids("nothing").is_empty());
+}
+
+#[test]
 fn a_build_needing_a_known_failure_finishes_cached_without_dispatch() {
     let mut sim = Sim::new(DIAMOND, config());
     sim.run(

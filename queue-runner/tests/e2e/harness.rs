@@ -138,6 +138,16 @@ impl Deployment {
         });
     }
 
+    /// Kills agent `name` as a crash would: its task is aborted, so its
+    /// connections drop without a goodbye, and its daemon (with the build
+    /// it runs) is killed.
+    pub fn kill_agent(&mut self, name: &str) {
+        let i = self.agents.iter().position(|a| a.name == name).unwrap();
+        let agent = self.agents.remove(i);
+        agent.task.abort();
+        drop(agent);
+    }
+
     pub fn agent(&self, name: &str) -> &Agent {
         self.agents.iter().find(|a| a.name == name).unwrap()
     }

@@ -1,0 +1,68 @@
+//! Bumping a build from the web UI moves it ahead of the queue: with one
+//! slot busy, the bumped build is the next one built. The real driver,
+//! a real agent, the web UI's own SQL.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "e2e/harness.rs"]
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::Deployment;
+
+const JOBS: &str = r#"{
+  first = mkDrv { name = "first"; PATH = "/usr/bin:/bin"; args = [ "-c" "sleep 3; echo > $out" ]; };
+  second = mkDrv { name = "second"; PATH = "/usr/bin:/bin"; args = [ "-c" "sleep 1; echo > $out" ]; };
+  third = mkDrv { name = "third"; PATH = "/usr/bin:/bin"; args = [ "-c" "sleep 1; echo > $out" ]; };
+}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bumped_build_is_built_next() {
+    let mut d = Deployment::start().await;
+    d.add_agent("only", 1).await;
+    let drvs = d.env.instantiate(JOBS, &["first", "second", "third"]);
+    let jobs: Vec<(String, String)> = ["first", "second", "third"]
+        .iter()
+        .zip(&drvs)
+        .map(|(n, p)| (n.to_string(), p.clone()))
+        .collect();
+    let ids = d.submit(&jobs).await;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let busy: i64 =
+            sqlx::query_scalar("select count(*) from BuildSteps where build = $1 and busy <> 0")
+                .bind(ids[0])
+                .fetch_one(&d.pool)
+                .await
+                .unwrap();
+        if busy == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first build never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Bump the last one, as the web UI does.
+    sqlx::query("update Builds set globalPriority = extract(epoch from now())::int where id = $1")
+        .bind(ids[2])
+        .execute(&d.pool)
+        .await
+        .unwrap();
+
+    d.wait_finished(&ids, 60).await;
+    let starts: Vec<(i32, i32)> = sqlx::query_as(
+        "select build, stepnr from BuildSteps where build = any($1) order by startTime, build",
+    )
+    .bind(&ids)
+    .fetch_all(&d.pool)
+    .await
+    .unwrap();
+    let order: Vec<i32> = starts.iter().map(|(b, _)| *b).collect();
+    assert_eq!(
+        order,
+        vec![ids[0], ids[2], ids[1]],
+        "the bumped build went second"
+    );
+    d.stop().await;
+}

@@ -3,10 +3,12 @@
 //! Nix daemon while streaming its log, upload the outputs, report.
 //!
 //! Invariants: every assignment that is not cancelled gets exactly one
-//! report; a failure of the agent's own machinery (store, transfers,
-//! malformed assignment) is reported as aborted (status 3, may be retried
-//! elsewhere), a failure of the build with the Hydra code for how it
-//! failed. Success is reported only after every output was uploaded.
+//! report, and every report says whose fault a failure is
+//! (`pb::FailureKind`): a failure of the agent's own machinery (store,
+//! transfers, the Nix daemon, Nix's TransientFailure) is aborted (status 3)
+//! and `INFRASTRUCTURE`, to be retried; a failure of the build itself has
+//! the Hydra code for how it failed and is `BUILD`. Success is reported
+//! only after every output was uploaded.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -62,6 +64,16 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// Whose fault a step with Hydra status `status` (from [`hydra_status`]
+/// or the agent's own checks) is: every abort is the machinery's.
+pub(crate) fn failure_kind(status: u32) -> pb::FailureKind {
+    match status {
+        SUCCEEDED => pb::FailureKind::None,
+        ABORTED => pb::FailureKind::Infrastructure,
+        _ => pb::FailureKind::Build,
+    }
+}
+
 /// Hydra's step status for how Nix says a build ended.
 pub(crate) fn hydra_status(status: BuildStatus) -> u32 {
     match status {
@@ -97,7 +109,8 @@ fn result(ctx: &SessionCtx, step: &str, status: u32, error_msg: String) -> pb::S
     }
 }
 
-async fn report(ctx: &SessionCtx, step: &str, result: pb::StepResult) {
+async fn report(ctx: &SessionCtx, step: &str, mut result: pb::StepResult) {
+    result.failure = failure_kind(result.status).into();
     let status = result.status;
     match ctx.client.clone().report_result(result).await {
         Ok(_) => tracing::info!(step, status, "step reported"),
@@ -310,6 +323,22 @@ mod tests {
         assert_eq!(hydra_status(BuildStatus::TransientFailure), 3);
         assert_eq!(hydra_status(BuildStatus::MiscFailure), 3);
         assert_eq!(hydra_status(BuildStatus::Unknown(99)), 3);
+    }
+
+    #[test]
+    fn aborts_are_the_machinerys_fault_and_the_rest_the_builds() {
+        use pb::FailureKind::*;
+        let kind = |s: BuildStatus| failure_kind(hydra_status(s));
+        assert_eq!(kind(BuildStatus::Built), None);
+        assert_eq!(kind(BuildStatus::PermanentFailure), Build);
+        assert_eq!(kind(BuildStatus::TimedOut), Build);
+        assert_eq!(kind(BuildStatus::LogLimitExceeded), Build);
+        assert_eq!(kind(BuildStatus::NotDeterministic), Build);
+        assert_eq!(kind(BuildStatus::TransientFailure), Infrastructure);
+        assert_eq!(kind(BuildStatus::MiscFailure), Infrastructure);
+        // The agent's own checks.
+        assert_eq!(failure_kind(OUTPUT_LIMIT), Build);
+        assert_eq!(failure_kind(ABORTED), Infrastructure);
     }
 
     #[test]

@@ -120,6 +120,30 @@ pub struct Assignment {
 
 /// How an attempt ended, as the agent reported it (and the gRPC layer
 /// checked it).
+/// Whose fault a failed step is, as the agent classifies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Not said (an older agent): only status 3 counts as retryable.
+    Unspecified,
+    /// The step succeeded.
+    None,
+    /// The build's own fault: building it again gives the same result.
+    Build,
+    /// The machinery's fault: it may succeed elsewhere or later.
+    Infrastructure,
+}
+
+impl StepReport {
+    /// Whether the failure may go away when the step is tried again.
+    pub fn is_retryable(&self) -> bool {
+        match self.failure {
+            FailureKind::Infrastructure => true,
+            FailureKind::Build | FailureKind::None => false,
+            FailureKind::Unspecified => self.status == 3,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepReport {
     /// Hydra step status code: 0 succeeded, 1 failed, 3 aborted (retry),
@@ -135,4 +159,6 @@ pub struct StepReport {
     pub outputs: Vec<(String, String)>,
     /// Milliseconds spent copying inputs and outputs.
     pub overhead_ms: u64,
+    /// Whose fault a failure is, as the agent says.
+    pub failure: FailureKind,
 }

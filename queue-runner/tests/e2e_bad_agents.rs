@@ -145,3 +145,95 @@ async fn garbage_on_the_grpc_port_leaves_the_queue_runner_serving() {
     assert!(status.contains("\"status\":\"up\""), "{status}");
     d.stop().await;
 }
+
+/// Waits for the next assignment on `commands`.
+async fn next_assignment(commands: &mut tonic::Streaming<pb::RunnerCommand>) -> pb::Assignment {
+    loop {
+        let command = tokio::time::timeout(Duration::from_secs(30), commands.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(pb::runner_command::Command::Assign(a)) = command.command {
+            return a;
+        }
+    }
+}
+
+async fn fail(client: &mut Raw, session: &str, step: &str, status: u32, kind: pb::FailureKind) {
+    client
+        .report_result(pb::StepResult {
+            session_id: session.to_owned(),
+            step_id: step.to_owned(),
+            status,
+            error_msg: format!("said {status} as {kind:?}"),
+            failure: kind.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_word_decides_whether_a_failure_is_retried() {
+    let d = Deployment::start().await;
+    let mut client = raw_client(&d).await;
+    let (session, _keep, mut commands) = session(&mut client).await;
+    let drvs = d.env.instantiate(
+        r#"{ x = mkDrv { name = "machinery"; args = [ "-c" "echo > $out" ]; };
+             y = mkDrv { name = "broken"; args = [ "-c" "echo > $out" ]; }; }"#,
+        &["x", "y"],
+    );
+    let ids = d.submit(&[("machinery".into(), drvs[0].clone())]).await;
+
+    // Status 1, but the machinery's fault: aborted and tried again.
+    let first = next_assignment(&mut commands).await;
+    fail(
+        &mut client,
+        &session,
+        &first.step_id,
+        1,
+        pb::FailureKind::Infrastructure,
+    )
+    .await;
+    let again = next_assignment(&mut commands).await;
+    assert_eq!(again.drv_path, first.drv_path, "retried");
+    fail(
+        &mut client,
+        &session,
+        &again.step_id,
+        1,
+        pb::FailureKind::Build,
+    )
+    .await;
+    let statuses = d.wait_finished(&ids, 30).await;
+    assert_eq!(statuses[&ids[0]], 1);
+    let rows: Vec<Option<i32>> =
+        sqlx::query_scalar("select status from BuildSteps where build = $1 order by stepnr")
+            .bind(ids[0])
+            .fetch_all(&d.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, vec![Some(3), Some(1)]);
+
+    // Status 3, but the build's own fault: not tried again.
+    let ids = d.submit(&[("broken".into(), drvs[1].clone())]).await;
+    let only = next_assignment(&mut commands).await;
+    fail(
+        &mut client,
+        &session,
+        &only.step_id,
+        3,
+        pb::FailureKind::Build,
+    )
+    .await;
+    let statuses = d.wait_finished(&ids, 30).await;
+    assert_eq!(statuses[&ids[0]], 3);
+    let steps: i64 = sqlx::query_scalar("select count(*) from BuildSteps where build = $1")
+        .bind(ids[0])
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
+    assert_eq!(steps, 1, "no second attempt");
+    d.stop().await;
+}

@@ -62,7 +62,13 @@ impl Driver {
             m.build_ms_total += ms;
         }
         self.counters.steps_done += 1;
-        let outcome = outcome_of(report.status);
+        // A failure the agent blames on the machinery is recorded as an
+        // aborted attempt (3), whatever code came with it, and retried.
+        let retryable = report.status != 0 && report.is_retryable();
+        if retryable {
+            report.status = 3;
+        }
+        let outcome = outcome_of(report.status, retryable);
         if report.status == 0 {
             self.built_outputs.insert(
                 a.drv_path.clone(),
@@ -138,6 +144,7 @@ impl Driver {
                     stop_time: now,
                     outputs: Vec::new(),
                     overhead_ms: 0,
+                    failure: FailureKind::Infrastructure,
                 },
                 failed_paths: Vec::new(),
             });
@@ -279,6 +286,7 @@ impl Driver {
                 stop_time: unix_now(),
                 outputs: Vec::new(),
                 overhead_ms: 0,
+                failure: FailureKind::Infrastructure,
             };
             self.complete(attempt, report);
         }
@@ -292,16 +300,17 @@ fn fails_for_good(status: i32) -> bool {
 }
 
 /// A Hydra step status from an agent, as the core's outcome.
-fn outcome_of(status: i32) -> StepOutcome {
-    let failed = |failure, can_retry| StepOutcome::Failed { failure, can_retry };
-    match status {
-        0 => StepOutcome::Success,
-        1 => failed(StepFailure::Failed, false),
-        7 => failed(StepFailure::TimedOut, false),
-        10 => failed(StepFailure::LogLimitExceeded, false),
-        11 => failed(StepFailure::NarSizeLimitExceeded, false),
-        12 => failed(StepFailure::NotDeterministic, false),
-        // 3 and anything unexpected: infrastructure trouble, retried.
-        _ => failed(StepFailure::Aborted, true),
-    }
+/// `can_retry` is the agent's word (see `StepReport::is_retryable`); the
+/// core decides whether tries remain and how long to wait.
+fn outcome_of(status: i32, can_retry: bool) -> StepOutcome {
+    let failure = match status {
+        0 => return StepOutcome::Success,
+        1 => StepFailure::Failed,
+        7 => StepFailure::TimedOut,
+        10 => StepFailure::LogLimitExceeded,
+        11 => StepFailure::NarSizeLimitExceeded,
+        12 => StepFailure::NotDeterministic,
+        _ => StepFailure::Aborted,
+    };
+    StepOutcome::Failed { failure, can_retry }
 }

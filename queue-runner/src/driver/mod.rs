@@ -39,7 +39,7 @@ use sluice_core::{
 };
 use tokio::sync::{mpsc, watch};
 
-use crate::agents::{AgentInfo, AgentLoad, AttemptId, FromAgent, StepReport, ToAgent};
+use crate::agents::{AgentInfo, AgentLoad, AttemptId, FailureKind, FromAgent, StepReport, ToAgent};
 use crate::db::queue::QueuedBuild;
 use crate::ingest::ClosureDrv;
 use crate::status::{MachineStatus, StatusSnapshot};

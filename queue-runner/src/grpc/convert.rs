@@ -11,7 +11,9 @@ use sluice_nix::store_path::{StoreDir, StorePath};
 use sluice_proto::v1 as pb;
 use thiserror::Error;
 
-use crate::agents::{AgentInfo, AgentLoad, AttemptId, PathSummary, StepReport, ToAgent};
+use crate::agents::{
+    AgentInfo, AgentLoad, AttemptId, FailureKind, PathSummary, StepReport, ToAgent,
+};
 
 /// A message field that does not hold what it must.
 #[derive(Debug, Error)]
@@ -184,6 +186,13 @@ pub(crate) fn step_report(res: &pb::StepResult) -> Result<StepReport, ConvertErr
             .map(|o| (o.name.clone(), o.path.clone()))
             .collect(),
         overhead_ms: res.overhead_ms,
+        failure: match pb::FailureKind::try_from(res.failure) {
+            Ok(pb::FailureKind::None) => FailureKind::None,
+            Ok(pb::FailureKind::Build) => FailureKind::Build,
+            Ok(pb::FailureKind::Infrastructure) => FailureKind::Infrastructure,
+            // Unknown values are from a newer agent: the status decides.
+            Ok(pb::FailureKind::Unspecified) | Err(_) => FailureKind::Unspecified,
+        },
     })
 }
 

@@ -40,7 +40,8 @@ async fn queued_builds_load_once_with_their_outputs_and_jobset() {
 
     let loaded = queue::load_builds_after(&mut conn, 0, 100)
         .await
-        .expect("load");
+        .expect("load")
+        .builds;
     let ids: Vec<i32> = loaded.iter().map(|b| b.id).collect();
     assert_eq!(ids, [a, b]);
     let jobset_id: i32 = sqlx::query_scalar("select id from Jobsets where name = 'j'")
@@ -74,16 +75,19 @@ async fn queued_builds_load_once_with_their_outputs_and_jobset() {
     // Paging by id, and nothing new after the last.
     let first_page = queue::load_builds_after(&mut conn, 0, 1)
         .await
-        .expect("page");
+        .expect("page")
+        .builds;
     assert_eq!(first_page.iter().map(|b| b.id).collect::<Vec<_>>(), [a]);
     assert!(queue::load_builds_after(&mut conn, b, 100)
         .await
         .expect("nothing new")
+        .builds
         .is_empty());
     let c = queue_build(&pool, "c", &[]).await;
     let new = queue::load_builds_after(&mut conn, b, 100)
         .await
-        .expect("new");
+        .expect("new")
+        .builds;
     assert_eq!(new.iter().map(|b| b.id).collect::<Vec<_>>(), [c]);
 
     // A restarted build keeps its lower id: found by the id diff.
@@ -104,12 +108,14 @@ async fn queued_builds_load_once_with_their_outputs_and_jobset() {
     );
     let restarted = queue::load_builds_by_ids(&mut conn, &[done, 999_999])
         .await
-        .expect("by ids");
+        .expect("by ids")
+        .builds;
     assert_eq!(restarted.len(), 1);
     assert_eq!(restarted.first().map(|b| b.job.as_str()), Some("done"));
     assert!(queue::load_builds_by_ids(&mut conn, &[])
         .await
         .expect("none")
+        .builds
         .is_empty());
 }
 

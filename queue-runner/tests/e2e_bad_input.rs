@@ -95,3 +95,61 @@ async fn missing_and_malformed_derivations_abort_only_their_builds_naming_the_fi
     }
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_builds_row_aborts_that_build_alone() {
+    let d = Deployment::start().await;
+    let good = |name: &str| {
+        let drv = d
+            .env
+            .instantiate(
+                &format!(
+                    r#"{{ x = mkDrv {{ name = "{name}"; args = [ "-c" "echo hi > $out" ]; }}; }}"#
+                ),
+                &["x"],
+            )
+            .remove(0);
+        d.env.realise(&drv);
+        drv
+    };
+    let first = good("first-good");
+    let ids = d.submit(&[("first".into(), first.clone())]).await;
+    assert_eq!(d.wait_finished(&ids, 30).await[&ids[0]], 0);
+
+    // A row Hydra's schema would refuse: a NULL priority.
+    sqlx::query("alter table Builds alter column priority drop not null")
+        .execute(&d.pool)
+        .await
+        .unwrap();
+    let bad: i32 = sqlx::query_scalar(
+        "insert into Builds (finished, timestamp, jobset_id, job, nixName, drvPath, system,
+                             maxsilent, timeout, isCurrent, priority, globalPriority)
+         select 0, timestamp, jobset_id, 'undecodable', nixName, drvPath, system,
+                3600, 36000, 1, null, 0 from Builds where id = $1
+         returning id",
+    )
+    .bind(ids[0])
+    .fetch_one(&d.pool)
+    .await
+    .unwrap();
+    sqlx::query("notify builds_added")
+        .execute(&d.pool)
+        .await
+        .unwrap();
+    let statuses = d.wait_finished(&[bad], 30).await;
+    assert_eq!(statuses[&bad], 3);
+    let error: Option<String> =
+        sqlx::query_scalar("select errorMsg from BuildSteps where build = $1")
+            .bind(bad)
+            .fetch_one(&d.pool)
+            .await
+            .unwrap();
+    let error = error.unwrap_or_default();
+    assert!(error.contains("cannot be read"), "{error}");
+
+    // Builds queued after it still load and finish.
+    let second = good("second-good");
+    let later = d.submit(&[("second".into(), second)]).await;
+    assert_eq!(d.wait_finished(&later, 30).await[&later[0]], 0);
+    d.stop().await;
+}

@@ -110,17 +110,55 @@ fn build_from_row(row: &PgRow) -> Result<QueuedBuild, sqlx::Error> {
     })
 }
 
+/// Queued builds as loaded: the rows that decoded, and those that did not.
+#[derive(Debug, Default)]
+pub struct LoadedBuilds {
+    pub builds: Vec<QueuedBuild>,
+    /// A row that cannot be read as a build (a NULL or a value out of
+    /// range where the contract has none): its id, and what the row's
+    /// `drvPath` was if it could be read, with the reason. Such a build is
+    /// aborted; the others load.
+    pub undecodable: Vec<UndecodableBuild>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UndecodableBuild {
+    pub id: i32,
+    pub drv_path: String,
+    pub error: String,
+}
+
 async fn fetch_builds(
     conn: &mut PgConnection,
     query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
     what: String,
-) -> Result<Vec<QueuedBuild>, QueueError> {
+) -> Result<LoadedBuilds, QueueError> {
     let rows = query.fetch_all(&mut *conn).await;
     let rows = rows.map_err(db_err(what.clone()))?;
-    rows.iter()
-        .map(build_from_row)
-        .collect::<Result<_, _>>()
-        .map_err(db_err(what))
+    let mut loaded = LoadedBuilds::default();
+    for row in &rows {
+        match build_from_row(row) {
+            Ok(build) => loaded.builds.push(build),
+            Err(e) => {
+                // The id is the primary key: never NULL.
+                let id: i32 = row.try_get("id").map_err(db_err(what.clone()))?;
+                let drv_path = row
+                    .try_get::<Option<String>, _>("drvpath")
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                loaded.undecodable.push(UndecodableBuild {
+                    id,
+                    drv_path,
+                    error: format!(
+                        "the Builds row cannot be read: {}",
+                        super::describe_sqlx_error(&e)
+                    ),
+                });
+            }
+        }
+    }
+    Ok(loaded)
 }
 
 /// Up to `limit` unfinished builds with an id above `after_id`, by
@@ -130,7 +168,7 @@ pub async fn load_builds_after(
     conn: &mut PgConnection,
     after_id: i32,
     limit: u32,
-) -> Result<Vec<QueuedBuild>, QueueError> {
+) -> Result<LoadedBuilds, QueueError> {
     let sql = format!("{SELECT_BUILDS} where b.finished = 0 and b.id > $1 order by b.id limit $2");
     let query = sqlx::query(&sql).bind(after_id).bind(i64::from(limit));
     fetch_builds(
@@ -146,9 +184,9 @@ pub async fn load_builds_after(
 pub async fn load_builds_by_ids(
     conn: &mut PgConnection,
     ids: &[i32],
-) -> Result<Vec<QueuedBuild>, QueueError> {
+) -> Result<LoadedBuilds, QueueError> {
     if ids.is_empty() {
-        return Ok(Vec::new());
+        return Ok(LoadedBuilds::default());
     }
     let sql = format!("{SELECT_BUILDS} where b.finished = 0 and b.id = any($1) order by b.id");
     let query = sqlx::query(&sql).bind(ids);

@@ -15,13 +15,15 @@ use std::sync::Arc;
 use sluice_core::{BuildId, BuildSpec, DrvPath, Event, JobsetId};
 
 use super::{Driver, DriverEvent};
-use crate::db::queue::QueuedBuild;
+use crate::db::queue::{QueuedBuild, UndecodableBuild};
 use crate::ingest::{self, BatchClosure};
 
 /// What a load found.
 #[derive(Debug)]
 pub struct LoadedBatch {
     pub builds: Vec<QueuedBuild>,
+    /// Rows that could not be read as builds: aborted, each alone.
+    pub undecodable: Vec<UndecodableBuild>,
     pub closure: BatchClosure,
     /// The batch was full: more new builds may be waiting.
     pub more: bool,
@@ -110,6 +112,21 @@ impl Driver {
         }
         if batch.more {
             self.loader.want_new = true;
+        }
+        for bad in batch.undecodable {
+            self.loader.max_id = self.loader.max_id.max(bad.id);
+            let id = BuildId(bad.id);
+            if self.builds.contains_key(&id) || self.recently_finished.contains_key(&id) {
+                continue;
+            }
+            tracing::error!(build = bad.id, error = %bad.error, "aborting a build that cannot be read");
+            self.recently_finished.insert(id, false);
+            self.send_write(super::writer::WriteJob::AbortBuild {
+                build: bad.id,
+                drv_path: bad.drv_path,
+                error: bad.error,
+                time: super::unix_now(),
+            });
         }
         self.hold_dispatches = true;
         for build in batch.builds {
@@ -211,6 +228,7 @@ async fn load(
 ) -> LoadedBatch {
     let mut batch = LoadedBatch {
         builds: Vec::new(),
+        undecodable: Vec::new(),
         closure: BatchClosure::default(),
         more: false,
         error: None,
@@ -229,14 +247,16 @@ async fn load(
                 let mut b = crate::db::queue::load_builds_by_ids(&mut conn, &missing)
                     .await
                     .map_err(|e| e.to_string())?;
-                batch.builds.append(&mut b);
+                batch.builds.append(&mut b.builds);
+                batch.undecodable.append(&mut b.undecodable);
             }
         }
         let mut new = crate::db::queue::load_builds_after(&mut conn, after, limit as u32)
             .await
             .map_err(|e| e.to_string())?;
-        batch.more = new.len() as i64 >= limit;
-        batch.builds.append(&mut new);
+        batch.more = (new.builds.len() + new.undecodable.len()) as i64 >= limit;
+        batch.builds.append(&mut new.builds);
+        batch.undecodable.append(&mut new.undecodable);
         drop(conn);
         if batch.builds.is_empty() {
             return Ok(());

@@ -20,12 +20,13 @@ use crate::store::Store;
 use crate::{db, embedded, grpc, http};
 
 /// The channels the queue runner listens to.
-pub const CHANNELS: [&str; 5] = [
+pub const CHANNELS: [&str; 6] = [
     "builds_added",
     "builds_restarted",
     "builds_cancelled",
     "builds_deleted",
     "builds_bumped",
+    "jobset_shares_changed",
 ];
 
 /// How often the driver compares the queue with what it holds, besides

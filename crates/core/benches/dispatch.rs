@@ -88,13 +88,13 @@ fn index_of(drv_path: &DrvPath) -> usize {
         .unwrap_or_else(|_| unreachable!("bench paths end in a number"))
 }
 
-fn one_step_build(i: usize, rng: &mut Rng) -> Event {
+fn one_step_build(i: usize, jobsets: usize, rng: &mut Rng) -> Event {
     let (system, features) = CLASSES[i % CLASSES.len()];
     let top = drv_path(i);
     Event::BuildQueued {
         build: BuildSpec {
             id: BuildId(i32::try_from(i).unwrap_or(i32::MAX)),
-            jobset: JobsetId(1),
+            jobset: JobsetId(i32::try_from(i % jobsets).unwrap_or(0)),
             global_priority: rng.below(3),
             priority: rng.below(10) - 5,
             timestamp: 0,
@@ -145,15 +145,21 @@ struct Figures {
     bytes_per_queued_step: usize,
 }
 
-fn measure(queued: usize, decisions: usize) -> Figures {
+fn measure(queued: usize, jobsets: usize, decisions: usize) -> Figures {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut core = Core::new(Config::default());
-    let now = Millis::ZERO;
+    let mut now = Millis::ZERO;
+    for jobset in 0..jobsets {
+        let jobset = JobsetId(i32::try_from(jobset).unwrap_or(0));
+        // Shares of 100 to 1,000: ranks differ between jobsets.
+        let shares = 100 + 100 * (u32::try_from(jobset.0).unwrap_or(0) % 10);
+        core.handle(Event::JobsetShares { jobset, shares }, now);
+    }
 
     let bytes_before = LIVE_BYTES.load(Ordering::Relaxed);
     let started = Instant::now();
     for i in 0..queued {
-        let commands = core.handle(one_step_build(i, &mut rng), now);
+        let commands = core.handle(one_step_build(i, jobsets, &mut rng), now);
         assert!(commands.is_empty(), "nothing to dispatch yet");
     }
     let ingest_per_step = started.elapsed() / u32::try_from(queued).unwrap_or(u32::MAX);
@@ -192,6 +198,8 @@ fn measure(queued: usize, decisions: usize) -> Figures {
             machine,
             outcome: StepOutcome::Success,
         };
+        // Steps take time, so the jobsets' share ranks move.
+        now = Millis(now.0 + 7);
         let started = Instant::now();
         let commands = core.handle(event, now);
         samples.push(started.elapsed());
@@ -199,7 +207,7 @@ fn measure(queued: usize, decisions: usize) -> Figures {
         record(commands, &mut running);
         assert_eq!(running.len(), before + 1, "one decision, one dispatch");
         // Keep the queue at `queued` steps, outside the timed region.
-        let commands = core.handle(one_step_build(next_of_class[class], &mut rng), now);
+        let commands = core.handle(one_step_build(next_of_class[class], jobsets, &mut rng), now);
         assert!(commands.is_empty());
         next_of_class[class] += classes;
     }
@@ -266,18 +274,21 @@ fn bytes_per_waiting_step(steps: usize) -> usize {
 }
 
 fn main() {
-    println!("dispatch decision cost (8 machines x 4 slots, 5 classes, queue kept at N):");
     println!(
-        "{:>9}  {:>10}  {:>10}  {:>10}  {:>10}  {:>14}  {:>16}",
-        "queued", "mean", "p50", "p99", "max", "ingest/step", "bytes/queued step"
+        "dispatch decision cost (8 machines x 4 slots, 5 classes, queue kept at N, steps spread over J jobsets with shares):"
+    );
+    println!(
+        "{:>9}  {:>4}  {:>10}  {:>10}  {:>10}  {:>10}  {:>14}  {:>16}",
+        "queued", "J", "mean", "p50", "p99", "max", "ingest/step", "bytes/queued step"
     );
     // Medians: the mean and max include preemption by other processes.
     let mut medians = Vec::new();
-    for queued in [1_000, 10_000, 100_000] {
-        let figures = measure(queued, 20_000);
+    for (queued, jobsets) in [(1_000, 1), (10_000, 1), (100_000, 1), (100_000, 100)] {
+        let figures = measure(queued, jobsets, 20_000);
         println!(
-            "{:>9}  {:>10?}  {:>10?}  {:>10?}  {:>10?}  {:>14?}  {:>16}",
+            "{:>9}  {:>4}  {:>10?}  {:>10?}  {:>10?}  {:>10?}  {:>14?}  {:>16}",
             queued,
+            jobsets,
             figures.mean,
             figures.p50,
             figures.p99,

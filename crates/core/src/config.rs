@@ -18,6 +18,9 @@ pub struct Config {
     /// Each further retry waits this many times longer. Hydra:
     /// `retry_backoff`, 3.
     pub retry_backoff: f64,
+    /// How far back a jobset's build time counts against its scheduling
+    /// shares ([`crate::shares`]). One hour.
+    pub share_window: Duration,
 }
 
 impl Default for Config {
@@ -27,6 +30,7 @@ impl Default for Config {
             max_tries: 5,
             retry_interval: Duration::from_secs(60),
             retry_backoff: 3.0,
+            share_window: Duration::from_secs(3600),
         }
     }
 }

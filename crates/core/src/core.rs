@@ -33,6 +33,7 @@ use crate::graph::{Build, Phase, Step};
 use crate::machine::Machine;
 use crate::order::{HydraOrder, StepOrder};
 use crate::queue::Classes;
+use crate::shares::Shares;
 use crate::types::{BuildId, DrvPath, MachineId, Millis, Status};
 
 /// The scheduling core. `O` decides which runnable step goes first.
@@ -53,6 +54,8 @@ pub struct Core<O: StepOrder = HydraOrder> {
     pub(crate) dirty: Vec<MachineId>,
     pub(crate) last_ticket: u64,
     pub(crate) counts: Counts,
+    /// Jobsets' scheduling shares and recent build time.
+    pub(crate) shares: Shares,
     pub(crate) out: Vec<Command>,
 }
 
@@ -129,6 +132,7 @@ impl<O: StepOrder> Core<O> {
             dirty: Vec::new(),
             last_ticket: 0,
             counts: Counts::default(),
+            shares: Shares::default(),
             out: Vec::new(),
         }
     }
@@ -137,6 +141,7 @@ impl<O: StepOrder> Core<O> {
     /// in order.
     pub fn handle(&mut self, event: Event, now: Millis) -> Vec<Command> {
         self.now = self.now.max(now);
+        self.shares.expire(self.now, self.config.share_window);
         match event {
             Event::BuildQueued { build, steps } => self.queue_build(build, steps),
             Event::BuildCancelled { build } => self.cancel_build(build),
@@ -155,6 +160,7 @@ impl<O: StepOrder> Core<O> {
                 machine,
                 outcome,
             } => self.step_finished(&drv_path, machine, outcome),
+            Event::JobsetShares { jobset, shares } => self.shares.set(jobset, shares),
             Event::Tick => {}
         }
         self.fire_timers();
@@ -227,6 +233,14 @@ impl<O: StepOrder> Core<O> {
         self.fail_unsupported_steps();
     }
 
+    /// Charges the build time of an attempt for `build` that ran since
+    /// `since` to the build's jobset.
+    pub(crate) fn charge(&mut self, build: BuildId, since: Millis) {
+        if let Some(jobset) = self.builds.get(&build).map(|b| b.jobset) {
+            self.shares.charge(jobset, since, self.now);
+        }
+    }
+
     fn step_finished(&mut self, drv_path: &DrvPath, machine_id: MachineId, outcome: StepOutcome) {
         let Some(machine) = self.machines.get_mut(&machine_id) else {
             self.reject(EventError::UnknownMachine(machine_id));
@@ -243,6 +257,7 @@ impl<O: StepOrder> Core<O> {
             StepOutcome::Success => machine.steps_done += 1,
             StepOutcome::Failed { .. } => machine.steps_failed += 1,
         }
+        self.charge(slot.build, slot.since);
         self.mark_dirty(machine_id);
         // A slot whose step was freed is removed at once (see `release`), so
         // this only fails if that invariant is broken; then there is nothing

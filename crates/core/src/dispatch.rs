@@ -18,8 +18,8 @@ use crate::event::MachineSpec;
 use crate::graph::{Phase, Step, StepState};
 use crate::machine::{Machine, Slot};
 use crate::order::{StepOrder, StepView};
-use crate::queue::{Class, ClassId};
-use crate::types::{MachineId, StepFailure};
+use crate::queue::{Class, ClassId, Head};
+use crate::types::{BuildId, JobsetId, MachineId, StepFailure};
 use crate::Core;
 
 /// The order's key for a step in its current state.
@@ -44,17 +44,18 @@ impl<O: StepOrder> Core<O> {
     pub(crate) fn make_runnable(&mut self, step: &Arc<Step>) {
         let ticket = self.next_ticket();
         let now = self.now;
-        let key = {
+        let (key, jobset) = {
             let mut state = step.state.lock();
             debug_assert!(state.deps.is_empty(), "runnable step with unfinished deps");
             self.counts.leave(state.phase);
             state.phase = Phase::Runnable { since: now };
             self.counts.enter(state.phase);
             state.ticket = ticket;
-            key_of(&self.order, self.classes.get(step.class), step, &state)
+            let key = key_of(&self.order, self.classes.get(step.class), step, &state);
+            (key, self.jobset_of(state.priority.lowest_build))
         };
         let class = self.classes.get_mut(step.class);
-        class.push(key, ticket, Arc::downgrade(step));
+        class.push(key, ticket, jobset, Arc::downgrade(step));
         if class.machines.is_empty() {
             let deadline = now.saturating_add(self.config.max_unsupported_time);
             class.unsupported_check = Some(
@@ -74,17 +75,26 @@ impl<O: StepOrder> Core<O> {
     /// wake-up: none that could build the step has a free slot.
     pub(crate) fn requeue(&mut self, step: &Arc<Step>) {
         let ticket = self.next_ticket();
-        let key = {
+        let (key, jobset) = {
             let mut state = step.state.lock();
             if !matches!(state.phase, Phase::Runnable { .. }) {
                 return;
             }
             state.ticket = ticket;
-            key_of(&self.order, self.classes.get(step.class), step, &state)
+            let key = key_of(&self.order, self.classes.get(step.class), step, &state);
+            (key, self.jobset_of(state.priority.lowest_build))
         };
         let class = self.classes.get_mut(step.class);
-        class.push(key, ticket, Arc::downgrade(step));
+        class.push(key, ticket, jobset, Arc::downgrade(step));
         class.mark_stale();
+    }
+
+    /// The jobset a runnable step is queued under: that of the oldest
+    /// build needing it (the build its priority names, always unfinished).
+    fn jobset_of(&self, build: BuildId) -> JobsetId {
+        self.builds
+            .get(&build)
+            .map_or(JobsetId(i32::MAX), |b| b.jobset)
     }
 
     pub(crate) fn mark_dirty(&mut self, id: MachineId) {
@@ -125,18 +135,20 @@ impl<O: StepOrder> Core<O> {
         if !machine.has_free_slot() {
             return false;
         }
-        let mut best: Option<(ClassId, (O::Key, u64))> = None;
+        let mut best: Option<(ClassId, Head<O::Key>)> = None;
+        let shares = &self.shares;
         for &class_id in &machine.classes {
-            if let Some(head) = self.classes.get_mut(class_id).head() {
-                if best.as_ref().is_none_or(|(_, best_head)| head < best_head) {
-                    best = Some((class_id, head.clone()));
+            let class = self.classes.get_mut(class_id);
+            if let Some(head) = class.best_head(|jobset| shares.rank(jobset)) {
+                if best.as_ref().is_none_or(|(_, best)| head.before(best)) {
+                    best = Some((class_id, head));
                 }
             }
         }
-        let Some((class_id, _)) = best else {
+        let Some((class_id, head)) = best else {
             return false;
         };
-        let Some(step) = self.classes.get_mut(class_id).pop_head() else {
+        let Some(step) = self.classes.get_mut(class_id).pop_head(head.jobset) else {
             return false;
         };
         let (build, attempt) = {
@@ -225,6 +237,7 @@ impl<O: StepOrder> Core<O> {
             }
         }
         for slot in machine.running {
+            self.charge(slot.build, slot.since);
             if let Some(step) = slot.step.upgrade() {
                 self.attempt_failed(step, id, slot.build, StepFailure::Aborted, true);
             }

@@ -46,6 +46,9 @@ pub enum Event {
         machine: MachineId,
         outcome: StepOutcome,
     },
+    /// A jobset's scheduling shares (`Jobsets.schedulingShares`), when
+    /// first seen and when `jobset_shares_changed` says they changed.
+    JobsetShares { jobset: JobsetId, shares: u32 },
     /// Time passed. Retries whose backoff ended become runnable; steps that
     /// stayed unsupported for the grace period fail. Every event does this
     /// too; `Tick` is for when nothing else happens (see
@@ -57,7 +60,7 @@ pub enum Event {
 #[derive(Clone, Debug)]
 pub struct BuildSpec {
     pub id: BuildId,
-    /// Not used by the core yet: reserved for jobset scheduling shares.
+    /// Its build time counts against this jobset's scheduling shares.
     pub jobset: JobsetId,
     /// `Builds.globalPriority`.
     pub global_priority: i32,

@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 
 use crate::order::Priority;
 use crate::queue::ClassId;
-use crate::types::{BuildId, DrvPath, MachineId, Millis};
+use crate::types::{BuildId, DrvPath, JobsetId, MachineId, Millis};
 
 /// One derivation to build, shared by every build that needs it.
 pub(crate) struct Step {
@@ -128,15 +128,23 @@ impl Drop for Step {
 /// to it weakly.
 pub(crate) struct Build {
     pub id: BuildId,
+    pub jobset: JobsetId,
     pub local_priority: i32,
     pub top: Arc<Step>,
     global_priority: Mutex<i32>,
 }
 
 impl Build {
-    pub fn new(id: BuildId, global_priority: i32, local_priority: i32, top: Arc<Step>) -> Build {
+    pub fn new(
+        id: BuildId,
+        jobset: JobsetId,
+        global_priority: i32,
+        local_priority: i32,
+        top: Arc<Step>,
+    ) -> Build {
         Build {
             id,
+            jobset,
             local_priority,
             top,
             global_priority: Mutex::new(global_priority),

@@ -67,6 +67,7 @@ impl<O: StepOrder> Core<O> {
         };
         let build = Arc::new(Build::new(
             spec.id,
+            spec.jobset,
             spec.global_priority,
             spec.priority,
             top.clone(),

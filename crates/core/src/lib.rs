@@ -57,6 +57,7 @@ mod machine;
 mod order;
 mod outcome;
 mod queue;
+pub mod shares;
 mod status;
 mod types;
 

@@ -1,11 +1,15 @@
-//! Runnable queues, one per step class (system + required features).
+//! Runnable queues, one per step class (system + required features), each
+//! split by jobset.
 //!
 //! A [`Class`] holds the runnable steps of one (system, required features)
-//! pair ordered by their [`crate::StepOrder`] key, and the connected
-//! machines able to build them. A free slot only looks at the heads of the
-//! queues of the classes its machine can build, so one dispatch decision
-//! costs O(classes of the machine × log queue length), however many steps
-//! are queued.
+//! pair, one queue per jobset ordered by their [`crate::StepOrder`] key,
+//! and the connected machines able to build them. A free slot only looks
+//! at the heads of the queues of the classes its machine can build, so one
+//! dispatch decision costs O(classes of the machine × jobsets with
+//! runnable steps there × log queue length), however many steps are
+//! queued. Among the heads, the highest global priority goes first, then
+//! the jobset that used least of its scheduling shares
+//! ([`crate::shares`]), then the order's key.
 //!
 //! Deletion is lazy: an entry is live only while its step is alive,
 //! `Runnable`, and carries the entry's ticket. Re-keying a step (its
@@ -17,7 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Weak};
 
 use crate::graph::{Phase, Step};
-use crate::types::{MachineId, Millis};
+use crate::types::{JobsetId, MachineId, Millis};
 
 /// Index of a [`Class`] in [`Classes`]; classes are never removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -27,7 +31,10 @@ pub(crate) struct Class<K> {
     pub system: Arc<str>,
     /// Sorted, deduplicated.
     pub features: Box<[Arc<str>]>,
-    queue: BTreeMap<(K, u64), Weak<Step>>,
+    /// Per jobset; a jobset with no entry left has no queue.
+    queues: BTreeMap<JobsetId, BTreeMap<(K, u64), Weak<Step>>>,
+    /// Entries over all the jobsets' queues.
+    len: usize,
     /// Entries known to be stale (an estimate: never more than the truth).
     stale: usize,
     /// Connected machines with at least one slot that can build this class.
@@ -44,6 +51,29 @@ pub(crate) struct Class<K> {
 /// outnumber the live ones.
 const MIN_STALE_FOR_SWEEP: usize = 1024;
 
+/// The most urgent head of a class's queues, as [`Class::best_head`]
+/// found it.
+#[derive(Clone, Debug)]
+pub(crate) struct Head<K> {
+    pub jobset: JobsetId,
+    pub global: i32,
+    pub rank: f64,
+    pub key: (K, u64),
+}
+
+impl<K: Ord> Head<K> {
+    /// Whether `self` goes before `other`: higher global priority, then
+    /// the lower share rank, then the smaller key.
+    pub fn before(&self, other: &Head<K>) -> bool {
+        other
+            .global
+            .cmp(&self.global)
+            .then(self.rank.total_cmp(&other.rank))
+            .then_with(|| self.key.cmp(&other.key))
+            .is_lt()
+    }
+}
+
 /// The step behind a queue entry, if the entry is live.
 pub(crate) fn live_step(ticket: u64, step: &Weak<Step>) -> Option<Arc<Step>> {
     let step = step.upgrade()?;
@@ -59,7 +89,8 @@ impl<K: Ord + Clone> Class<K> {
         Class {
             system,
             features,
-            queue: BTreeMap::new(),
+            queues: BTreeMap::new(),
+            len: 0,
             stale: 0,
             machines: Vec::new(),
             unsupported_since: Some(now),
@@ -67,68 +98,117 @@ impl<K: Ord + Clone> Class<K> {
         }
     }
 
-    pub fn push(&mut self, key: K, ticket: u64, step: Weak<Step>) {
-        self.queue.insert((key, ticket), step);
+    pub fn push(&mut self, key: K, ticket: u64, jobset: JobsetId, step: Weak<Step>) {
+        if self
+            .queues
+            .entry(jobset)
+            .or_default()
+            .insert((key, ticket), step)
+            .is_none()
+        {
+            self.len += 1;
+        }
     }
 
     /// Records that one entry went stale (its step was re-keyed or freed).
     pub fn mark_stale(&mut self) {
         self.stale += 1;
-        if self.stale >= MIN_STALE_FOR_SWEEP && self.stale * 2 > self.queue.len() {
-            self.queue
-                .retain(|(_, ticket), step| live_step(*ticket, step).is_some());
-            self.stale = 0;
+        if self.stale >= MIN_STALE_FOR_SWEEP && self.stale * 2 > self.len {
+            self.retain_live(|_| true);
         }
     }
 
-    /// The key of the first live entry, dropping stale entries before it.
-    pub fn head(&mut self) -> Option<&(K, u64)> {
-        while let Some(entry) = self.queue.first_entry() {
-            if live_step(entry.key().1, entry.get()).is_some() {
-                break;
+    /// Keeps the live entries `keep` selects, drops the rest; returns the
+    /// live ones dropped. Costs a pass over every queue.
+    fn retain_live(&mut self, mut keep: impl FnMut(&Arc<Step>) -> bool) -> Vec<Arc<Step>> {
+        let mut dropped = Vec::new();
+        for queue in self.queues.values_mut() {
+            queue.retain(|(_, ticket), step| match live_step(*ticket, step) {
+                None => false,
+                Some(step) if keep(&step) => true,
+                Some(step) => {
+                    dropped.push(step);
+                    false
+                }
+            });
+        }
+        self.queues.retain(|_, queue| !queue.is_empty());
+        self.len = self.queues.values().map(BTreeMap::len).sum();
+        self.stale = 0;
+        dropped
+    }
+
+    /// The most urgent live head over the jobsets' queues (see [`Head`]),
+    /// dropping stale entries before each head. `rank` gives a jobset's
+    /// share rank.
+    pub fn best_head(&mut self, rank: impl Fn(JobsetId) -> f64) -> Option<Head<K>> {
+        let mut best: Option<Head<K>> = None;
+        let mut emptied = Vec::new();
+        for (&jobset, queue) in self.queues.iter_mut() {
+            let mut global = None;
+            while let Some(entry) = queue.first_entry() {
+                if let Some(step) = live_step(entry.key().1, entry.get()) {
+                    global = Some(step.state.lock().priority.global);
+                    break;
+                }
+                entry.remove();
+                self.len = self.len.saturating_sub(1);
+                self.stale = self.stale.saturating_sub(1);
             }
-            entry.remove();
-            self.stale = self.stale.saturating_sub(1);
+            let (Some(global), Some((key, _))) = (global, queue.first_key_value()) else {
+                emptied.push(jobset);
+                continue;
+            };
+            let head = Head {
+                jobset,
+                global,
+                rank: rank(jobset),
+                key: key.clone(),
+            };
+            if best.as_ref().is_none_or(|b| head.before(b)) {
+                best = Some(head);
+            }
         }
-        self.queue.first_key_value().map(|(key, _)| key)
+        for jobset in emptied {
+            self.queues.remove(&jobset);
+        }
+        best
     }
 
-    /// Removes the first entry; call right after [`Class::head`] returned
-    /// `Some`, when the entry is known live.
-    pub fn pop_head(&mut self) -> Option<Arc<Step>> {
-        self.queue.pop_first().and_then(|(_, step)| step.upgrade())
+    /// Removes the first entry of `jobset`'s queue; call right after
+    /// [`Class::best_head`] named it, when the entry is known live.
+    pub fn pop_head(&mut self, jobset: JobsetId) -> Option<Arc<Step>> {
+        let queue = self.queues.get_mut(&jobset)?;
+        let popped = queue.pop_first();
+        if queue.is_empty() {
+            self.queues.remove(&jobset);
+        }
+        let (_, step) = popped?;
+        self.len = self.len.saturating_sub(1);
+        step.upgrade()
     }
 
     /// Removes and returns the live entries `doomed` selects; drops stale
-    /// entries on the way. Costs a pass over the whole queue.
+    /// entries on the way. Costs a pass over every queue.
     pub fn drain_live_where(
         &mut self,
         mut doomed: impl FnMut(&Arc<Step>) -> bool,
     ) -> Vec<Arc<Step>> {
-        let mut taken = Vec::new();
-        self.queue
-            .retain(|(_, ticket), step| match live_step(*ticket, step) {
-                None => false,
-                Some(step) if doomed(&step) => {
-                    taken.push(step);
-                    false
-                }
-                Some(_) => true,
-            });
-        self.stale = 0;
-        taken
+        self.retain_live(|step| !doomed(step))
     }
 
     /// Entries, including stale ones.
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.len
     }
 
-    /// The live steps in dispatch order (tests only: a full scan).
+    /// The live steps, jobset by jobset, each in key order (tests only: a
+    /// full scan).
     #[cfg(test)]
     pub fn live_steps(&self) -> Vec<Arc<Step>> {
-        self.queue
-            .iter()
+        self.queues
+            .values()
+            .flat_map(|queue| queue.iter())
             .filter_map(|((_, ticket), step)| live_step(*ticket, step))
             .collect()
     }

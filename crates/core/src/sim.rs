@@ -143,6 +143,8 @@ pub(crate) struct Sim<O: StepOrder = crate::HydraOrder> {
     pub cancelled: BTreeSet<BuildId>,
     /// (global, local) priority of each queued build, as the core was told.
     priorities: BTreeMap<BuildId, (i32, i32)>,
+    /// Each queued build's jobset.
+    jobsets: BTreeMap<BuildId, JobsetId>,
     /// Steps waiting out a retry backoff, until when.
     delayed: BTreeMap<String, Millis>,
     /// Whether to check each dispatch against a model of Hydra's order
@@ -175,6 +177,7 @@ impl<O: StepOrder> Sim<O> {
             finished: BTreeMap::new(),
             cancelled: BTreeSet::new(),
             priorities: BTreeMap::new(),
+            jobsets: BTreeMap::new(),
             delayed: BTreeMap::new(),
             check_hydra_order: false,
             trace: Vec::new(),
@@ -208,7 +211,8 @@ impl<O: StepOrder> Sim<O> {
     /// - `disconnect NAME`
     /// - `valid DRV…` (outputs already in the store)
     /// - `failed DRV…` (outputs known to fail: `FailedPaths`)
-    /// - `queue #ID TOP [global=N] [prio=N]`
+    /// - `queue #ID TOP [global=N] [prio=N] [jobset=N]` (jobset 1 by default)
+    /// - `shares JOBSET N`
     /// - `ok DRV` / `fail DRV [STATUS] [retry]` (for the machine building it)
     /// - `report NAME DRV ok` (a result from a machine, believed or not)
     /// - `cancel #ID`, `bump #ID GLOBAL`
@@ -247,7 +251,14 @@ impl<O: StepOrder> Sim<O> {
             ["queue", id, top, ..] => {
                 let global = option("global").map_or(0, |v| v.parse().expect("global"));
                 let prio = option("prio").map_or(0, |v| v.parse().expect("prio"));
-                self.queue(build(id), top, global, prio);
+                let jobset = option("jobset").map_or(1, |v| v.parse().expect("jobset"));
+                self.queue_in(build(id), top, global, prio, JobsetId(jobset));
+            }
+            ["shares", jobset, n] => {
+                self.handle(Event::JobsetShares {
+                    jobset: JobsetId(jobset.parse().expect("a jobset id")),
+                    shares: n.parse().expect("a number of shares"),
+                });
             }
             ["ok", drv] => self.finish(drv, StepOutcome::Success),
             ["fail", drv, rest @ ..] => {
@@ -330,13 +341,25 @@ impl<O: StepOrder> Sim<O> {
     }
 
     pub fn queue(&mut self, id: BuildId, top: &str, global_priority: i32, priority: i32) {
+        self.queue_in(id, top, global_priority, priority, JobsetId(1));
+    }
+
+    pub fn queue_in(
+        &mut self,
+        id: BuildId,
+        top: &str,
+        global_priority: i32,
+        priority: i32,
+        jobset: JobsetId,
+    ) {
         let steps = self.dag.step_specs(top, &self.valid, &self.known_failed);
         self.queued.insert(id, top.to_string());
         self.priorities.insert(id, (global_priority, priority));
+        self.jobsets.insert(id, jobset);
         self.handle(Event::BuildQueued {
             build: BuildSpec {
                 id,
-                jobset: JobsetId(1),
+                jobset,
                 global_priority,
                 priority,
                 timestamp: 0,
@@ -487,7 +510,9 @@ impl<O: StepOrder> Sim<O> {
     }
 
     /// Hydra's order, modelled independently of the core: no step the
-    /// machine could have taken instead was more urgent than `step`.
+    /// machine could have taken instead had a higher global priority, nor
+    /// was more urgent and of the same jobset (across jobsets of equal
+    /// global priority the scheduling shares decide).
     fn check_hydra_order(&self, step: &str, machine_name: &str) {
         // Per needed step: (highest global, highest local, oldest build).
         let mut keys: BTreeMap<String, (i32, i32, i32)> = BTreeMap::new();
@@ -503,6 +528,7 @@ impl<O: StepOrder> Sim<O> {
         let Some(&chosen) = keys.get(step) else {
             panic!("{step} dispatched but no queued build needs it")
         };
+        let jobset = |key: (i32, i32, i32)| self.jobsets.get(&BuildId(key.2)).copied();
         let machine = &self.machines[machine_name].spec;
         for (other, &key) in &keys {
             let node = &self.dag.nodes[other];
@@ -515,9 +541,15 @@ impl<O: StepOrder> Sim<O> {
                     .is_none_or(|until| *until <= self.now);
             if runnable && Self::can_build(machine, node) {
                 assert!(
-                    urgency(key) >= urgency(chosen),
-                    "{step} {chosen:?} sent to {machine_name} before more urgent {other} {key:?}"
+                    key.0 <= chosen.0,
+                    "{step} {chosen:?} sent to {machine_name} before {other} {key:?} of a higher global priority"
                 );
+                if key.0 == chosen.0 && jobset(key) == jobset(chosen) {
+                    assert!(
+                        urgency(key) >= urgency(chosen),
+                        "{step} {chosen:?} sent to {machine_name} before more urgent {other} {key:?}"
+                    );
+                }
             }
         }
     }

@@ -164,12 +164,44 @@ impl Driver {
                 timestamp: build.timestamp,
                 top_drv: DrvPath::from(build.drv_path.as_str()),
             };
+            self.set_jobset_shares(build.jobset_id, build.scheduling_shares);
             self.builds.insert(id, Arc::new(build));
             self.apply(Event::BuildQueued { build: spec, steps });
         }
         self.hold_dispatches = false;
         self.start_deferred_dispatches();
         self.start_load();
+    }
+
+    /// Tells the core a jobset's scheduling shares, if they are news.
+    pub(super) fn set_jobset_shares(&mut self, jobset: i32, shares: u32) {
+        if self.jobset_shares.insert(jobset, shares) != Some(shares) {
+            self.apply(Event::JobsetShares {
+                jobset: JobsetId(jobset),
+                shares,
+            });
+        }
+    }
+
+    /// Reads every jobset's shares again, in the background.
+    pub(super) fn reload_jobset_shares(&mut self) {
+        let pool = self.pool.clone();
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            match crate::db::held::jobset_shares(&pool).await {
+                Ok(rows) => {
+                    let shares = rows
+                        .into_iter()
+                        .map(|(id, n)| (id, u32::try_from(n).unwrap_or(1).max(1)))
+                        .collect();
+                    let _ = me.send(DriverEvent::JobsetShares(shares)).await;
+                }
+                Err(e) => tracing::error!(
+                    error = %crate::db::describe_sqlx_error(&e),
+                    "reading the jobsets' scheduling shares failed"
+                ),
+            }
+        });
     }
 
     /// Asks the database which held builds finished (cancelled, deleted) or,

@@ -75,6 +75,8 @@ pub enum DriverEvent {
     /// The writer is done with these finished builds' rows (committed, or
     /// refused for good).
     BuildsWritten(Vec<BuildId>),
+    /// Every jobset's scheduling shares, read after `jobset_shares_changed`.
+    JobsetShares(Vec<(i32, u32)>),
     Shutdown,
 }
 
@@ -165,6 +167,8 @@ pub struct Driver {
     counters: Counters,
     /// As the writer last reported it.
     database: writer::DatabaseHealth,
+    /// The scheduling shares the core was told, per jobset id.
+    jobset_shares: HashMap<i32, u32>,
     status: watch::Sender<StatusSnapshot>,
 }
 
@@ -223,6 +227,7 @@ impl Driver {
             next_attempt: 1,
             counters: Counters::default(),
             database: writer::DatabaseHealth::Up,
+            jobset_shares: HashMap::new(),
             status,
         }
     }
@@ -314,6 +319,11 @@ impl Driver {
                 self.check_held_builds(true);
             }
             DriverEvent::Database(health) => self.database = health,
+            DriverEvent::JobsetShares(shares) => {
+                for (jobset, shares) in shares {
+                    self.set_jobset_shares(jobset, shares);
+                }
+            }
             DriverEvent::BuildsWritten(ids) => {
                 for id in ids {
                     if let Some(written) = self.recently_finished.get_mut(&id) {
@@ -332,8 +342,7 @@ impl Driver {
             "builds_restarted" => self.load_restarted(),
             "builds_cancelled" | "builds_deleted" => self.check_held_builds(false),
             "builds_bumped" => self.check_held_builds(true),
-            // Scheduling shares are not used by the core yet.
-            "jobset_shares_changed" => {}
+            "jobset_shares_changed" => self.reload_jobset_shares(),
             other => tracing::debug!(channel = other, "ignoring notification"),
         }
     }

@@ -129,6 +129,7 @@ fn config() -> impl Strategy<Value = Config> {
         max_tries,
         retry_interval: Duration::from_secs(retry),
         retry_backoff: 2.0,
+        share_window: std::time::Duration::from_secs(3600),
     })
 }
 

@@ -12,6 +12,7 @@ fn config() -> Config {
         max_tries: 3,
         retry_interval: Duration::from_secs(60),
         retry_backoff: 2.0,
+        share_window: std::time::Duration::from_secs(3600),
     }
 }
 
@@ -655,4 +656,92 @@ fn a_disconnect_that_exhausts_the_tries_finishes_the_build_without_cancelling_on
         ",
     );
     assert_eq!(sim.core.step_count(), 0);
+}
+
+const TWO_JOBSETS: &str = "
+    a1: x86_64-linux
+    a2: x86_64-linux
+    a3: x86_64-linux
+    b1: x86_64-linux
+    b2: x86_64-linux
+    b3: x86_64-linux
+";
+
+#[test]
+fn jobsets_with_equal_shares_take_turns_on_one_machine() {
+    let mut sim = Sim::new(TWO_JOBSETS, config());
+    sim.run(
+        "
+        queue #1 a1 jobset=1
+        queue #2 a2 jobset=1
+        queue #3 a3 jobset=1
+        queue #4 b1 jobset=2
+        queue #5 b2 jobset=2
+        queue #6 b3 jobset=2
+        connect m1 x86_64-linux
+        > dispatch a1 -> m1 for #1
+        advance 10
+        ok a1
+        > finished #1 succeeded
+        > dispatch b1 -> m1 for #4
+        advance 10
+        ok b1
+        > finished #4 succeeded
+        > dispatch a2 -> m1 for #2
+        advance 10
+        ok a2
+        > finished #2 succeeded
+        > dispatch b2 -> m1 for #5
+        ",
+    );
+}
+
+#[test]
+fn global_priority_still_beats_shares() {
+    let mut sim = Sim::new(TWO_JOBSETS, config());
+    sim.run(
+        "
+        queue #1 a1 jobset=1
+        queue #2 a2 jobset=1
+        queue #4 b1 jobset=2
+        connect m1 x86_64-linux
+        > dispatch a1 -> m1 for #1
+        bump #2 5
+        advance 10
+        ok a1
+        > finished #1 succeeded
+        > dispatch a2 -> m1 for #2
+        ",
+    );
+}
+
+#[test]
+fn build_time_follows_the_shares() {
+    let mut dag = String::new();
+    for i in 0..40 {
+        dag += &format!("a{i}: x86_64-linux\nb{i}: x86_64-linux\n");
+    }
+    let mut sim = Sim::new(&dag, config());
+    sim.act("shares 1 300");
+    sim.act("shares 2 100");
+    for i in 0..40 {
+        sim.act(&format!("queue #{} a{i} jobset=1", 2 * i + 1));
+        sim.act(&format!("queue #{} b{i} jobset=2", 2 * i + 2));
+    }
+    sim.act("connect m1 x86_64-linux");
+    let mut built = (0, 0);
+    for _ in 0..40 {
+        let running: Vec<String> = sim.running.keys().cloned().collect();
+        let [step] = running.as_slice() else {
+            panic!("one step at a time: {running:?}");
+        };
+        if step.starts_with('a') {
+            built.0 += 1;
+        } else {
+            built.1 += 1;
+        }
+        sim.act("advance 10");
+        sim.act(&format!("ok {step}"));
+    }
+    assert_eq!(built, (30, 10), "300:100 shares give 3:1 of the time");
 }

@@ -128,27 +128,37 @@ impl Driver {
         if let Some(m) = self.machines.get_mut(&a.machine) {
             m.running = m.running.saturating_sub(1);
         }
-        if let Some(stepnr) = a.stepnr {
-            let now = unix_now();
-            self.send_write(WriteJob::FinishStep {
-                build: a.build,
-                stepnr,
-                drv_path: a.drv_path.as_str().to_string(),
-                machine: a.machine_name.clone(),
-                report: StepReport {
-                    status,
-                    error_msg: error.to_string(),
-                    times_built: 0,
-                    is_non_deterministic: false,
-                    start_time: a.started_unix,
-                    stop_time: now,
-                    outputs: Vec::new(),
-                    overhead_ms: 0,
-                    failure: FailureKind::Infrastructure,
-                },
-                failed_paths: Vec::new(),
-            });
+        match a.stepnr {
+            Some(stepnr) => self.finish_row(&a, stepnr, status, error),
+            // Its row is still being created: finished when its number
+            // arrives (`on_prepared`), so it never stays busy.
+            None => {
+                self.ended_before_row
+                    .insert(attempt, (a, status, error.to_string()));
+            }
         }
+    }
+
+    /// Finishes the row of an attempt the driver gave up on.
+    fn finish_row(&mut self, a: &Attempt, stepnr: i32, status: i32, error: &str) {
+        self.send_write(WriteJob::FinishStep {
+            build: a.build,
+            stepnr,
+            drv_path: a.drv_path.as_str().to_string(),
+            machine: a.machine_name.clone(),
+            report: StepReport {
+                status,
+                error_msg: error.to_string(),
+                times_built: 0,
+                is_non_deterministic: false,
+                start_time: a.started_unix,
+                stop_time: unix_now().max(a.started_unix),
+                outputs: Vec::new(),
+                overhead_ms: 0,
+                failure: FailureKind::Infrastructure,
+            },
+            failed_paths: Vec::new(),
+        });
     }
 
     pub(super) fn dispatch(&mut self, drv_path: DrvPath, machine: MachineId, build: BuildId) {
@@ -251,10 +261,12 @@ impl Driver {
         assignment: Result<(crate::agents::Assignment, AttemptEntry), String>,
     ) {
         let Some(a) = self.attempts.get_mut(&attempt) else {
-            // Cancelled or disconnected meanwhile; its row (if any) was
-            // finished without a step number, so finish it now.
-            if stepnr > 0 {
-                tracing::debug!(%attempt, "prepared after the attempt ended");
+            // Cancelled or disconnected while its row was being created:
+            // finish the row now, with why the attempt ended.
+            if let Some((a, status, error)) = self.ended_before_row.remove(&attempt) {
+                if stepnr > 0 {
+                    self.finish_row(&a, stepnr, status, &error);
+                }
             }
             return;
         };

@@ -151,6 +151,9 @@ pub struct Driver {
     machines: HashMap<MachineId, Machine>,
     attempts: HashMap<AttemptId, Attempt>,
     by_step: HashMap<(DrvPath, MachineId), AttemptId>,
+    /// Attempts that ended before their row had a number, with the status
+    /// and reason to finish it with once it has.
+    ended_before_row: HashMap<AttemptId, (Attempt, i32, String)>,
     builds: HashMap<BuildId, Arc<QueuedBuild>>,
     closure: HashMap<DrvPath, ClosureDrv>,
     /// Output paths and times of steps that succeeded, for the builds they
@@ -219,6 +222,7 @@ impl Driver {
             machines: HashMap::new(),
             attempts: HashMap::new(),
             by_step: HashMap::new(),
+            ended_before_row: HashMap::new(),
             builds: HashMap::new(),
             closure: HashMap::new(),
             built_outputs: HashMap::new(),

@@ -237,3 +237,46 @@ async fn the_agents_word_decides_whether_a_failure_is_retried() {
     assert_eq!(steps, 1, "no second attempt");
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_log_that_is_not_utf8_is_cut_at_the_limit() {
+    // The harness's log limit is 1 MiB.
+    let d = Deployment::start().await;
+    let mut client = raw_client(&d).await;
+    let (session, _keep, mut commands) = session(&mut client).await;
+    let drvs = d.env.instantiate(
+        r#"{ x = mkDrv { name = "noisy"; args = [ "-c" "echo > $out" ]; }; }"#,
+        &["x"],
+    );
+    let ids = d.submit(&[("noisy".into(), drvs[0].clone())]).await;
+    let assignment = next_assignment(&mut commands).await;
+
+    // 4 MiB of bytes that are no UTF-8 at all, in 64 KiB chunks.
+    let chunk: Vec<u8> = (0..65_536u32).map(|i| 0x80 | (i % 0x7f) as u8).collect();
+    let chunks: Vec<pb::LogChunk> = (0..64)
+        .map(|_| pb::LogChunk {
+            session_id: session.clone(),
+            step_id: assignment.step_id.clone(),
+            data: chunk.clone(),
+        })
+        .collect();
+    client.stream_log(tokio_stream::iter(chunks)).await.unwrap();
+    fail(
+        &mut client,
+        &session,
+        &assignment.step_id,
+        10,
+        pb::FailureKind::Build,
+    )
+    .await;
+
+    let statuses = d.wait_finished(&ids, 30).await;
+    assert_eq!(statuses[&ids[0]], 10);
+    let log = sluice_queue_runner::logs::log_path(d.data_dir.path(), &drvs[0]).unwrap();
+    let size = std::fs::metadata(&log).unwrap().len();
+    assert!(size > 0 && size <= 1 << 20, "log of {size} bytes");
+    // Still serving.
+    let status = http_get(d.bound.http, "/status").await.unwrap();
+    assert!(status.contains("\"status\":\"up\""), "{status}");
+    d.stop().await;
+}

@@ -59,5 +59,19 @@ async fn a_step_on_an_agent_that_dies_is_retried_on_another_and_succeeds() {
         vec![(3, "first".to_string()), (0, "second".to_string())],
         "the lost attempt aborted, the retry on the other agent succeeded"
     );
+    // The output is in the queue runner's store, derived from the
+    // derivation that was queued (not the agent's basic derivation).
+    let out: String =
+        sqlx::query_scalar("select path from BuildOutputs where build = $1 and name = 'out'")
+            .bind(ids[0])
+            .fetch_one(&d.pool)
+            .await
+            .unwrap();
+    let deriver = sluice_test_support::nix::run(
+        std::process::Command::new("nix-store")
+            .args(["--query", "--deriver", &out])
+            .env("NIX_CONFIG", sluice_test_support::nix::NIX_CONFIG),
+    );
+    assert_eq!(deriver.trim(), drvs[0].trim());
     d.stop().await;
 }

@@ -7,7 +7,9 @@
 //! arrives, while its size and SHA-256 are counted.
 //!
 //! Invariants: the header is checked against the attempt before a byte is
-//! read (owner, output name, path, references, size limit). The daemon
+//! read (owner, output name, path, content address, references, size
+//! limit), and the deriver recorded is the attempt's derivation, never the
+//! agent's word. The daemon
 //! never receives more bytes than declared, and the last chunk is held
 //! back until the agent has finished sending and the count and hash match
 //! the header: a NAR that differs is never complete in the daemon's eyes,
@@ -95,11 +97,15 @@ pub(crate) async fn receive(
         .info
         .as_ref()
         .ok_or_else(|| Status::invalid_argument("the upload header has no path info"))?;
-    let info = convert::path_info_from_wire(wire_info)?;
+    let mut info = convert::path_info_from_wire(wire_info)?;
     let output = header.output_name;
-    shared
-        .attempts
-        .with_owned(attempt, session.machine, |e| e.check_upload(&output, &info))??;
+    let deriver = shared.attempts.with_owned(attempt, session.machine, |e| {
+        e.check_upload(&output, &info)
+            .map(|()| e.drv_path().clone())
+    })??;
+    // The output's deriver is the attempt's derivation, whatever the
+    // agent's store recorded (it built a basic derivation of its own).
+    info.deriver = Some(deriver);
 
     let mut client = shared.store.client().await.map_err(UploadError::from)?;
     let (tx, rx) = mpsc::channel(UPLOAD_BUFFER);

@@ -33,18 +33,11 @@ fn free_port() -> u16 {
 }
 
 fn serve_on(data_dir: &std::path::Path, tokens: &std::path::Path, port: u16) -> Proc {
-    Proc::spawn(
-        Command::new(QUEUE_RUNNER)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--agent-token-file")
-            .arg(tokens)
-            .args(["--grpc-listen", &format!("127.0.0.1:{port}")])
-            .args(["--http-listen", "127.0.0.1:0", "--retry-interval-s", "1"])
-            .env("NIX_CONFIG", NIX_CONFIG)
-            .env_remove("DATABASE_URL")
-            .env_remove("RUST_LOG"),
+    let listen = format!("127.0.0.1:{port}");
+    serve_with(
+        data_dir,
+        tokens,
+        &["--grpc-listen", &listen, "--retry-interval-s", "1"],
     )
 }
 

@@ -262,21 +262,11 @@ fn json_logs_are_one_object_per_line_and_a_second_signal_exits_at_once() {
     let dir = data_dir();
     let _leftovers = StopLeftovers(dir.path().to_path_buf());
     let tokens = token_file(dir.path(), TOKEN);
-    let mut serve = Proc::spawn(
-        Command::new(QUEUE_RUNNER)
-            .args(["--log-format", "json", "serve", "--data-dir"])
-            .arg(dir.path())
-            .arg("--agent-token-file")
-            .arg(&tokens)
-            .args([
-                "--grpc-listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
-            .env("NIX_CONFIG", sluice_test_support::nix::NIX_CONFIG)
-            .env_remove("DATABASE_URL")
-            .env_remove("RUST_LOG"),
+    // The global flag after the subcommand, as users write it.
+    let mut serve = serve_with(
+        dir.path(),
+        &tokens,
+        &["--grpc-listen", "127.0.0.1:0", "--log-format", "json"],
     );
     serve.expect_line("queue runner up", UP);
     for line in serve.output().lines() {

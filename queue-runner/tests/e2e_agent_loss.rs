@@ -21,22 +21,7 @@ async fn a_step_on_an_agent_that_dies_is_retried_on_another_and_succeeds() {
     );
     let ids = d.submit(&[("survivor".into(), drvs[0].clone())]).await;
 
-    // Building on the first agent.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let busy: i64 = sqlx::query_scalar(
-            "select count(*) from BuildSteps where build = $1 and busy >= 30 and machine = 'first'",
-        )
-        .bind(ids[0])
-        .fetch_one(&d.pool)
-        .await
-        .unwrap();
-        if busy == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never built on the first agent");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_eq!(d.wait_building(ids[0]).await, "first");
     d.add_agent("second", 1).await;
     let killed = Instant::now();
     d.kill_agent("first");

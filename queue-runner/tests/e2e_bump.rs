@@ -7,8 +7,6 @@
 #[path = "e2e/harness.rs"]
 mod harness;
 
-use std::time::{Duration, Instant};
-
 use harness::Deployment;
 
 const JOBS: &str = r#"{
@@ -29,20 +27,7 @@ async fn a_bumped_build_is_built_next() {
         .collect();
     let ids = d.submit(&jobs).await;
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let busy: i64 =
-            sqlx::query_scalar("select count(*) from BuildSteps where build = $1 and busy <> 0")
-                .bind(ids[0])
-                .fetch_one(&d.pool)
-                .await
-                .unwrap();
-        if busy == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the first build never started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    d.wait_building(ids[0]).await;
     // Bump the last one, as the web UI does.
     sqlx::query("update Builds set globalPriority = extract(epoch from now())::int where id = $1")
         .bind(ids[2])

@@ -189,6 +189,12 @@ pub fn token_file(dir: &Path, token: &str) -> PathBuf {
 /// `queue-runner serve` on the embedded database under `data_dir`, on
 /// ports the kernel picks.
 pub fn serve(data_dir: &Path, token_file: &Path) -> Proc {
+    serve_with(data_dir, token_file, &["--grpc-listen", "127.0.0.1:0"])
+}
+
+/// [`serve`] with more arguments (`--grpc-listen` among them: it has no
+/// default here); the HTTP port is the kernel's pick.
+pub fn serve_with(data_dir: &Path, token_file: &Path, args: &[&str]) -> Proc {
     Proc::spawn(
         Command::new(QUEUE_RUNNER)
             .arg("serve")
@@ -196,12 +202,8 @@ pub fn serve(data_dir: &Path, token_file: &Path) -> Proc {
             .arg(data_dir)
             .arg("--agent-token-file")
             .arg(token_file)
-            .args([
-                "--grpc-listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
+            .args(["--http-listen", "127.0.0.1:0"])
+            .args(args)
             .env("NIX_CONFIG", sluice_test_support::nix::NIX_CONFIG)
             .env_remove("DATABASE_URL")
             .env_remove("RUST_LOG"),

@@ -166,6 +166,29 @@ impl Deployment {
             .unwrap()
     }
 
+    /// Waits until a step of `build` is building (phase 30 or later);
+    /// returns the machine it builds on. Panics after a minute.
+    pub async fn wait_building(&self, build: i32) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let machine: Option<String> = sqlx::query_scalar(
+                "select machine from BuildSteps where build = $1 and busy >= 30 limit 1",
+            )
+            .bind(build)
+            .fetch_optional(&self.pool)
+            .await
+            .unwrap();
+            if let Some(machine) = machine {
+                return machine;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "build {build} never started building"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until every build in `ids` is finished; panics after `secs`.
     pub async fn wait_finished(&self, ids: &[i32], secs: u64) -> BTreeMap<i32, i32> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);

@@ -186,3 +186,45 @@ async fn a_full_write_queue_pauses_dispatch_and_loses_nothing() {
     assert_eq!(busy, 0);
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_writes_what_waited_in_the_backlog() {
+    let mut d = Deployment::start_with(|c| c.max_pending_writes = 1).await;
+    d.add_agent("a1", 2).await;
+    let names = ["b1", "b2", "b3", "b4"];
+    let drvs = d.env.instantiate(MANY, &names);
+    let jobs: Vec<(String, String)> = names
+        .iter()
+        .zip(&drvs)
+        .map(|(n, p)| (n.to_string(), p.clone()))
+        .collect();
+    let ids = d.submit(&jobs).await;
+    wait_status(&d, 60, |s| s["nrStepsBuilding"].as_u64() == Some(2)).await;
+
+    // Results pile up behind an outage, past the one-write queue.
+    d.pg.stop();
+    wait_status(&d, 60, |s| {
+        s["nrStepsDone"].as_u64() >= Some(2) && s["nrPendingWrites"].as_u64() >= Some(3)
+    })
+    .await;
+    // The queue runner is stopped while the database is still away; it
+    // comes back within the shutdown timeout (10 s here): what waited in
+    // the backlog must still be written before the queue runner exits.
+    let stopping = d.begin_stopping_queue_runner();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    d.pg.start_again();
+    tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    let (recorded,): (i64,) =
+        sqlx::query_as("select count(*) from BuildSteps where build = any($1) and status = 0")
+            .bind(&ids)
+            .fetch_one(&d.pool)
+            .await
+            .unwrap();
+    assert_eq!(recorded, 2, "both results that arrived during the outage");
+    d.stop().await;
+}

@@ -61,20 +61,29 @@ impl Driver {
     }
 
     /// Waits, up to the configured shutdown timeout, for the writer to
-    /// commit what is queued. No new write is queued by the driver after
-    /// this starts; background tasks still holding a sender (a preparation
-    /// in flight) may add theirs until they end.
+    /// commit what is queued, the backlog included. No new write is queued
+    /// by the driver after this starts; background tasks still holding a
+    /// sender (a preparation in flight) may add theirs until they end.
     pub(super) async fn flush(self) -> Flushed {
-        let pending = self.writer.max_capacity() - self.writer.capacity();
         let Driver {
             writer,
             writer_task,
+            write_backlog,
             config,
             ..
         } = self;
-        drop(writer);
+        let pending = writer.max_capacity() - writer.capacity() + write_backlog.len();
         let started = Instant::now();
-        match tokio::time::timeout(config.shutdown_timeout, writer_task).await {
+        let flushing = async move {
+            for job in write_backlog {
+                if writer.send(job).await.is_err() {
+                    break;
+                }
+            }
+            drop(writer);
+            let _ = writer_task.await;
+        };
+        match tokio::time::timeout(config.shutdown_timeout, flushing).await {
             Ok(_) => Flushed::Done {
                 pending,
                 took: started.elapsed(),

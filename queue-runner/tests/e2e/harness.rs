@@ -219,6 +219,16 @@ impl Deployment {
         }
     }
 
+    /// Starts shutting the queue runner down as SIGTERM would (its agents
+    /// and the database stay); the returned task ends with what
+    /// `service::run_with` returned.
+    pub fn begin_stopping_queue_runner(&mut self) -> JoinHandle<anyhow::Result<()>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("the queue runner runs")
+    }
+
     pub async fn stop(mut self) {
         for agent in &mut self.agents {
             if let Some(stop) = agent.stop.take() {

@@ -142,14 +142,9 @@ async fn a_full_write_queue_pauses_dispatch_and_loses_nothing() {
     // Room for one queued write: an outage fills it at once.
     let mut d = Deployment::start_with(|c| c.max_pending_writes = 1).await;
     d.add_agent("a1", 2).await;
-    let names = ["b1", "b2", "b3", "b4", "b5", "b6"];
-    let drvs = d.env.instantiate(MANY, &names);
-    let jobs: Vec<(String, String)> = names
-        .iter()
-        .zip(&drvs)
-        .map(|(n, p)| (n.to_string(), p.clone()))
-        .collect();
-    let ids = d.submit(&jobs).await;
+    let ids = d
+        .submit_attrs(MANY, &["b1", "b2", "b3", "b4", "b5", "b6"])
+        .await;
     wait_status(&d, 60, |s| s["nrStepsBuilding"].as_u64() == Some(2)).await;
 
     d.pg.stop();
@@ -191,14 +186,7 @@ async fn a_full_write_queue_pauses_dispatch_and_loses_nothing() {
 async fn a_shutdown_writes_what_waited_in_the_backlog() {
     let mut d = Deployment::start_with(|c| c.max_pending_writes = 1).await;
     d.add_agent("a1", 2).await;
-    let names = ["b1", "b2", "b3", "b4"];
-    let drvs = d.env.instantiate(MANY, &names);
-    let jobs: Vec<(String, String)> = names
-        .iter()
-        .zip(&drvs)
-        .map(|(n, p)| (n.to_string(), p.clone()))
-        .collect();
-    let ids = d.submit(&jobs).await;
+    let ids = d.submit_attrs(MANY, &["b1", "b2", "b3", "b4"]).await;
     wait_status(&d, 60, |s| s["nrStepsBuilding"].as_u64() == Some(2)).await;
 
     // Results pile up behind an outage, past the one-write queue.

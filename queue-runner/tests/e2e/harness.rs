@@ -152,6 +152,18 @@ impl Deployment {
         self.agents.iter().find(|a| a.name == name).unwrap()
     }
 
+    /// Instantiates `attrs` of `expr` (see `NixEnv::write_expr`) and
+    /// queues one build per attribute, named after it; returns the ids.
+    pub async fn submit_attrs(&self, expr: &str, attrs: &[&str]) -> Vec<i32> {
+        let drvs = self.env.instantiate(expr, attrs);
+        let jobs: Vec<(String, String)> = attrs
+            .iter()
+            .zip(drvs)
+            .map(|(name, drv)| (name.to_string(), drv))
+            .collect();
+        self.submit(&jobs).await
+    }
+
     /// Queues one build per `(job, drv)` as an evaluator would.
     pub async fn submit(&self, jobs: &[(String, String)]) -> Vec<i32> {
         let jobs: Vec<sluice_queue_runner::submit::Job> = jobs

@@ -86,12 +86,11 @@ pub async fn run_with(
         None => tracing::info!(server = %db::describe_server(&url), "database"),
     }
     let pool = db::pool(&url, 16, Duration::from_secs(30)).await?;
-    {
-        let mut conn = db::connect(&url, Duration::from_secs(30)).await?;
-        db::migrate::migrate(&mut conn).await?;
-    }
     let aborted = {
+        // The migration takes a transaction-level advisory lock, so a
+        // pooled connection serves it as well as a dedicated one.
         let mut conn = pool.acquire().await.context("connecting to the database")?;
+        db::migrate::migrate(&mut conn).await?;
         db::results::abort_busy_steps_at_startup(&mut conn, crate::driver::unix_now())
             .await
             .context("aborting steps left busy by a previous run")?
@@ -104,15 +103,15 @@ pub async fn run_with(
     }
 
     let connection = match &config.store_socket {
-        Some(socket) => grpc::StoreConnection::Socket(socket.clone()),
-        None => grpc::StoreConnection::local_stdio(),
-    };
-    match &config.store_socket {
         Some(socket) => {
-            tracing::info!(socket = %socket.display(), "store: the Nix daemon's socket")
+            tracing::info!(socket = %socket.display(), "store: the Nix daemon's socket");
+            grpc::StoreConnection::Socket(socket.clone())
         }
-        None => tracing::info!("store: the local Nix store, served by `nix-daemon --stdio`"),
-    }
+        None => {
+            tracing::info!("store: the local Nix store, served by `nix-daemon --stdio`");
+            grpc::StoreConnection::local_stdio()
+        }
+    };
     let pool_store = grpc::LocalStore::new(connection, 8);
     let store = Store::new(pool_store.clone());
     store

@@ -80,6 +80,18 @@ pub enum DriverEvent {
     Shutdown,
 }
 
+/// What woke the driver's loop. It lives on the stack for one turn of the
+/// loop, so its size does not matter and boxing the event would only add an
+/// allocation per event.
+#[allow(clippy::large_enum_variant)]
+enum Wake {
+    Event(Option<DriverEvent>),
+    /// The core's next deadline passed.
+    Timer,
+    /// The writer took one backlogged write; more may fit.
+    WriterRoom,
+}
+
 /// How the writer's queue was flushed at shutdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flushed {
@@ -255,27 +267,32 @@ impl Driver {
             let sleep_for = deadline
                 .map(|d| Duration::from_millis(d.0.saturating_sub(self.now().0)))
                 .unwrap_or(Duration::from_secs(3600));
-            let writer = self.writer.clone();
             let backlogged = !self.write_backlog.is_empty();
-            let event = tokio::select! {
-                e = self.events.recv() => e,
-                _ = tokio::time::sleep(sleep_for) => {
+            // The handlers only touch fields the futures do not borrow;
+            // the rest happens after the select.
+            let wake = tokio::select! {
+                e = self.events.recv() => Wake::Event(e),
+                _ = tokio::time::sleep(sleep_for) => Wake::Timer,
+                permit = self.writer.reserve(), if backlogged => {
+                    if let (Ok(permit), Some(job)) = (permit, self.write_backlog.pop_front()) {
+                        permit.send(job);
+                    }
+                    Wake::WriterRoom
+                }
+            };
+            match wake {
+                Wake::Event(None | Some(DriverEvent::Shutdown)) => return,
+                Wake::Event(Some(event)) => self.on_event(event),
+                Wake::Timer => {
                     self.apply(Event::Tick);
                     self.publish_status();
                     continue;
                 }
-                permit = writer.reserve(), if backlogged => {
-                    if let (Ok(permit), Some(job)) = (permit, self.write_backlog.pop_front()) {
-                        permit.send(job);
-                    }
+                Wake::WriterRoom => {
                     self.drain_backlog();
                     self.publish_status();
                     continue;
                 }
-            };
-            match event {
-                None | Some(DriverEvent::Shutdown) => return,
-                Some(event) => self.on_event(event),
             }
             // Drain what is already queued before publishing.
             while let Ok(event) = self.events.try_recv() {

@@ -78,6 +78,27 @@ pub struct StepRow {
     pub outputs: Vec<(String, Option<String>)>,
 }
 
+impl StepRow {
+    /// A build step of `build` that ran on no machine and is finished at
+    /// `time` with `status`: what records an unsupported, aborted or
+    /// propagated step. Other fields are set with struct update syntax.
+    pub fn finished(build: i32, drv_path: String, status: Status, time: i64) -> StepRow {
+        StepRow {
+            build,
+            step_type: StepKind::Build,
+            drv_path,
+            system: String::new(),
+            machine: String::new(),
+            state: StepState::Finished(status),
+            error_msg: None,
+            start_time: Some(time),
+            stop_time: Some(time),
+            propagated_from: None,
+            outputs: Vec::new(),
+        }
+    }
+}
+
 /// How an attempt at a step ended.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepResult {

@@ -324,19 +324,11 @@ impl Writer {
                 time,
             } => {
                 let row = StepRow {
-                    build: build.0,
-                    step_type: StepKind::Build,
-                    drv_path,
                     system,
-                    machine: String::new(),
-                    state: StepState::Finished(Status::Unsupported),
                     error_msg: Some(
                         "no connected machine can build this system and feature set".into(),
                     ),
-                    start_time: Some(time),
-                    stop_time: Some(time),
-                    propagated_from: None,
-                    outputs: Vec::new(),
+                    ..StepRow::finished(build.0, drv_path, Status::Unsupported, time)
                 };
                 (Commit::InsertStep { row }, None)
             }
@@ -358,17 +350,8 @@ impl Writer {
                 time,
             } => {
                 let row = StepRow {
-                    build,
-                    step_type: StepKind::Build,
-                    drv_path,
-                    system: String::new(),
-                    machine: String::new(),
-                    state: StepState::Finished(Status::Aborted),
                     error_msg: Some(error),
-                    start_time: Some(time),
-                    stop_time: Some(time),
-                    propagated_from: None,
-                    outputs: Vec::new(),
+                    ..StepRow::finished(build, drv_path, Status::Aborted, time)
                 };
                 (Commit::AbortBuild { row, time }, None)
             }
@@ -410,38 +393,27 @@ impl Writer {
             }
             match (&failed_step, cached) {
                 // A cached failure: every build gets a row saying so.
-                (Some(drv), true) => dependent_rows.push(StepRow {
-                    build: id,
-                    step_type: StepKind::Build,
-                    drv_path: drv.clone(),
-                    system: String::new(),
-                    machine: String::new(),
-                    state: StepState::Finished(Status::CachedFailure),
-                    error_msg: None,
-                    start_time: Some(stop),
-                    stop_time: Some(stop),
-                    propagated_from: None,
-                    outputs: Vec::new(),
-                }),
+                (Some(drv), true) => dependent_rows.push(StepRow::finished(
+                    id,
+                    drv.clone(),
+                    Status::CachedFailure,
+                    stop,
+                )),
                 // The step failed under the head build; record it here as
                 // propagated from there (status, error and machine are
                 // copied from the head's row when committed). A step's
                 // status is never 2: that one is for builds.
                 (Some(drv), false) if id != head.0 => dependent_rows.push(StepRow {
-                    build: id,
-                    step_type: StepKind::Build,
-                    drv_path: drv.clone(),
-                    system: String::new(),
-                    machine: String::new(),
-                    state: StepState::Finished(match status_from_code(finished.status) {
-                        Status::DepFailed => Status::Failed,
-                        other => other,
-                    }),
-                    error_msg: None,
-                    start_time: Some(stop),
-                    stop_time: Some(stop),
                     propagated_from: Some(head.0),
-                    outputs: Vec::new(),
+                    ..StepRow::finished(
+                        id,
+                        drv.clone(),
+                        match status_from_code(finished.status) {
+                            Status::DepFailed => Status::Failed,
+                            other => other,
+                        },
+                        stop,
+                    )
                 }),
                 _ => {}
             }

@@ -7,35 +7,17 @@
 #[path = "e2e/harness.rs"]
 mod harness;
 
+#[path = "raw/mod.rs"]
+mod raw;
+
 use std::time::Duration;
 
 use harness::{http_get, Deployment, TOKEN};
+use raw::Raw;
 use sluice_proto::v1 as pb;
-use sluice_proto::v1::queue_runner_client::QueueRunnerClient;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-
-#[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut().insert("authorization", self.0.clone());
-        Ok(r)
-    }
-}
-
-type Raw = QueueRunnerClient<InterceptedService<Channel, Bearer>>;
 
 async fn raw_client(d: &Deployment) -> Raw {
-    let channel = Channel::from_shared(format!("http://{}", d.bound.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let bearer = Bearer(format!("Bearer {TOKEN}").parse().unwrap());
-    QueueRunnerClient::with_interceptor(channel, bearer)
+    raw::connect(format!("http://{}", d.bound.grpc), TOKEN).await
 }
 
 /// Registers for the local system and opens the work stream.
@@ -47,31 +29,14 @@ async fn session(
     tonic::Streaming<pb::RunnerCommand>,
 ) {
     let system = sluice_builder_agent::host::nix_system().await;
-    let session = client
-        .register(pb::RegisterRequest {
-            name: "liar".into(),
-            systems: vec![system],
-            max_jobs: 1,
-            speed_factor: 1.0,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::AgentEvent {
-        session_id: session.clone(),
-        event: Some(pb::agent_event::Event::Hello(pb::Hello {})),
-    })
-    .await
-    .unwrap();
-    let commands = client
-        .work(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    (session, tx, commands)
+    let request = pb::RegisterRequest {
+        name: "liar".into(),
+        systems: vec![system],
+        max_jobs: 1,
+        speed_factor: 1.0,
+        ..Default::default()
+    };
+    raw::open_session(client, request).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,19 +7,19 @@
 
 mod support;
 
+#[path = "raw/mod.rs"]
+mod raw;
+
 use std::path::Path;
 use std::time::Duration;
 
+use raw::Raw;
 use sluice_nix::daemon::DaemonClient;
 use sluice_proto::v1 as pb;
-use sluice_proto::v1::queue_runner_client::QueueRunnerClient;
 use sluice_queue_runner::agents::{AttemptId, FromAgent, ToAgent};
 use sluice_queue_runner::grpc::ServiceConfig;
 use sluice_test_support::nix::{IsolatedStore, NixDaemon, NixEnv};
 use support::*;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tonic::Code;
 
 const DAG: &str = r#"rec {
@@ -62,26 +62,8 @@ async fn connect(daemon: &NixDaemon) -> DaemonClient {
     }
 }
 
-#[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut().insert("authorization", self.0.clone());
-        Ok(r)
-    }
-}
-
-type Raw = QueueRunnerClient<InterceptedService<Channel, Bearer>>;
-
 async fn raw_client(runner: &Runner, token: &str) -> Raw {
-    let channel = Channel::from_shared(runner.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connecting to the service");
-    let bearer = Bearer(format!("Bearer {token}").parse().expect("ascii token"));
-    QueueRunnerClient::with_interceptor(channel, bearer)
+    raw::connect(runner.url(), token).await
 }
 
 fn register_request(name: &str) -> pb::RegisterRequest {
@@ -104,25 +86,7 @@ async fn raw_session(
     tokio::sync::mpsc::Sender<pb::AgentEvent>,
     tonic::Streaming<pb::RunnerCommand>,
 ) {
-    let session = client
-        .register(register_request(name))
-        .await
-        .expect("register")
-        .into_inner()
-        .session_id;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::AgentEvent {
-        session_id: session.clone(),
-        event: Some(pb::agent_event::Event::Hello(pb::Hello {})),
-    })
-    .await
-    .expect("hello");
-    let commands = client
-        .work(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("work stream")
-        .into_inner();
-    (session, tx, commands)
+    raw::open_session(client, register_request(name)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -129,39 +129,7 @@ async fn a_queue_runner_killed_mid_build_resumes_every_build_after_a_restart() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let failed: Vec<String> = sqlx::query_scalar(
-        "select format('build %s: status %s; step %s: status %s, %s, %s',
-                      b.id, b.buildStatus, s.stepnr, s.status, s.errorMsg, s.drvPath)
-         from Builds b left join BuildSteps s on s.build = b.id
-         where b.buildStatus <> 0 order by b.id, s.stepnr",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    assert!(
-        failed.is_empty(),
-        "failed builds: {failed:#?}\n{}",
-        second.output()
-    );
-    assert_eq!(
-        count(
-            &pool,
-            "select count(*) from BuildSteps where busy <> 0 or status is null"
-        )
-        .await,
-        0,
-        "no row stays busy"
-    );
-    assert_eq!(
-        count(
-            &pool,
-            "select count(*) from (select drvPath from BuildSteps where status = 0
-             group by drvPath having count(*) > 1) twice"
-        )
-        .await,
-        0,
-        "no derivation has two successful rows"
-    );
+    assert_settled(&pool, &second.output()).await;
     assert_eq!(
         count(
             &pool,

@@ -188,34 +188,7 @@ async fn three_hundred_builds_survive_agent_kills_database_restarts_and_a_queue_
     }
     assert_eq!(next, 5, "every disruption happened before the end");
 
-    assert_eq!(
-        count(&pool, "select count(*) from Builds where buildStatus <> 0").await,
-        0,
-        "every build succeeded"
-    );
-    let busy: Vec<String> = sqlx::query_scalar(
-        "select format('build %s step %s %s: busy %s on %s since %s', build, stepnr, drvPath,
-                      busy, machine, startTime)
-         from BuildSteps where busy <> 0 or status is null",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    assert!(
-        busy.is_empty(),
-        "rows left busy: {busy:#?}\nqueue runner:\n{}",
-        runner.output()
-    );
-    assert_eq!(
-        count(
-            &pool,
-            "select count(*) from (select drvPath from BuildSteps where status = 0
-             group by drvPath having count(*) > 1) twice"
-        )
-        .await,
-        0,
-        "no derivation has two successful rows"
-    );
+    assert_settled(&pool, &runner.output()).await;
     let outputs: Vec<String> = sqlx::query_scalar("select path from BuildOutputs")
         .fetch_all(&pool)
         .await

@@ -221,3 +221,38 @@ pub fn bound_address(serve: &Proc, what: &str) -> String {
     let start = line.find(&format!("{what}=")).unwrap() + what.len() + 1;
     line[start..].split_whitespace().next().unwrap().to_string()
 }
+
+/// The rows Hydra's web UI reads after a run through crashes: every build
+/// succeeded, no step row is busy, and no derivation has two successful
+/// rows. `log` is printed with a failure.
+pub async fn assert_settled(pool: &sqlx::PgPool, log: &str) {
+    let listed = |sql: &'static str| async move {
+        sqlx::query_scalar::<_, String>(sql)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    };
+    let failed = listed(
+        "select format('build %s: status %s; step %s: status %s, %s, %s',
+                      b.id, b.buildStatus, s.stepnr, s.status, s.errorMsg, s.drvPath)
+         from Builds b left join BuildSteps s on s.build = b.id
+         where b.buildStatus <> 0 order by b.id, s.stepnr",
+    )
+    .await;
+    assert!(failed.is_empty(), "failed builds: {failed:#?}\n{log}");
+    let busy = listed(
+        "select format('build %s step %s %s: busy %s on %s since %s', build, stepnr, drvPath,
+                      busy, machine, startTime)
+         from BuildSteps where busy <> 0 or status is null",
+    )
+    .await;
+    assert!(busy.is_empty(), "rows left busy: {busy:#?}\n{log}");
+    let twice = listed(
+        "select drvPath from BuildSteps where status = 0 group by drvPath having count(*) > 1",
+    )
+    .await;
+    assert!(
+        twice.is_empty(),
+        "derivations with two successful rows: {twice:#?}"
+    );
+}

@@ -115,37 +115,21 @@ impl Driver {
         }
         for bad in batch.undecodable {
             self.loader.max_id = self.loader.max_id.max(bad.id);
-            let id = BuildId(bad.id);
-            if self.builds.contains_key(&id) || self.recently_finished.contains_key(&id) {
-                continue;
+            if !self.is_held(BuildId(bad.id)) {
+                self.abort_loaded_build(bad.id, bad.drv_path, bad.error);
             }
-            tracing::error!(build = bad.id, error = %bad.error, "aborting a build that cannot be read");
-            self.recently_finished.insert(id, false);
-            self.send_write(super::writer::WriteJob::AbortBuild {
-                build: bad.id,
-                drv_path: bad.drv_path,
-                error: bad.error,
-                time: super::unix_now(),
-            });
         }
         self.hold_dispatches = true;
         for build in batch.builds {
             self.loader.max_id = self.loader.max_id.max(build.id);
             let id = BuildId(build.id);
-            if self.builds.contains_key(&id) || self.recently_finished.contains_key(&id) {
+            if self.is_held(id) {
                 continue;
             }
             let steps = match batch.closure.steps_for(&build.drv_path) {
                 Ok(steps) => steps,
                 Err(e) => {
-                    tracing::error!(build = build.id, error = %e, "cannot read the build's closure");
-                    self.recently_finished.insert(id, false);
-                    self.send_write(super::writer::WriteJob::AbortBuild {
-                        build: build.id,
-                        drv_path: build.drv_path.clone(),
-                        error: e.to_string(),
-                        time: super::unix_now(),
-                    });
+                    self.abort_loaded_build(build.id, build.drv_path, e.to_string());
                     continue;
                 }
             };
@@ -171,6 +155,25 @@ impl Driver {
         self.hold_dispatches = false;
         self.start_deferred_dispatches();
         self.start_load();
+    }
+
+    /// Whether build `id` is held, or finished here and maybe not yet seen
+    /// finished by a load: a load must not take it for a queued one.
+    fn is_held(&self, id: BuildId) -> bool {
+        self.builds.contains_key(&id) || self.recently_finished.contains_key(&id)
+    }
+
+    /// Aborts a loaded build that cannot be built at all (its row or its
+    /// closure cannot be read), with a step row saying why.
+    fn abort_loaded_build(&mut self, build: i32, drv_path: String, error: String) {
+        tracing::error!(build, %error, "aborting a build that cannot be read");
+        self.recently_finished.insert(BuildId(build), false);
+        self.send_write(super::writer::WriteJob::AbortBuild {
+            build,
+            drv_path,
+            error,
+            time: super::unix_now(),
+        });
     }
 
     /// Tells the core a jobset's scheduling shares, if they are news.

@@ -2,8 +2,13 @@
 //! inputs the local store lacks, build the basic derivation with the local
 //! Nix daemon while streaming its log, upload the outputs, report.
 //!
+//! The result is delivered until the queue runner acknowledges it, which
+//! it does once it is committed: on this session or, if the connection
+//! drops or the queue runner restarts, on the next one, uploading the
+//! outputs again if that session does not have them.
+//!
 //! Invariants: every assignment that is not cancelled gets exactly one
-//! report, and every report says whose fault a failure is
+//! accepted report (or is told its attempt is over), and every report says whose fault a failure is
 //! (`pb::FailureKind`): a failure of the agent's own machinery (store,
 //! transfers, the Nix daemon, Nix's TransientFailure) is aborted (status 3)
 //! and `INFRASTRUCTURE`, to be retried; a failure of the build itself has
@@ -22,6 +27,7 @@ use sluice_nix::store_path::{StoreDir, StorePath};
 use sluice_proto::v1 as pb;
 use thiserror::Error;
 
+use crate::link::{worth_retrying, Link};
 use crate::session::SessionCtx;
 use crate::{logs, nix_store, transfer};
 
@@ -96,10 +102,9 @@ pub(crate) fn hydra_status(status: BuildStatus) -> u32 {
     }
 }
 
-fn result(ctx: &SessionCtx, step: &str, status: u32, error_msg: String) -> pb::StepResult {
+fn result(step: &str, status: u32, error_msg: String) -> pb::StepResult {
     let now = unix_now();
     pb::StepResult {
-        session_id: ctx.id.clone(),
         step_id: step.to_owned(),
         status,
         error_msg,
@@ -109,37 +114,170 @@ fn result(ctx: &SessionCtx, step: &str, status: u32, error_msg: String) -> pb::S
     }
 }
 
-async fn report(ctx: &SessionCtx, step: &str, mut result: pb::StepResult) {
+/// How a report went.
+enum Reported {
+    /// Committed, or the attempt is over: forget it.
+    Done,
+    /// Not heard (the connection or the session failed): report again.
+    Again(String),
+    /// The queue runner will not take this result (say, an output it does
+    /// not accept): report the step aborted instead.
+    Refused(String),
+}
+
+async fn report(ctx: &SessionCtx, step: &str, mut result: pb::StepResult) -> Reported {
     result.failure = failure_kind(result.status).into();
+    result.session_id = ctx.id.clone();
     let status = result.status;
     match ctx.client.clone().report_result(result).await {
-        Ok(_) => tracing::info!(step, status, "step reported"),
-        Err(e) => tracing::warn!(
-            step,
-            status,
-            "reporting the step's result failed: {}",
-            e.message()
-        ),
+        Ok(_) => {
+            tracing::info!(step, status, "step reported");
+            Reported::Done
+        }
+        Err(e) if worth_retrying(&e) => Reported::Again(e.message().to_owned()),
+        Err(e) if e.code() == tonic::Code::Aborted => {
+            tracing::warn!(
+                step,
+                status,
+                "the step is over for the queue runner: {}",
+                e.message()
+            );
+            Reported::Done
+        }
+        Err(e) => Reported::Refused(e.message().to_owned()),
     }
 }
 
 /// Reports an assignment the agent will not run.
 pub(crate) async fn refuse(ctx: Arc<SessionCtx>, step: String, why: &'static str) {
-    report(&ctx, &step, result(&ctx, &step, ABORTED, why.to_owned())).await;
+    match report(&ctx, &step, result(&step, ABORTED, why.to_owned())).await {
+        Reported::Done => {}
+        Reported::Again(e) | Reported::Refused(e) => {
+            tracing::warn!(step, "refusing the step failed: {e}")
+        }
+    }
 }
 
-/// Runs an assignment and reports its result.
-pub(crate) async fn run(ctx: Arc<SessionCtx>, assignment: pb::Assignment) {
+/// What a finished build leaves to deliver.
+struct Outcome {
+    result: pb::StepResult,
+    /// For a success: the outputs to upload first, by name, with the
+    /// daemon connection to read them from.
+    uploads: Option<(BTreeMap<String, PathInfo>, DaemonClient)>,
+}
+
+/// Runs an assignment and delivers its result.
+pub(crate) async fn run(mut link: Link, assignment: pb::Assignment) {
     let step = assignment.step_id.clone();
     tracing::info!(step, drv = assignment.drv_path, "step assigned");
-    let outcome = match build(&ctx, &assignment).await {
+    let outcome = match build(&mut link, &assignment).await {
         Ok(outcome) => outcome,
         Err(e) => {
             tracing::warn!(step, drv = assignment.drv_path, "step aborted: {e}");
-            result(&ctx, &step, ABORTED, e.to_string())
+            Outcome {
+                result: result(&step, ABORTED, e.to_string()),
+                uploads: None,
+            }
         }
     };
-    report(&ctx, &step, outcome).await;
+    deliver(&mut link, &step, outcome).await;
+}
+
+/// Delivers `outcome` until the queue runner has it: uploads (for a
+/// success) then the report, again on the next session whenever a call
+/// fails for want of a connection.
+async fn deliver(link: &mut Link, step: &str, mut outcome: Outcome) {
+    let mut tries = 0u32;
+    loop {
+        let ctx = link.session().await;
+        let uploaded = match &mut outcome.uploads {
+            Some((infos, nix)) => upload_all(&ctx, step, infos, nix).await,
+            None => Ok(Vec::new()),
+        };
+        let mut message = outcome.result.clone();
+        match uploaded {
+            Ok(outputs) => {
+                if outcome.uploads.is_some() {
+                    message.outputs = outputs;
+                }
+            }
+            Err(JobError::Upload { source, .. }) if source.worth_retrying() => {
+                tries += 1;
+                tracing::warn!(
+                    step,
+                    tries,
+                    "uploading outputs failed, trying again: {source}"
+                );
+                link.retry_pause(Duration::from_secs(2)).await;
+                continue;
+            }
+            Err(e) => {
+                // The queue runner will not take the outputs: the step is
+                // aborted, which is the infrastructure's fault.
+                tracing::warn!(step, "step aborted: {e}");
+                outcome.uploads = None;
+                outcome.result = result(step, ABORTED, e.to_string());
+                continue;
+            }
+        }
+        match report(&ctx, step, message).await {
+            Reported::Done => return,
+            Reported::Refused(e) if outcome.result.status != ABORTED => {
+                tracing::warn!(
+                    step,
+                    "the queue runner refused the result ({e}); reporting the step aborted"
+                );
+                outcome.uploads = None;
+                outcome.result = result(
+                    step,
+                    ABORTED,
+                    format!("the queue runner refused the result: {e}"),
+                );
+            }
+            Reported::Refused(e) => {
+                tracing::warn!(step, "the queue runner refused the step's result: {e}");
+                return;
+            }
+            Reported::Again(e) => {
+                tries += 1;
+                tracing::warn!(
+                    step,
+                    tries,
+                    "reporting the step's result failed, trying again: {e}"
+                );
+                link.retry_pause(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// Uploads every output, each after those it refers to; returns them as
+/// the result lists them.
+async fn upload_all(
+    ctx: &SessionCtx,
+    step: &str,
+    infos: &BTreeMap<String, PathInfo>,
+    nix: &mut DaemonClient,
+) -> Result<Vec<pb::BuildOutput>, JobError> {
+    ctx.phase(step, RECEIVING_OUTPUTS);
+    let dir = StoreDir::default();
+    let mut outputs = Vec::with_capacity(infos.len());
+    for name in upload_order(infos) {
+        let Some(info) = infos.get(&name) else {
+            continue;
+        };
+        transfer::upload_output(ctx, step, &name, info, nix)
+            .await
+            .map_err(|source| JobError::Upload {
+                output: name.clone(),
+                source,
+            })?;
+        outputs.push(pb::BuildOutput {
+            name: name.clone(),
+            path: dir.print(&info.path),
+        });
+    }
+    Ok(outputs)
 }
 
 fn store_path(what: &str, path: &str) -> Result<StorePath, JobError> {
@@ -148,9 +286,10 @@ fn store_path(what: &str, path: &str) -> Result<StorePath, JobError> {
         .map_err(|e| JobError::Assignment(format!("{what} '{path}': {e}")))
 }
 
-async fn build(ctx: &SessionCtx, a: &pb::Assignment) -> Result<pb::StepResult, JobError> {
+async fn build(link: &mut Link, a: &pb::Assignment) -> Result<Outcome, JobError> {
     let step = a.step_id.as_str();
-    ctx.phase(step, SENDING_INPUTS).await;
+    let ctx = link.session().await;
+    ctx.phase(step, SENDING_INPUTS);
     let dir = StoreDir::default();
     let drv_path = store_path("drv_path", &a.drv_path)?;
     let drv = Derivation::parse_drv_file(&dir, &drv_path, &a.drv)
@@ -162,21 +301,46 @@ async fn build(ctx: &SessionCtx, a: &pb::Assignment) -> Result<pb::StepResult, J
     }
     let (basic, _) = drv.into_basic();
     let mut nix = nix_store::connect(&ctx.config.store).await?;
-    let outcome = build_with(ctx, a, &drv_path, &basic, &mut nix).await;
-    // A clean goodbye, so the daemon does not log a broken connection.
-    nix.close(Duration::from_secs(1)).await;
-    outcome
+    let built = build_with(link, &ctx, a, &drv_path, &basic, &mut nix).await;
+    match built {
+        Ok(Built::Done(result)) => {
+            // A clean goodbye, so the daemon does not log a broken
+            // connection.
+            nix.close(Duration::from_secs(1)).await;
+            Ok(Outcome {
+                result,
+                uploads: None,
+            })
+        }
+        // The connection stays open: the outputs are read from it.
+        Ok(Built::Upload(result, infos)) => Ok(Outcome {
+            result,
+            uploads: Some((infos, nix)),
+        }),
+        Err(e) => {
+            nix.close(Duration::from_secs(1)).await;
+            Err(e)
+        }
+    }
+}
+
+/// What a build gives.
+enum Built {
+    /// A result with nothing to upload (a failure).
+    Done(pb::StepResult),
+    /// A success whose outputs go up before the result.
+    Upload(pb::StepResult, BTreeMap<String, PathInfo>),
 }
 
 async fn build_with(
+    link: &mut Link,
     ctx: &SessionCtx,
     a: &pb::Assignment,
     drv_path: &StorePath,
     basic: &BasicDerivation,
     nix: &mut DaemonClient,
-) -> Result<pb::StepResult, JobError> {
+) -> Result<Built, JobError> {
     let step = a.step_id.as_str();
-    let dir = StoreDir::default();
     let copying = Instant::now();
     let inputs = a
         .inputs
@@ -189,9 +353,11 @@ async fn build_with(
         tracing::debug!(step, count = missing.len(), "fetching inputs");
         transfer::fetch_inputs(ctx, step, &missing, nix).await?;
     }
-    let mut overhead = copying.elapsed();
+    let overhead = copying.elapsed();
 
-    ctx.phase(step, BUILDING).await;
+    if let Some(current) = link.now() {
+        current.phase(step, BUILDING);
+    }
     nix.set_options(&ClientOptions {
         max_silent_time: a.max_silent_time_s,
         build_timeout: (a.build_timeout_s > 0).then_some(u64::from(a.build_timeout_s)),
@@ -210,12 +376,12 @@ async fn build_with(
         nix.set_logger(|_| {});
         built
     };
-    let (built, ()) = tokio::join!(building, logs::forward(ctx, step, log_rx));
+    let mut log_link = link.clone();
+    let (built, ()) = tokio::join!(building, logs::forward(&mut log_link, step, log_rx));
     let built = built?;
 
     let status = hydra_status(built.status);
     let mut res = pb::StepResult {
-        session_id: ctx.id.clone(),
         step_id: step.to_owned(),
         status,
         error_msg: built.error_msg.clone(),
@@ -223,6 +389,7 @@ async fn build_with(
         is_non_deterministic: built.is_non_deterministic,
         start_time: i64::try_from(built.start_time).unwrap_or(0),
         stop_time: i64::try_from(built.stop_time).unwrap_or(0),
+        overhead_ms: u64::try_from(overhead.as_millis()).unwrap_or(u64::MAX),
         ..Default::default()
     };
     if res.start_time == 0 {
@@ -230,12 +397,9 @@ async fn build_with(
         res.stop_time = res.start_time;
     }
     if status != SUCCEEDED {
-        res.overhead_ms = u64::try_from(overhead.as_millis()).unwrap_or(u64::MAX);
-        return Ok(res);
+        return Ok(Built::Done(res));
     }
 
-    ctx.phase(step, RECEIVING_OUTPUTS).await;
-    let uploading = Instant::now();
     let mut infos = BTreeMap::new();
     for name in basic.outputs.keys() {
         let out = built
@@ -256,26 +420,9 @@ async fn build_with(
             "the outputs total {total} bytes, more than the limit of {}",
             a.max_output_bytes
         );
-        return Ok(res);
+        return Ok(Built::Done(res));
     }
-    for name in upload_order(&infos) {
-        let Some(info) = infos.get(&name) else {
-            continue;
-        };
-        transfer::upload_output(ctx, step, &name, info, nix)
-            .await
-            .map_err(|source| JobError::Upload {
-                output: name.clone(),
-                source,
-            })?;
-        res.outputs.push(pb::BuildOutput {
-            name: name.clone(),
-            path: dir.print(&info.path),
-        });
-    }
-    overhead += uploading.elapsed();
-    res.overhead_ms = u64::try_from(overhead.as_millis()).unwrap_or(u64::MAX);
-    Ok(res)
+    Ok(Built::Upload(res, infos))
 }
 
 /// Output names ordered so that an output comes after the outputs it

@@ -7,24 +7,28 @@
 //! lacks, builds the derivation through its local Nix daemon while
 //! streaming the log, uploads the outputs and reports the result. When the
 //! connection drops it reconnects with capped exponential backoff and
-//! registers again as a new session.
+//! registers again as a new session, announcing the steps it still holds:
+//! builds go on while the connection is down, and their logs, outputs and
+//! results reach the queue runner on the next session.
 //!
 //! - [`config`]: command line and resolved settings.
-//! - `session`: one connection: registration, heartbeats, the work stream,
-//!   and the running jobs.
+//! - `session`: one connection: registration, heartbeats, the work stream.
+//! - `link`: the agent's jobs, and the current session they talk through.
 //! - `job`: one assignment from start to report; `transfer`: NARs in and
 //!   out; `logs`: the log stream.
 //! - [`host`]: load, memory and pressure figures from `/proc`.
 //!
 //! Invariants: nothing the queue runner sends can panic the agent; every
 //! channel is bounded except the one the Nix client's synchronous logger
-//! feeds (bounded in practice by the build's log limit); a job that ends,
-//! is cancelled or loses its session drops its daemon connection, which
-//! makes the daemon stop the build.
+//! feeds (bounded in practice by the build's log limit); a job that ends
+//! or is cancelled, or an agent that stops, drops its daemon connection,
+//! which makes the daemon stop the build; a result is forgotten only once
+//! the queue runner acknowledged it (committed) or said the attempt is over.
 
 pub mod config;
 pub mod host;
 mod job;
+mod link;
 mod logs;
 mod nix_store;
 mod session;
@@ -54,11 +58,15 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let config = Arc::new(config);
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
+    // Jobs outlive sessions; they are dropped (their builds stopped) only
+    // when the agent stops.
+    let mut jobs = link::Jobs::default();
+    let (link, _) = tokio::sync::watch::channel(None);
     tokio::pin!(shutdown);
     loop {
         let ended = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            ended = session::run(&config, &mut backoff) => ended,
+            ended = session::run(&config, &mut backoff, &mut jobs, &link) => ended,
         };
         match ended {
             session::Ended::Refused(why) => return Err(AgentError::Refused(why)),
@@ -68,9 +76,16 @@ pub async fn run(
                     "connection to the queue runner lost: {why}; reconnecting in {} ms",
                     delay.as_millis()
                 );
-                tokio::select! {
-                    _ = &mut shutdown => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
+                let sleep = tokio::time::sleep(delay);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(()),
+                        _ = &mut sleep => break,
+                        Some(done) = jobs.set.join_next_with_id(), if !jobs.set.is_empty() => {
+                            jobs.reap(done)
+                        }
+                    }
                 }
             }
         }

@@ -1,22 +1,20 @@
-//! One connection to the queue runner: version check, registration,
-//! heartbeats, the work stream, and the jobs it starts.
+//! One connection to the queue runner: version check, registration
+//! (announcing the steps the agent still holds), heartbeats, and the work
+//! stream, whose assignments and cancels it applies to the agent's jobs.
 //!
-//! Invariants: a session's jobs live in a `JoinSet` that the session owns,
-//! so when the session ends (stream closed, heartbeats refused, shutdown)
-//! every job is dropped and its build stopped: the queue runner has already
-//! given those attempts up. At most `max_jobs` jobs run at once; an
-//! assignment beyond that is reported as aborted (status 3) rather than
-//! queued.
+//! Invariants: jobs belong to the agent ([`crate::link::Jobs`]), not to a
+//! session: when a session ends its jobs go on, and reach the next session
+//! through the [`Link`], which holds this session only while it is up. At
+//! most `max_jobs` jobs are held at once; an assignment beyond that is
+//! reported as aborted (status 3) rather than queued.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::queue_runner_client::QueueRunnerClient;
 use sluice_proto::PROTOCOL_VERSION;
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -24,6 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::config::AgentConfig;
+use crate::link::{Jobs, Link};
 use crate::{host, job, Backoff};
 
 const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -69,7 +68,8 @@ pub(crate) struct SessionCtx {
 
 impl SessionCtx {
     /// Reports a busy phase (Hydra's `BuildSteps.busy` code) of a step.
-    pub(crate) async fn phase(&self, step_id: &str, busy: u32) {
+    /// Advisory: dropped if the stream is full or gone.
+    pub(crate) fn phase(&self, step_id: &str, busy: u32) {
         let event = pb::AgentEvent {
             session_id: self.id.clone(),
             event: Some(pb::agent_event::Event::Phase(pb::PhaseUpdate {
@@ -77,8 +77,7 @@ impl SessionCtx {
                 busy,
             })),
         };
-        // A closed stream ends the session, which drops this job anyway.
-        let _ = self.events.send(event).await;
+        let _ = self.events.try_send(event);
     }
 }
 
@@ -119,17 +118,26 @@ async fn connect(config: &AgentConfig) -> Result<Client, Ended> {
     Ok(QueueRunnerClient::with_interceptor(channel, Bearer(token)))
 }
 
-/// Runs one session until it ends.
-pub(crate) async fn run(config: &Arc<AgentConfig>, backoff: &mut Backoff) -> Ended {
-    match serve(config, backoff).await {
+/// Runs one session until it ends. While it is up, `link` holds it.
+pub(crate) async fn run(
+    config: &Arc<AgentConfig>,
+    backoff: &mut Backoff,
+    jobs: &mut Jobs,
+    link: &watch::Sender<Option<Arc<SessionCtx>>>,
+) -> Ended {
+    let ended = match serve(config, backoff, jobs, link).await {
         Ok(never) => match never {},
         Err(ended) => ended,
-    }
+    };
+    link.send_replace(None);
+    ended
 }
 
 async fn serve(
     config: &Arc<AgentConfig>,
     backoff: &mut Backoff,
+    jobs: &mut Jobs,
+    link: &watch::Sender<Option<Arc<SessionCtx>>>,
 ) -> Result<std::convert::Infallible, Ended> {
     let mut client = connect(config).await?;
     let version = client
@@ -169,9 +177,12 @@ async fn serve(
         .max_encoding_message_size(max_message);
 
     let (events, events_rx) = mpsc::channel(EVENT_BUFFER);
+    let held_steps = jobs.held();
     let hello = pb::AgentEvent {
         session_id: registered.session_id.clone(),
-        event: Some(pb::agent_event::Event::Hello(pb::Hello {})),
+        event: Some(pb::agent_event::Event::Hello(pb::Hello {
+            held_steps: held_steps.clone(),
+        })),
     };
     // The channel is empty: this cannot wait.
     let _ = events.try_send(hello);
@@ -184,6 +195,7 @@ async fn serve(
     tracing::info!(
         session = %registered.session_id,
         queue_runner = %config.queue_runner,
+        held = held_steps.len(),
         "registered with the queue runner"
     );
     let ctx = Arc::new(SessionCtx {
@@ -197,26 +209,12 @@ async fn serve(
     let heartbeats = heartbeat(ctx.clone(), interval);
     tokio::pin!(heartbeats);
 
-    let mut jobs = JoinSet::new();
-    let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
-    let mut by_task: HashMap<tokio::task::Id, String> = HashMap::new();
+    link.send_replace(Some(ctx.clone()));
+    let job_link = Link::from_sender(link);
     loop {
         tokio::select! {
             ended = &mut heartbeats => return Err(ended),
-            Some(done) = jobs.join_next_with_id(), if !jobs.is_empty() => {
-                let id = match &done {
-                    Ok((id, ())) => *id,
-                    Err(e) => e.id(),
-                };
-                if let Some(step) = by_task.remove(&id) {
-                    running.remove(&step);
-                }
-                if let Err(e) = done {
-                    if e.is_panic() {
-                        tracing::error!("a job panicked: {e}");
-                    }
-                }
-            }
+            Some(done) = jobs.set.join_next_with_id(), if !jobs.set.is_empty() => jobs.reap(done),
             message = commands.message() => {
                 let command = match message {
                     Ok(Some(pb::RunnerCommand { command: Some(c) })) => c,
@@ -227,21 +225,18 @@ async fn serve(
                 match command {
                     pb::runner_command::Command::Assign(a) => {
                         let step = a.step_id.clone();
-                        if running.contains_key(&step) {
+                        if jobs.contains(&step) {
                             tracing::warn!(step, "assigned a step that is already running; ignored");
-                        } else if running.len() >= config.max_jobs as usize {
+                        } else if jobs.len() >= config.max_jobs as usize {
                             tracing::warn!(step, "assigned a step with every slot busy; refusing it");
-                            jobs.spawn(job::refuse(ctx.clone(), step, "every job slot of the agent is busy"));
+                            tokio::spawn(job::refuse(ctx.clone(), step, "every job slot of the agent is busy"));
                         } else {
-                            let handle = jobs.spawn(job::run(ctx.clone(), a));
-                            by_task.insert(handle.id(), step.clone());
-                            running.insert(step, handle);
+                            jobs.spawn(step, job::run(job_link.clone(), a));
                         }
                     }
                     pb::runner_command::Command::Cancel(c) => {
-                        if let Some(handle) = running.remove(&c.step_id) {
+                        if jobs.cancel(&c.step_id) {
                             tracing::info!(step = c.step_id, "cancelled by the queue runner");
-                            handle.abort();
                         }
                     }
                 }

@@ -52,10 +52,20 @@ pub(crate) enum FetchError {
 
 #[derive(Debug, Error)]
 pub(crate) enum UploadError {
-    #[error("the queue runner refused the upload: {0}")]
-    Refused(String),
+    #[error("the queue runner refused the upload: {}", .0.message())]
+    Refused(tonic::Status),
     #[error("reading the output from the local store: {0}")]
     Export(ClientError),
+}
+
+impl UploadError {
+    /// Whether the upload may succeed later, on this session or the next.
+    pub(crate) fn worth_retrying(&self) -> bool {
+        match self {
+            UploadError::Refused(status) => crate::link::worth_retrying(status),
+            UploadError::Export(_) => false,
+        }
+    }
 }
 
 fn path_info(info: &pb::StorePathInfo) -> Result<PathInfo, FetchError> {
@@ -291,12 +301,12 @@ pub(crate) async fn upload_output(
     let (response, exported, ()) = tokio::join!(call, export, send);
     match (response, exported) {
         (Ok(_), Ok(_)) => Ok(()),
-        (Err(s), Ok(_)) => Err(UploadError::Refused(s.message().to_owned())),
+        (Err(s), Ok(_)) => Err(UploadError::Refused(s)),
         (Ok(_), Err(e)) => Err(UploadError::Export(e)),
-        // Either caused the other; say both.
-        (Err(s), Err(e)) => Err(UploadError::Refused(format!(
-            "{} (reading the output locally failed too: {e})",
-            s.message()
-        ))),
+        // Either caused the other; the queue runner's word says more.
+        (Err(s), Err(e)) => {
+            tracing::debug!(step, "reading the output locally failed too: {e}");
+            Err(UploadError::Refused(s))
+        }
     }
 }

@@ -123,7 +123,7 @@ async fn the_binary_builds_an_assignment_and_survives_a_restart() {
         "{}",
         agent.stderr()
     );
-    let attempt = AttemptId(1);
+    let attempt = AttemptId(uuid::Uuid::from_u128(1));
     let a = assignment(&runner.store, &drvs[0], attempt).await;
     runner.assign(machine, &commands, a).await;
     let (phases, report) = runner.finished(attempt, 120).await;

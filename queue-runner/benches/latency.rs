@@ -496,7 +496,7 @@ impl SimAgent {
         events
             .send(pb::AgentEvent {
                 session_id: session.clone(),
-                event: Some(pb::agent_event::Event::Hello(pb::Hello {})),
+                event: Some(pb::agent_event::Event::Hello(pb::Hello::default())),
             })
             .await
             .expect("queueing Hello");

@@ -7,21 +7,36 @@
 //! `mpsc::Sender<ToAgent>` it was handed in [`FromAgent::Connected`]. No
 //! protobuf type crosses this boundary.
 //!
-//! Invariants: a [`MachineId`] names one agent session (a reconnecting
-//! agent gets a fresh one); an [`AttemptId`] names one attempt at one step
-//! and is never reused; every `Connected` is eventually followed by exactly
+//! Invariants: a [`MachineId`] names one agent (token and name) for the life
+//! of the process, across its reconnections; an [`AttemptId`] names one attempt at one step
+//! and is never reused, not even by a later run; every `Connected` is eventually followed by exactly
 //! one `Disconnected` for the same machine.
 
 use sluice_core::MachineId;
 use tokio::sync::mpsc;
 
-/// One attempt at building one step on one machine.
+/// One attempt at building one step on one machine. Random, so it stays
+/// unique across restarts of the queue runner; it is stored with its step
+/// (`SluiceAttempts`) and is what the agent calls the step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AttemptId(pub u64);
+pub struct AttemptId(pub uuid::Uuid);
+
+impl AttemptId {
+    /// A fresh id.
+    pub fn new() -> AttemptId {
+        AttemptId(uuid::Uuid::new_v4())
+    }
+}
+
+impl Default for AttemptId {
+    fn default() -> AttemptId {
+        AttemptId::new()
+    }
+}
 
 impl std::fmt::Display for AttemptId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "attempt-{}", self.0)
+        write!(f, "attempt {}", self.0.simple())
     }
 }
 
@@ -55,6 +70,8 @@ pub enum FromAgent {
         machine: MachineId,
         info: AgentInfo,
         commands: mpsc::Sender<ToAgent>,
+        /// Attempts the agent still holds from earlier sessions.
+        held: Vec<AttemptId>,
     },
     /// The session ended (stream closed, heartbeats stopped, or error).
     Disconnected {
@@ -77,6 +94,9 @@ pub enum FromAgent {
         machine: MachineId,
         attempt: AttemptId,
         report: StepReport,
+        /// Set to true once the result is committed; the agent is answered
+        /// then. Dropped unset if the result is refused or never written.
+        committed: tokio::sync::watch::Sender<bool>,
     },
 }
 

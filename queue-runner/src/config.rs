@@ -74,6 +74,12 @@ pub struct Settings {
     /// [default: 4096]
     #[arg(long, value_name = "N")]
     pub max_pending_writes: Option<usize>,
+    /// Seconds an agent's running steps are kept for it after its
+    /// connection drops (and, after a restart, how long the queue runner
+    /// waits for agents to report the steps they still run); past that
+    /// the steps are aborted and retried [default: 30]
+    #[arg(long, value_name = "SECONDS")]
+    pub lease_s: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +127,8 @@ pub struct ServeConfig {
     pub shutdown_timeout: Duration,
     /// Writes queued at most before dispatching pauses.
     pub max_pending_writes: usize,
+    /// How long a disconnected agent keeps its steps.
+    pub lease: Duration,
 }
 
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50051";
@@ -153,6 +161,7 @@ impl ServeConfig {
             max_output_bytes: file.max_output_bytes.unwrap_or(2 << 30),
             shutdown_timeout: Duration::from_secs(file.shutdown_timeout_s.unwrap_or(30)),
             max_pending_writes: file.max_pending_writes.unwrap_or(4096).max(1),
+            lease: Duration::from_secs(file.lease_s.unwrap_or(30)),
         })
     }
 }
@@ -174,6 +183,7 @@ impl Settings {
             max_output_bytes: self.max_output_bytes.or(other.max_output_bytes),
             shutdown_timeout_s: self.shutdown_timeout_s.or(other.shutdown_timeout_s),
             max_pending_writes: self.max_pending_writes.or(other.max_pending_writes),
+            lease_s: self.lease_s.or(other.lease_s),
         }
     }
 }
@@ -304,6 +314,7 @@ mod tests {
                 d.shutdown_timeout.as_secs().to_string(),
             ),
             ("max-pending-writes", d.max_pending_writes.to_string()),
+            ("lease-s", d.lease.as_secs().to_string()),
         ];
         let command = Settings::augment_args(clap::Command::new("serve"));
         let help = |long: &str| {

@@ -35,6 +35,8 @@ pub enum IngestError {
     Read { path: String, cause: String },
     #[error("parsing derivation {path}: {cause}")]
     Parse { path: String, cause: String },
+    #[error("derivation {path} depends on itself (a dependency cycle); Nix cannot build it")]
+    Cycle { path: String },
 }
 
 /// One derivation of a closure, with what the driver needs besides the
@@ -67,19 +69,52 @@ impl BatchClosure {
     /// The steps one build needs: the part of the batch closure reachable
     /// from `top`. `Err` if a reachable derivation is broken.
     pub fn steps_for(&self, top: &str) -> Result<Vec<StepSpec>, IngestError> {
+        // Depth first, iteratively: a derivation met again while it is
+        // still on the path from `top` closes a cycle.
         let mut out = Vec::new();
-        let mut seen: HashSet<&str> = HashSet::new();
-        let mut stack = vec![top];
-        while let Some(drv) = stack.pop() {
-            if !seen.insert(drv) {
-                continue;
-            }
-            if let Some(err) = self.broken.get(drv) {
-                return Err(err.clone());
-            }
-            if let Some(d) = self.drvs.get(drv) {
-                out.push(d.spec.clone());
-                stack.extend(d.spec.input_drvs.iter().map(DrvPath::as_str));
+        let mut done: HashSet<&str> = HashSet::new();
+        let mut on_path: HashSet<&str> = HashSet::new();
+        // (derivation, index of its next input to visit)
+        let mut stack: Vec<(&str, usize)> = Vec::new();
+        if let Some(err) = self.broken.get(top) {
+            return Err(err.clone());
+        }
+        stack.push((top, 0));
+        on_path.insert(top);
+        while let Some((drv, next)) = stack.last().copied() {
+            let inputs = self
+                .drvs
+                .get(drv)
+                .map(|d| d.spec.input_drvs.as_slice())
+                .unwrap_or_default();
+            match inputs.get(next) {
+                Some(input) => {
+                    if let Some(top_entry) = stack.last_mut() {
+                        top_entry.1 += 1;
+                    }
+                    let input = input.as_str();
+                    if on_path.contains(input) {
+                        return Err(IngestError::Cycle {
+                            path: input.to_owned(),
+                        });
+                    }
+                    if done.contains(input) {
+                        continue;
+                    }
+                    if let Some(err) = self.broken.get(input) {
+                        return Err(err.clone());
+                    }
+                    on_path.insert(input);
+                    stack.push((input, 0));
+                }
+                None => {
+                    stack.pop();
+                    on_path.remove(drv);
+                    done.insert(drv);
+                    if let Some(d) = self.drvs.get(drv) {
+                        out.push(d.spec.clone());
+                    }
+                }
             }
         }
         Ok(out)

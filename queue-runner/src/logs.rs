@@ -80,6 +80,17 @@ impl LogWriter {
     /// Creates (or truncates) the log file of `drv_path` under `data_dir`,
     /// creating its directories.
     pub async fn create(data_dir: &Path, drv_path: &str, max_bytes: u64) -> Result<Self, LogError> {
+        Self::open(data_dir, drv_path, max_bytes, false).await
+    }
+
+    /// Opens the log of `drv_path`: truncated, or (`append`) continued
+    /// after what it already holds, which counts against the limit.
+    pub async fn open(
+        data_dir: &Path,
+        drv_path: &str,
+        max_bytes: u64,
+        append: bool,
+    ) -> Result<Self, LogError> {
         let path = log_path(data_dir, drv_path)?;
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir)
@@ -90,19 +101,29 @@ impl LogWriter {
                     source,
                 })?;
         }
-        let file = tokio::fs::File::create(&path)
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&path)
             .await
             .map_err(|source| LogError::Io {
                 path: path.clone(),
                 what: "creating",
                 source,
             })?;
+        let written = if append {
+            file.metadata().await.map(|m| m.len()).unwrap_or(0)
+        } else {
+            0
+        };
         Ok(LogWriter {
             path,
             file,
-            written: 0,
+            written,
             max_bytes,
-            limit_reached: false,
+            limit_reached: written >= max_bytes,
         })
     }
 

@@ -86,14 +86,20 @@ pub async fn run_with(
         None => tracing::info!(server = %db::describe_server(&url), "database"),
     }
     let pool = db::pool(&url, 16, Duration::from_secs(30)).await?;
-    let aborted = {
+    let (aborted, in_progress) = {
         // The migration takes a transaction-level advisory lock, so a
         // pooled connection serves it as well as a dedicated one.
         let mut conn = pool.acquire().await.context("connecting to the database")?;
         db::migrate::migrate(&mut conn).await?;
-        db::results::abort_busy_steps_at_startup(&mut conn, crate::driver::unix_now())
+        let aborted =
+            db::results::abort_busy_steps_at_startup(&mut conn, crate::driver::unix_now())
+                .await
+                .context("aborting steps left busy by a previous run")?;
+        // Agents may still run these: the driver waits a lease for them.
+        let in_progress = db::results::attempts_in_progress(&mut conn)
             .await
-            .context("aborting steps left busy by a previous run")?
+            .context("reading the attempts a previous run left in progress")?;
+        (aborted, in_progress)
     };
     if aborted > 0 {
         tracing::warn!(
@@ -122,6 +128,13 @@ pub async fn run_with(
     let (events_tx, events_rx) = mpsc::channel::<DriverEvent>(16_384);
     let (status_tx, status_rx) = watch::channel(StatusSnapshot::default());
     let attempts = grpc::Attempts::new();
+    // Before any agent can call: what they report of these waits for the
+    // driver instead of being refused.
+    attempts.expect(
+        in_progress
+            .iter()
+            .map(|row| crate::agents::AttemptId(row.id)),
+    );
 
     // Agents → driver.
     let (agents_tx, mut agents_rx) = mpsc::channel::<FromAgent>(4096);
@@ -204,9 +217,10 @@ pub async fn run_with(
         load_batch: 2000,
         shutdown_timeout: config.shutdown_timeout,
         max_pending_writes: config.max_pending_writes,
+        lease: config.lease,
     };
     let db_pool = pool.clone();
-    let driver = Driver::new(
+    let mut driver = Driver::new(
         driver_config,
         pool,
         store,
@@ -215,6 +229,7 @@ pub async fn run_with(
         events_rx,
         status_tx,
     );
+    driver.resume_attempts(in_progress);
     let _ = bound.send(Bound {
         grpc: grpc_addr,
         http: http_addr,

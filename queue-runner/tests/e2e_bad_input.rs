@@ -1,6 +1,7 @@
-//! Builds the queue runner cannot read: a `.drv` that is missing and one
-//! that is not a derivation. Each is aborted (status 3) with a message
-//! naming the file, and the builds beside them in the same load go on.
+//! Builds the queue runner cannot read: a `.drv` that is missing, one that
+//! is not a derivation, a dependency cycle, an input outside the store,
+//! and an undecodable `Builds` row. Each is aborted (status 3) with a
+//! message naming the file or the reason, and the builds beside them go on.
 //! The real driver, PostgreSQL and Nix store.
 
 #![allow(clippy::unwrap_used)]
@@ -21,6 +22,24 @@ fn build(job: &str, drv_path: &str) -> NewBuild {
         max_silent_s: NewBuild::DEFAULT_LIMITS.0,
         timeout_s: NewBuild::DEFAULT_LIMITS.1,
     }
+}
+
+/// Queues `builds` in jobset bad:input as an evaluator does; returns ids.
+async fn queue(d: &Deployment, builds: &[NewBuild]) -> Vec<i32> {
+    let ids = queue_builds(
+        &d.pool,
+        "bad",
+        "input",
+        builds,
+        sluice_queue_runner::driver::unix_now(),
+    )
+    .await
+    .unwrap();
+    sqlx::query("notify builds_added")
+        .execute(&d.pool)
+        .await
+        .unwrap();
+    ids
 }
 
 /// Removes a file on drop, also when the test fails.
@@ -60,23 +79,15 @@ async fn missing_and_malformed_derivations_abort_only_their_builds_naming_the_fi
     let mut good_build = build("good", &good);
     good_build.outputs = vec![("out".into(), Some(good_out.trim().to_string()))];
 
-    let ids = queue_builds(
-        &d.pool,
-        "bad",
-        "input",
+    let ids = queue(
+        &d,
         &[
             build("missing", &missing),
             build("malformed", &malformed),
             good_build,
         ],
-        sluice_queue_runner::driver::unix_now(),
     )
-    .await
-    .unwrap();
-    sqlx::query("notify builds_added")
-        .execute(&d.pool)
-        .await
-        .unwrap();
+    .await;
 
     let statuses = d.wait_finished(&ids, 60).await;
     assert_eq!(statuses[&ids[0]], 3, "missing");
@@ -151,5 +162,76 @@ async fn an_undecodable_builds_row_aborts_that_build_alone() {
     let second = good("second-good");
     let later = d.submit(&[("second".into(), second)]).await;
     assert_eq!(d.wait_finished(&later, 30).await[&later[0]], 0);
+    d.stop().await;
+}
+
+/// A derivation as ATerm with one output and the given inputs.
+fn aterm(out: &str, input_drvs: &[&str], input_srcs: &[&str]) -> String {
+    let drvs: Vec<String> = input_drvs
+        .iter()
+        .map(|d| format!("(\"{d}\",[\"out\"])"))
+        .collect();
+    let srcs: Vec<String> = input_srcs.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "Derive([(\"out\",\"{out}\",\"\",\"\")],[{}],[{}],\"x86_64-linux\",\"/bin/sh\",[\"-c\",\"true\"],[(\"out\",\"{out}\")])",
+        drvs.join(","),
+        srcs.join(",")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependency_cycle_or_a_path_outside_the_store_aborts_its_build_with_the_reason() {
+    let mut d = Deployment::start().await;
+    let nonce = d.env.nonce().to_string();
+    let path = |hash: &str, name: &str| format!("/nix/store/{hash}-{name}-{nonce}");
+    let (ha, hb, hc) = (
+        "0123456789abcdfghijklmnpqrsvwxyz",
+        "123456789abcdfghijklmnpqrsvwxyz0",
+        "23456789abcdfghijklmnpqrsvwxyz01",
+    );
+    // a needs b, and b needs a.
+    let a_drv = format!("{}.drv", path(ha, "cycle-a"));
+    let b_drv = format!("{}.drv", path(hb, "cycle-b"));
+    std::fs::write(&a_drv, aterm(&path(ha, "cycle-a"), &[&b_drv], &[])).unwrap();
+    std::fs::write(&b_drv, aterm(&path(hb, "cycle-b"), &[&a_drv], &[])).unwrap();
+    // An input source outside the store.
+    let outside = format!("{}.drv", path(hc, "outside"));
+    std::fs::write(&outside, aterm(&path(hc, "outside"), &[], &["/etc/passwd"])).unwrap();
+    let _cleanup = [
+        RemoveOnDrop(a_drv.clone().into()),
+        RemoveOnDrop(b_drv.clone().into()),
+        RemoveOnDrop(outside.clone().into()),
+    ];
+
+    let ids = queue(&d, &[build("cycle", &a_drv), build("outside", &outside)]).await;
+
+    let statuses = d.wait_finished(&ids, 60).await;
+    assert_eq!(statuses[&ids[0]], 3, "cycle");
+    assert_eq!(statuses[&ids[1]], 3, "outside");
+    for (id, words) in [
+        (ids[0], ["dependency cycle", "cycle-"]),
+        (ids[1], ["/etc/passwd", outside.as_str()]),
+    ] {
+        let (status, error): (Option<i32>, Option<String>) =
+            sqlx::query_as("select status, errorMsg from BuildSteps where build = $1")
+                .bind(id)
+                .fetch_one(&d.pool)
+                .await
+                .unwrap();
+        assert_eq!(status, Some(3));
+        let error = error.unwrap_or_default();
+        for word in words {
+            assert!(error.contains(word), "{word:?} not in {error:?}");
+        }
+    }
+    // The queue runner still serves: a good build goes through.
+    d.add_agent("a1", 1).await;
+    let good = d
+        .submit_attrs(
+            r#"{ x = mkDrv { PATH = "/usr/bin:/bin"; name = "after-bad"; args = [ "-c" "echo hi > $out" ]; }; }"#,
+            &["x"],
+        )
+        .await;
+    assert_eq!(d.wait_finished(&good, 60).await[&good[0]], 0);
     d.stop().await;
 }

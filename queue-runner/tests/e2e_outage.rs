@@ -41,10 +41,9 @@ async fn wait_status(d: &Deployment, secs: u64, pred: impl Fn(&serde_json::Value
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn results_that_finish_while_postgresql_is_down_are_written_when_it_is_back() {
-    let mut d = Deployment::start().await;
-    d.add_agent("a1", 3).await;
+/// Queues the builds of `JOBS` (ok1, ok2, bad, needs-bad) and waits until
+/// the three leaves have busy rows; returns the ids.
+async fn submit_jobs_until_leaves_build(d: &Deployment) -> Vec<i32> {
     let drvs = d.env.instantiate(JOBS, &["ok1", "ok2", "bad", "needsBad"]);
     let jobs: Vec<(String, String)> = ["ok1", "ok2", "bad", "needs-bad"]
         .iter()
@@ -52,18 +51,22 @@ async fn results_that_finish_while_postgresql_is_down_are_written_when_it_is_bac
         .map(|(n, p)| (n.to_string(), p.clone()))
         .collect();
     let ids = d.submit(&jobs).await;
+    wait_leaves_building(d, &ids).await;
+    ids
+}
 
-    // The three leaves are building.
+/// Waits until the three leaves of `JOBS` have busy rows.
+async fn wait_leaves_building(d: &Deployment, ids: &[i32]) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let (busy,): (i64,) =
             sqlx::query_as("select count(*) from BuildSteps where busy <> 0 and build = any($1)")
-                .bind(&ids)
+                .bind(ids)
                 .fetch_one(&d.pool)
                 .await
                 .unwrap();
         if busy == 3 {
-            break;
+            return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -71,6 +74,13 @@ async fn results_that_finish_while_postgresql_is_down_are_written_when_it_is_bac
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_that_finish_while_postgresql_is_down_are_written_when_it_is_back() {
+    let mut d = Deployment::start().await;
+    d.add_agent("a1", 3).await;
+    let ids = submit_jobs_until_leaves_build(&d).await;
 
     // The outage: every result arrives while the database is down.
     d.pg.stop();
@@ -214,5 +224,184 @@ async fn a_shutdown_writes_what_waited_in_the_backlog() {
             .await
             .unwrap();
     assert_eq!(recorded, 2, "both results that arrived during the outage");
+    d.stop().await;
+}
+
+/// A Unix-socket proxy in front of PostgreSQL: the queue runner connects
+/// through it, so cutting it is an outage for the queue runner alone while
+/// the test's own connections (straight to the server) stay up.
+struct Proxy {
+    dir: tempfile::TempDir,
+    target: std::path::PathBuf,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+const SOCKET: &str = ".s.PGSQL.5432";
+
+impl Proxy {
+    /// A proxy to the server of `url` (`…?host=<socket dir>`), accepting.
+    fn start(url: &str) -> Proxy {
+        let host = url.split("host=").nth(1).unwrap();
+        let mut proxy = Proxy {
+            dir: tempfile::tempdir().unwrap(),
+            target: std::path::Path::new(host).join(SOCKET),
+            up: Default::default(),
+            task: None,
+            links: Default::default(),
+        };
+        proxy.restore();
+        proxy
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "postgres://postgres@localhost/sluice?host={}",
+            self.dir.path().display()
+        )
+    }
+
+    /// Closes every proxied connection and refuses new ones.
+    fn cut(&mut self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(self.dir.path().join(SOCKET));
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    /// Accepts again.
+    fn restore(&mut self) {
+        let path = self.dir.path().join(SOCKET);
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        let target = self.target.clone();
+        let links = self.links.clone();
+        self.task = Some(tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let target = target.clone();
+                let link = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::UnixStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                links.lock().unwrap().push(link.abort_handle());
+            }
+        }));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_arrive_once_and_after_their_rows_across_an_outage() {
+    let mut proxy = None;
+    let mut d = Deployment::start_with(|c| {
+        let p = Proxy::start(c.database_url.as_deref().unwrap());
+        c.database_url = Some(p.url());
+        proxy = Some(p);
+    })
+    .await;
+    let mut proxy = proxy.unwrap();
+    // Straight to the server: it hears every notification, outage or not.
+    let mut listener = sqlx::postgres::PgListener::connect(&d.pg.url())
+        .await
+        .unwrap();
+    listener
+        .listen_all(["step_finished", "build_finished"])
+        .await
+        .unwrap();
+    d.add_agent("a1", 3).await;
+    let ids = submit_jobs_until_leaves_build(&d).await;
+
+    // The outage: the leaves finish while the queue runner cannot write.
+    proxy.cut();
+    wait_status(&d, 60, |s| {
+        s["nrStepsDone"].as_u64() >= Some(3) && s["databaseUp"] == false
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.restore();
+
+    // Each notification, as it arrives, finds its row already written.
+    let mut steps = std::collections::BTreeMap::<(i32, i32), u32>::new();
+    let mut builds = std::collections::BTreeMap::<i32, u32>::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while builds.len() < ids.len() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let n = tokio::time::timeout(left, listener.recv())
+            .await
+            .expect("every build_finished arrives")
+            .unwrap();
+        let fields: Vec<i32> = n
+            .payload()
+            .split('\t')
+            .map_while(|f| f.parse().ok())
+            .collect();
+        match n.channel() {
+            "step_finished" => {
+                let (build, stepnr) = (fields[0], fields[1]);
+                let (busy, status): (i32, Option<i32>) = sqlx::query_as(
+                    "select busy, status from BuildSteps where build = $1 and stepnr = $2",
+                )
+                .bind(build)
+                .bind(stepnr)
+                .fetch_one(&d.pool)
+                .await
+                .unwrap();
+                assert!(
+                    busy == 0 && status.is_some(),
+                    "step_finished before its row: {n:?}"
+                );
+                *steps.entry((build, stepnr)).or_default() += 1;
+            }
+            _ => {
+                for build in fields {
+                    let (finished,): (i32,) =
+                        sqlx::query_as("select finished from Builds where id = $1")
+                            .bind(build)
+                            .fetch_one(&d.pool)
+                            .await
+                            .unwrap();
+                    assert_eq!(finished, 1, "build_finished before its row: {n:?}");
+                    *builds.entry(build).or_default() += 1;
+                }
+            }
+        }
+    }
+    // A moment for any duplicate to show up.
+    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), listener.recv()).await {
+        panic!("a notification came after every build finished: {n:?}");
+    }
+    assert!(
+        builds.values().all(|n| *n == 1),
+        "build_finished more than once: {builds:?}"
+    );
+    assert!(
+        steps.values().all(|n| *n == 1),
+        "step_finished more than once: {steps:?}"
+    );
+    let (finished_steps,): (i64,) = sqlx::query_as(
+        "select count(*) from BuildSteps where build = any($1) and busy = 0 and stepnr is not null
+           and startTime is not null and machine <> '' and propagatedFrom is null",
+    )
+    .bind(&ids)
+    .fetch_one(&d.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        steps.len() as i64,
+        finished_steps,
+        "one step_finished per built step"
+    );
+    let statuses = d.wait_finished(&ids, 10).await;
+    assert_eq!(
+        statuses.values().copied().collect::<Vec<_>>(),
+        [0, 0, 1, 2],
+        "{statuses:?}"
+    );
     d.stop().await;
 }

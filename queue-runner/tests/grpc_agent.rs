@@ -113,7 +113,7 @@ async fn an_agent_with_an_empty_store_fetches_inputs_builds_and_uploads() {
     assert_eq!(info.systems, [system.as_str(), "builtin"]);
     assert_eq!(info.max_jobs, 2);
 
-    let attempt = AttemptId(1);
+    let attempt = AttemptId(uuid::Uuid::from_u128(1));
     let a = assignment(&runner.store, &drvs[1], attempt).await;
     let inputs: Vec<&str> = a.inputs.iter().map(|i| i.path.as_str()).collect();
     assert_eq!(
@@ -193,7 +193,7 @@ async fn a_failing_build_reports_status_1_with_its_log() {
     let (stop, agent) = start_agent(agent_config(&runner, &daemon, &system_of(&drvs[1])));
     let (machine, _, commands) = runner.connected().await;
 
-    let attempt = AttemptId(5);
+    let attempt = AttemptId(uuid::Uuid::from_u128(5));
     let a = assignment(&runner.store, &drvs[1], attempt).await;
     runner.assign(machine, &commands, a).await;
     let (phases, report) = runner.finished(attempt, 120).await;
@@ -259,6 +259,10 @@ async fn a_wrong_token_or_protocol_version_is_refused() {
     assert!(err.to_string().contains("unknown agent token"), "{err}");
 }
 
+fn step_id(attempt: AttemptId) -> String {
+    attempt.0.simple().to_string()
+}
+
 async fn upload(
     client: &mut Raw,
     header: pb::UploadHeader,
@@ -286,7 +290,7 @@ async fn uploads_that_lie_are_refused_and_nothing_is_recorded() {
     let mut client = raw_client(&runner, TOKEN).await;
     let (session, _keep_open, _commands) = raw_session(&mut client, "uploader").await;
     let (machine, _, commands) = runner.connected().await;
-    let attempt = AttemptId(7);
+    let attempt = AttemptId(uuid::Uuid::from_u128(7));
     let mut a = assignment(&runner.store, &drvs[0], attempt).await;
     a.max_log_bytes = 16;
     runner.assign(machine, &commands, a).await;
@@ -294,7 +298,7 @@ async fn uploads_that_lie_are_refused_and_nothing_is_recorded() {
     // The log file stops at the assignment's limit; the rest is counted.
     let chunk = |data: &[u8]| pb::LogChunk {
         session_id: session.clone(),
-        step_id: "7".into(),
+        step_id: step_id(attempt),
         data: data.to_vec(),
     };
     let ack = client
@@ -328,7 +332,7 @@ async fn uploads_that_lie_are_refused_and_nothing_is_recorded() {
     };
     let header = |info: pb::StorePathInfo, output: &str| pb::UploadHeader {
         session_id: session.clone(),
-        step_id: "7".into(),
+        step_id: step_id(attempt),
         output_name: output.into(),
         info: Some(info),
     };
@@ -389,7 +393,7 @@ async fn uploads_that_lie_are_refused_and_nothing_is_recorded() {
     // Success cannot be claimed without the upload.
     let result = pb::StepResult {
         session_id: session.clone(),
-        step_id: "7".into(),
+        step_id: step_id(attempt),
         status: 0,
         outputs: vec![pb::BuildOutput {
             name: "out".into(),
@@ -420,7 +424,7 @@ async fn uploads_that_lie_are_refused_and_nothing_is_recorded() {
     let status = other
         .fetch_paths(pb::FetchPathsRequest {
             session_id: other_session.clone(),
-            step_id: "7".into(),
+            step_id: step_id(attempt),
             paths: vec![],
         })
         .await
@@ -428,7 +432,7 @@ async fn uploads_that_lie_are_refused_and_nothing_is_recorded() {
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     let log = pb::LogChunk {
         session_id: other_session,
-        step_id: "7".into(),
+        step_id: step_id(attempt),
         data: b"lies\n".to_vec(),
     };
     let status = other
@@ -440,15 +444,21 @@ async fn uploads_that_lie_are_refused_and_nothing_is_recorded() {
     let status = client
         .fetch_paths(pb::FetchPathsRequest {
             session_id: session.clone(),
-            step_id: "7".into(),
+            step_id: step_id(attempt),
             paths: vec![dep_out.clone()],
         })
         .await
         .expect_err("not an input");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 
-    // The honest upload goes through, then the report.
-    upload(&mut client, header(good_info.clone(), "out"), thirds)
+    // The honest upload goes through, then the report. A deriver that is
+    // not the attempt's derivation changes nothing: the attempt's is
+    // recorded.
+    let lying_deriver = pb::StorePathInfo {
+        deriver: drvs[1].clone(),
+        ..good_info.clone()
+    };
+    upload(&mut client, header(lying_deriver, "out"), thirds)
         .await
         .expect("the right NAR is accepted");
     assert!(valid(&runner).await);
@@ -462,17 +472,34 @@ async fn uploads_that_lie_are_refused_and_nothing_is_recorded() {
         .expect("query")
         .expect("valid");
     assert_eq!(info.nar_hash, summary.nar_hash);
+    assert_eq!(info.deriver, Some(store_path(&drvs[0])));
     let entry = runner.attempts.get(attempt).expect("attempt");
     assert_eq!(entry.uploaded()["out"].nar_hash, summary.nar_hash);
-    client
-        .report_result(result.clone())
-        .await
-        .expect("report accepted");
+    // The answer comes once the driver has the result committed.
+    let reporting = tokio::spawn({
+        let mut client = client.clone();
+        let result = result.clone();
+        async move { client.report_result(result).await }
+    });
     let (_, report) = runner.finished(attempt, 10).await;
+    reporting
+        .await
+        .expect("the report task")
+        .expect("report accepted once committed");
     assert_eq!(report.status, 0);
     assert_eq!(report.outputs, [("out".to_owned(), target.clone())]);
-    let status = client.report_result(result).await.expect_err("twice");
-    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    // Reported again (as an agent that missed the answer would): answered
+    // as the first, and nothing is recorded twice.
+    client
+        .report_result(result)
+        .await
+        .expect("a repeated report is answered like the first");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), runner.finished(attempt, 1))
+            .await
+            .is_err(),
+        "the driver hears of a result once"
+    );
     runner.stop().await;
 }
 
@@ -534,7 +561,7 @@ async fn an_agent_reconnects_after_the_queue_runner_restarts() {
     }
     runner.restart().await;
     let (machine, _, commands) = runner.connected().await;
-    let attempt = AttemptId(1);
+    let attempt = AttemptId(uuid::Uuid::from_u128(1));
     let a = assignment(&runner.store, &drvs[0], attempt).await;
     runner.assign(machine, &commands, a).await;
     let (_, report) = runner.finished(attempt, 120).await;
@@ -578,7 +605,7 @@ async fn a_cancelled_build_is_killed_and_frees_its_slot() {
     let (stop, agent) = start_agent(config);
     let (machine, _, commands) = runner.connected().await;
 
-    let slow = AttemptId(1);
+    let slow = AttemptId(uuid::Uuid::from_u128(1));
     let a = assignment(&runner.store, &drvs[0], slow).await;
     runner.assign(machine, &commands, a).await;
     let building = tokio::time::timeout(Duration::from_secs(60), async {
@@ -609,7 +636,7 @@ async fn a_cancelled_build_is_killed_and_frees_its_slot() {
         "the cancelled builder was killed"
     );
 
-    let quick = AttemptId(2);
+    let quick = AttemptId(uuid::Uuid::from_u128(2));
     let a = assignment(&runner.store, &drvs[1], quick).await;
     runner.assign(machine, &commands, a).await;
     loop {

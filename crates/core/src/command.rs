@@ -20,6 +20,20 @@ pub enum Command {
         build: BuildId,
         attempt: u32,
     },
+    /// A claimed step ([`crate::Event::StepClaimed`]) is now running on
+    /// `machine`, in the attempt its agent already runs: send nothing.
+    Adopt {
+        drv_path: DrvPath,
+        machine: MachineId,
+        build: BuildId,
+    },
+    /// A claim could not be honoured (the machine is gone or full, or the
+    /// step is not runnable): stop the agent's attempt; the step is
+    /// scheduled as usual.
+    AdoptionRefused {
+        drv_path: DrvPath,
+        machine: MachineId,
+    },
     /// Stop building the step: no unfinished build needs it any more. Its
     /// slot is already free in the core; a later `StepFinished` for it is
     /// rejected.

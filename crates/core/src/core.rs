@@ -56,6 +56,9 @@ pub struct Core<O: StepOrder = HydraOrder> {
     pub(crate) counts: Counts,
     /// Jobsets' scheduling shares and recent build time.
     pub(crate) shares: Shares,
+    /// Steps reserved for the machine whose agent still runs an attempt
+    /// at them (see `resume.rs`).
+    pub(crate) claims: HashMap<DrvPath, MachineId>,
     pub(crate) out: Vec<Command>,
 }
 
@@ -133,6 +136,7 @@ impl<O: StepOrder> Core<O> {
             last_ticket: 0,
             counts: Counts::default(),
             shares: Shares::default(),
+            claims: HashMap::new(),
             out: Vec::new(),
         }
     }
@@ -160,6 +164,9 @@ impl<O: StepOrder> Core<O> {
                 machine,
                 outcome,
             } => self.step_finished(&drv_path, machine, outcome),
+            Event::MachineDetached { machine } => self.detach_machine(machine),
+            Event::StepClaimed { drv_path, machine } => self.claim(drv_path, machine),
+            Event::ClaimWithdrawn { drv_path } => self.withdraw_claim(&drv_path),
             Event::JobsetShares { jobset, shares } => self.shares.set(jobset, shares),
             Event::Tick => {}
         }

@@ -34,7 +34,7 @@ fn key_of<O: StepOrder, K>(order: &O, class: &Class<K>, step: &Step, state: &Ste
         required_features: &class.features,
         priority: state.priority,
         runnable_since,
-        tries: state.tries,
+        tries: u32::from(state.tries),
     })
 }
 
@@ -42,6 +42,9 @@ impl<O: StepOrder> Core<O> {
     /// Puts a step whose dependencies have all succeeded into its class's
     /// queue and wakes the machines that can build it.
     pub(crate) fn make_runnable(&mut self, step: &Arc<Step>) {
+        if !self.claims.is_empty() && self.take_claim(step) {
+            return;
+        }
         let ticket = self.next_ticket();
         let now = self.now;
         let (key, jobset) = {
@@ -135,22 +138,14 @@ impl<O: StepOrder> Core<O> {
         if !machine.has_free_slot() {
             return false;
         }
-        let mut best: Option<(ClassId, Head<O::Key>)> = None;
-        let shares = &self.shares;
-        for &class_id in &machine.classes {
-            let class = self.classes.get_mut(class_id);
-            if let Some(head) = class.best_head(|jobset| shares.rank(jobset)) {
-                if best.as_ref().is_none_or(|(_, best)| head.before(best)) {
-                    best = Some((class_id, head));
-                }
-            }
-        }
-        let Some((class_id, head)) = best else {
+        let Some((class_id, head)) = self.best_for(id) else {
             return false;
         };
+        let target = self.retry_elsewhere(class_id, &head, id).unwrap_or(id);
         let Some(step) = self.classes.get_mut(class_id).pop_head(head.jobset) else {
             return false;
         };
+        let id = target;
         let (build, attempt) = {
             let mut state = step.state.lock();
             let build = state
@@ -159,7 +154,7 @@ impl<O: StepOrder> Core<O> {
             self.counts.leave(state.phase);
             state.phase = Phase::Running { machine: id, build };
             self.counts.enter(state.phase);
-            (build, state.tries + 1)
+            (build, u32::from(state.tries) + 1)
         };
         debug_assert!(
             self.builds.contains_key(&build),
@@ -183,6 +178,55 @@ impl<O: StepOrder> Core<O> {
         true
     }
 
+    /// The head machine `id` would take: the best among the heads of the
+    /// classes it can build.
+    fn best_for(&mut self, id: MachineId) -> Option<(ClassId, Head<O::Key>)> {
+        let machine = self.machines.get(&id)?;
+        let mut best: Option<(ClassId, Head<O::Key>)> = None;
+        let shares = &self.shares;
+        for &class_id in &machine.classes {
+            let class = self.classes.get_mut(class_id);
+            if let Some(head) = class.best_head(|jobset| shares.rank(jobset)) {
+                if best.as_ref().is_none_or(|(_, best)| head.before(best)) {
+                    best = Some((class_id, head));
+                }
+            }
+        }
+        best
+    }
+
+    /// If the head `head` of `class_id` (which machine `id` is about to
+    /// take) last failed on `id`, another machine with a free slot whose
+    /// own best head is this same step, fastest first: the retry goes
+    /// there, and no machine takes a step before a more urgent one.
+    fn retry_elsewhere(
+        &mut self,
+        class_id: ClassId,
+        head: &Head<O::Key>,
+        id: MachineId,
+    ) -> Option<MachineId> {
+        let step = self.classes.get(class_id).peek_head(head.jobset)?;
+        let failed_on = step.state.lock().failed_on;
+        if failed_on == 0 || u64::from(failed_on) != id.0 {
+            return None;
+        }
+        let mut others: Vec<(f32, MachineId)> = self
+            .classes
+            .get(class_id)
+            .machines
+            .iter()
+            .filter(|other| **other != id)
+            .filter_map(|other| self.machines.get(other))
+            .filter(|m| m.has_free_slot())
+            .map(|m| (m.speed_factor, m.id))
+            .collect();
+        others.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        others.into_iter().map(|(_, other)| other).find(|other| {
+            self.best_for(*other)
+                .is_some_and(|(c, h)| c == class_id && h.jobset == head.jobset)
+        })
+    }
+
     /// Links a newly created class with the connected machines that can
     /// build it.
     pub(crate) fn attach_class(&mut self, class_id: ClassId) {
@@ -200,11 +244,33 @@ impl<O: StepOrder> Core<O> {
     }
 
     pub(crate) fn connect_machine(&mut self, spec: MachineSpec) {
-        self.disconnect_machine(spec.id);
+        // A detached machine coming back keeps the steps it runs; any other
+        // machine of the same id is replaced, its steps retried.
+        let carried = match self.machines.get(&spec.id) {
+            Some(old) if old.detached => {
+                let old = self.machines.remove(&spec.id);
+                if let Some(old) = &old {
+                    self.unlink_machine(old);
+                }
+                old
+            }
+            _ => {
+                self.disconnect_machine(spec.id);
+                None
+            }
+        };
         let mut machine = {
             let classes = &mut self.classes;
             Machine::new(spec, &mut |name| classes.intern_name(name))
         };
+        if let Some(old) = carried {
+            machine.running = old.running;
+            machine.steps_done = old.steps_done;
+            machine.steps_failed = old.steps_failed;
+            // Never fewer slots than steps it holds.
+            let held = u32::try_from(machine.running.len()).unwrap_or(u32::MAX);
+            machine.max_jobs = machine.max_jobs.max(held);
+        }
         for (class_id, class) in self.classes.iter_mut() {
             if machine.can_build(class) {
                 machine.classes.push(class_id);
@@ -218,17 +284,14 @@ impl<O: StepOrder> Core<O> {
         self.mark_dirty(id);
     }
 
-    /// Forgets a machine and retries the steps it was building. Returns
-    /// false if it was not connected.
-    pub(crate) fn disconnect_machine(&mut self, id: MachineId) -> bool {
-        let Some(machine) = self.machines.remove(&id) else {
-            return false;
-        };
+    /// Removes a machine from its classes' lists; a class left without
+    /// machines starts its unsupported grace period.
+    fn unlink_machine(&mut self, machine: &Machine) {
         let now = self.now;
         let grace = self.config.max_unsupported_time;
         for &class_id in &machine.classes {
             let class = self.classes.get_mut(class_id);
-            class.machines.retain(|m| *m != id);
+            class.machines.retain(|m| *m != machine.id);
             if class.machines.is_empty() {
                 class.unsupported_since = Some(now);
                 if class.len() > 0 {
@@ -236,6 +299,15 @@ impl<O: StepOrder> Core<O> {
                 }
             }
         }
+    }
+
+    /// Forgets a machine and retries the steps it was building. Returns
+    /// false if it was not connected.
+    pub(crate) fn disconnect_machine(&mut self, id: MachineId) -> bool {
+        let Some(machine) = self.machines.remove(&id) else {
+            return false;
+        };
+        self.unlink_machine(&machine);
         for slot in machine.running {
             self.charge(slot.build, slot.since);
             if let Some(step) = slot.step.upgrade() {

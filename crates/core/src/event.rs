@@ -39,6 +39,21 @@ pub enum Event {
     /// A builder went away: its running steps are aborted (status 3) and
     /// retried like any infrastructure failure.
     MachineDisconnected { machine: MachineId },
+    /// A builder's connection dropped but its agent may still be building:
+    /// it keeps its running steps and gets no new ones until a
+    /// `MachineConnected` with the same id reattaches it (keeping them) or
+    /// a `MachineDisconnected` gives it up.
+    MachineDetached { machine: MachineId },
+    /// After a restart, `machine`'s agent reports it still runs an attempt
+    /// at `drv_path`. When the step is (or becomes) runnable it is put in
+    /// that machine's slot with [`crate::Command::Adopt`] rather than
+    /// dispatched; if that cannot be, [`crate::Command::AdoptionRefused`].
+    StepClaimed {
+        drv_path: DrvPath,
+        machine: MachineId,
+    },
+    /// The driver gives up on a claim that was not used yet.
+    ClaimWithdrawn { drv_path: DrvPath },
     /// A builder reports the end of an attempt at a step it was given with
     /// [`crate::Command::Dispatch`].
     StepFinished {

@@ -48,8 +48,13 @@ pub(crate) struct StepState {
     /// Identifies the one live entry of this step in a runnable queue or in
     /// the retry timers; other entries for it are stale.
     pub ticket: u64,
-    /// Failed attempts so far.
-    pub tries: u32,
+    /// Failed attempts so far (saturating; tries are capped far lower).
+    pub tries: u16,
+    /// The machine of the last failed attempt (its id, 0 for none; 16
+    /// bits beside `tries`, so a step does not grow, and a machine with a
+    /// larger id is never avoided): a retry goes elsewhere when another
+    /// machine is free.
+    pub failed_on: u16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +84,7 @@ impl Step {
                 phase: Phase::Waiting,
                 ticket: 0,
                 tries: 0,
+                failed_on: 0,
             }),
         }
     }

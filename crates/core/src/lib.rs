@@ -43,7 +43,8 @@
 //! interface), `order` (pluggable dispatch order), `graph` (steps and
 //! builds), `queue` (per-class runnable queues), `machine` (builders and
 //! slots), `core` (the state machine), with its behaviour split over
-//! `ingest`, `dispatch` and `outcome`, and `status` (reports).
+//! `ingest`, `dispatch`, `outcome` and `resume` (detached machines,
+//! attempts adopted after a restart), and `status` (reports).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod command;
@@ -57,6 +58,7 @@ mod machine;
 mod order;
 mod outcome;
 mod queue;
+mod resume;
 pub mod shares;
 mod status;
 mod types;

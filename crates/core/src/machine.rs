@@ -31,6 +31,9 @@ pub(crate) struct Machine {
     pub dirty: bool,
     pub steps_done: u64,
     pub steps_failed: u64,
+    /// Its connection dropped: it keeps the steps it runs (they may still
+    /// finish) but takes no new ones until it reattaches.
+    pub detached: bool,
 }
 
 /// One busy slot.
@@ -63,6 +66,7 @@ impl Machine {
             dirty: false,
             steps_done: 0,
             steps_failed: 0,
+            detached: false,
         }
     }
 
@@ -84,7 +88,7 @@ impl Machine {
     }
 
     pub fn has_free_slot(&self) -> bool {
-        self.running.len() < self.max_jobs as usize
+        !self.detached && self.running.len() < self.max_jobs as usize
     }
 
     /// Removes and returns the slot running `drv_path`.

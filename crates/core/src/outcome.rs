@@ -84,7 +84,8 @@ impl<O: StepOrder> Core<O> {
         let tries = {
             let mut state = step.state.lock();
             state.tries = state.tries.saturating_add(1);
-            state.tries
+            state.failed_on = u16::try_from(machine.0).unwrap_or(0);
+            u32::from(state.tries)
         };
         if !can_retry || tries >= self.config.max_tries {
             self.fail_step(step, failure.status(), Some(build), false);

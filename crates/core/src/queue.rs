@@ -177,6 +177,14 @@ impl<K: Ord + Clone> Class<K> {
 
     /// Removes the first entry of `jobset`'s queue; call right after
     /// [`Class::best_head`] named it, when the entry is known live.
+    /// The first step of `jobset`'s queue (live right after `best_head`).
+    pub fn peek_head(&self, jobset: JobsetId) -> Option<Arc<Step>> {
+        self.queues
+            .get(&jobset)?
+            .first_key_value()
+            .and_then(|(_, step)| step.upgrade())
+    }
+
     pub fn pop_head(&mut self, jobset: JobsetId) -> Option<Arc<Step>> {
         let queue = self.queues.get_mut(&jobset)?;
         let popped = queue.pop_first();

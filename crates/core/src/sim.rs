@@ -141,6 +141,8 @@ pub(crate) struct Sim<O: StepOrder = crate::HydraOrder> {
     pub queued: BTreeMap<BuildId, String>,
     pub finished: BTreeMap<BuildId, Status>,
     pub cancelled: BTreeSet<BuildId>,
+    /// Machines whose connection dropped (they keep their steps).
+    pub detached: BTreeSet<String>,
     /// (global, local) priority of each queued build, as the core was told.
     priorities: BTreeMap<BuildId, (i32, i32)>,
     /// Each queued build's jobset.
@@ -176,6 +178,7 @@ impl<O: StepOrder> Sim<O> {
             queued: BTreeMap::new(),
             finished: BTreeMap::new(),
             cancelled: BTreeSet::new(),
+            detached: BTreeSet::new(),
             priorities: BTreeMap::new(),
             jobsets: BTreeMap::new(),
             delayed: BTreeMap::new(),
@@ -209,6 +212,10 @@ impl<O: StepOrder> Sim<O> {
     /// Performs one scripted action:
     /// - `connect NAME SYSTEM[,SYSTEM…] [slots=N] [features=F,…] [mandatory=F,…] [speed=X]`
     /// - `disconnect NAME`
+    /// - `detach NAME` / `reattach NAME` (a dropped connection and its
+    ///   return, same machine id)
+    /// - `claim DRV NAME` / `withdraw DRV` (an attempt an agent still runs
+    ///   after a restart)
     /// - `valid DRV…` (outputs already in the store)
     /// - `failed DRV…` (outputs known to fail: `FailedPaths`)
     /// - `queue #ID TOP [global=N] [prio=N] [jobset=N]` (jobset 1 by default)
@@ -244,6 +251,30 @@ impl<O: StepOrder> Sim<O> {
                 );
             }
             ["disconnect", name] => self.disconnect(name),
+            ["detach", name] => {
+                let machine = self.machines[*name].id;
+                self.detached.insert(name.to_string());
+                self.handle(Event::MachineDetached { machine });
+            }
+            ["reattach", name] => {
+                let spec = self.machines[*name].spec.clone();
+                if !self.detached.remove(*name) {
+                    // Connecting a connected machine again replaces it:
+                    // its steps are retried.
+                    self.running.retain(|_, (m, _)| m != name);
+                }
+                self.handle(Event::MachineConnected(spec));
+            }
+            ["claim", drv_name, name] => {
+                let machine = self.machines[*name].id;
+                self.handle(Event::StepClaimed {
+                    drv_path: drv(drv_name),
+                    machine,
+                });
+            }
+            ["withdraw", drv_name] => self.handle(Event::ClaimWithdrawn {
+                drv_path: drv(drv_name),
+            }),
             ["valid", names @ ..] => self.valid.extend(names.iter().map(|n| n.to_string())),
             ["failed", names @ ..] => self
                 .known_failed
@@ -334,6 +365,7 @@ impl<O: StepOrder> Sim<O> {
         let Some(machine) = self.machines.remove(name) else {
             return;
         };
+        self.detached.remove(name);
         self.running.retain(|_, (m, _)| m != name);
         self.handle(Event::MachineDisconnected {
             machine: machine.id,
@@ -468,6 +500,26 @@ impl<O: StepOrder> Sim<O> {
                 self.delayed.insert(step.clone(), not_before);
                 format!(
                     "requeue {step} from {} (try {tries}) until {not_before}",
+                    self.machine_name(machine)
+                )
+            }
+            Command::Adopt {
+                drv_path,
+                machine,
+                build,
+            } => {
+                let step = name(&drv_path);
+                let machine_name = self.machine_name(machine);
+                self.check_dispatch(&step, &machine_name, build);
+                self.delayed.remove(&step);
+                self.running
+                    .insert(step.clone(), (machine_name.clone(), build));
+                format!("adopt {step} on {machine_name} for {build}")
+            }
+            Command::AdoptionRefused { drv_path, machine } => {
+                format!(
+                    "refuse adoption of {} on {}",
+                    name(&drv_path),
                     self.machine_name(machine)
                 )
             }

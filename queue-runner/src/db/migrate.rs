@@ -51,7 +51,11 @@ pub const HYDRA_MIGRATIONS: &[Migration] = &[Migration {
 }];
 
 /// Sluice's own tables.
-pub const SLUICE_MIGRATIONS: &[Migration] = &[];
+pub const SLUICE_MIGRATIONS: &[Migration] = &[Migration {
+    set: "sluice",
+    name: "0001_attempts",
+    sql: include_str!("../../../sql/sluice/0001_attempts.sql"),
+}];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {

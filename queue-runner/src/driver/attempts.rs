@@ -18,6 +18,12 @@ pub(super) struct Attempt {
     /// `None` until the `BuildSteps` row exists.
     pub(super) stepnr: Option<i32>,
     pub(super) started_unix: i64,
+    /// The agent has it: its assignment was sent, or it was adopted.
+    pub(super) sent: bool,
+    /// Adopted after a restart: the agent already runs it.
+    pub(super) adopted: bool,
+    /// It occupies one of its machine's slots (`Machine::running`).
+    pub(super) in_slot: bool,
 }
 
 impl Driver {
@@ -26,36 +32,51 @@ impl Driver {
         machine: MachineId,
         attempt: AttemptId,
         report: StepReport,
+        committed: watch::Sender<bool>,
     ) {
+        // A refused result is forgotten with its attempt: the agent's next
+        // report is told the attempt is over.
+        let refuse = |why: &str| {
+            let _ = self.attempts_shared.remove(attempt);
+            tracing::warn!(%attempt, %machine, "{why}; the result is refused");
+        };
         let Some(a) = self.attempts.get(&attempt) else {
-            tracing::warn!(%attempt, "result for an unknown attempt");
-            return;
+            return refuse("result for an attempt that is over");
         };
         if a.machine != machine {
-            tracing::warn!(%attempt, %machine, "result from a machine that does not run it");
-            return;
+            return refuse("result from a machine that does not run it");
         }
         // The assignment is sent only once the row exists, so a result
         // for an attempt without a row is a lie.
-        if a.stepnr.is_none() {
-            tracing::warn!(%attempt, "result for an attempt that was never assigned");
-            return;
+        if a.stepnr.is_none() || !a.sent {
+            return refuse("result for an attempt that was never assigned");
         }
-        self.complete(attempt, report);
+        self.complete(attempt, report, Some(committed));
     }
 
     /// Records the end of an attempt and tells the core. The row's times
     /// come from our clock (dispatch to now), never the agent's: its clock
     /// may be wrong, or lie.
-    pub(super) fn complete(&mut self, attempt: AttemptId, mut report: StepReport) {
+    ///
+    /// With `committed` (an agent's report), the attempt stays in the
+    /// registry until everything this result causes is committed; then it
+    /// is removed and `committed` set, which answers the agent.
+    pub(super) fn complete(
+        &mut self,
+        attempt: AttemptId,
+        mut report: StepReport,
+        committed: Option<watch::Sender<bool>>,
+    ) {
         let Some(a) = self.attempts.remove(&attempt) else {
             return;
         };
         report.start_time = a.started_unix;
         report.stop_time = unix_now().max(a.started_unix);
-        let _ = self.attempts_shared.remove(attempt);
+        if committed.is_none() {
+            let _ = self.attempts_shared.remove(attempt);
+        }
         self.by_step.remove(&(a.drv_path.clone(), a.machine));
-        if let Some(m) = self.machines.get_mut(&a.machine) {
+        if let Some(m) = self.machines.get_mut(&a.machine).filter(|_| a.in_slot) {
             m.running = m.running.saturating_sub(1);
             m.steps_done += 1;
             let ms = (report.stop_time - report.start_time).max(0) as u64 * 1000;
@@ -98,11 +119,15 @@ impl Driver {
             });
         }
         let succeeded = outcome == StepOutcome::Success;
-        self.apply(Event::StepFinished {
-            drv_path: a.drv_path.clone(),
-            machine: a.machine,
-            outcome,
-        });
+        // An adopted attempt whose build finished without it holds no slot
+        // in the core: only its row records the result.
+        if a.in_slot {
+            self.apply(Event::StepFinished {
+                drv_path: a.drv_path.clone(),
+                machine: a.machine,
+                outcome,
+            });
+        }
         if succeeded {
             // The builds this step finished were recorded by the call
             // above; only a floating output's path is needed later (by
@@ -116,6 +141,17 @@ impl Driver {
             }
             self.closure.remove(&a.drv_path);
         }
+        if let Some(committed) = committed {
+            // Queued after the step's row and the builds it finished: runs
+            // once they are all committed.
+            let registry = self.attempts_shared.clone();
+            self.send_write(WriteJob::AfterCommit(writer::OnCommit(Box::new(
+                move || {
+                    let _ = registry.remove(attempt);
+                    let _ = committed.send(true);
+                },
+            ))));
+        }
     }
 
     /// Ends an attempt the driver itself gives up on (cancel, disconnect,
@@ -125,7 +161,7 @@ impl Driver {
             return;
         };
         let _ = self.attempts_shared.remove(attempt);
-        if let Some(m) = self.machines.get_mut(&a.machine) {
+        if let Some(m) = self.machines.get_mut(&a.machine).filter(|_| a.in_slot) {
             m.running = m.running.saturating_sub(1);
         }
         match a.stepnr {
@@ -140,7 +176,7 @@ impl Driver {
     }
 
     /// Finishes the row of an attempt the driver gave up on.
-    fn finish_row(&mut self, a: &Attempt, stepnr: i32, status: i32, error: &str) {
+    pub(super) fn finish_row(&mut self, a: &Attempt, stepnr: i32, status: i32, error: &str) {
         self.send_write(WriteJob::FinishStep {
             build: a.build,
             stepnr,
@@ -167,14 +203,45 @@ impl Driver {
                 .push_back((drv_path, machine, build));
             return;
         }
-        let id = AttemptId(self.next_attempt);
-        self.next_attempt += 1;
+        let id = AttemptId::new();
         let Some(m) = self.machines.get_mut(&machine) else {
             return;
         };
         m.running += 1;
         let machine_name = m.info.name.clone();
+        self.attempts.insert(
+            id,
+            Attempt {
+                drv_path: drv_path.clone(),
+                machine,
+                build,
+                machine_name,
+                stepnr: None,
+                started_unix: unix_now(),
+                sent: false,
+                adopted: false,
+                in_slot: true,
+            },
+        );
+        self.by_step.insert((drv_path.clone(), machine), id);
         let first_for_build = self.started_builds.insert(build);
+        self.prepare(id, drv_path, machine, build, first_for_build);
+    }
+
+    /// Starts preparing attempt `id`: its row (unless it is adopted and
+    /// has one) and its assignment, in a task that answers with
+    /// [`DriverEvent::Prepared`].
+    pub(super) fn prepare(
+        &mut self,
+        id: AttemptId,
+        drv_path: DrvPath,
+        machine: MachineId,
+        build: BuildId,
+        first_for_build: bool,
+    ) {
+        let Some(a) = self.attempts.get(&id) else {
+            return;
+        };
         let outputs = self
             .closure
             .get(&drv_path)
@@ -185,31 +252,18 @@ impl Driver {
             .get(&drv_path)
             .map(|c| c.spec.system.clone())
             .unwrap_or_default();
-        let started_unix = unix_now();
-        self.attempts.insert(
-            id,
-            Attempt {
-                drv_path: drv_path.clone(),
-                machine,
-                build,
-                machine_name: machine_name.clone(),
-                stepnr: None,
-                started_unix,
-            },
-        );
-        self.by_step.insert((drv_path.clone(), machine), id);
-        let realised = self.realised_inputs(&drv_path);
         let job = prepare::Preparation {
             attempt: id,
             machine,
             build,
             drv_path: drv_path.as_str().to_string(),
             system,
-            machine_name,
+            machine_name: a.machine_name.clone(),
             outputs,
             first_for_build,
-            started_unix,
-            realised,
+            started_unix: a.started_unix,
+            existing_row: a.stepnr,
+            realised: self.realised_inputs(&drv_path),
             max_log_bytes: self.config.max_log_bytes,
             max_output_bytes: self.config.max_output_bytes,
             timeouts: self.step_limits(&drv_path, build),
@@ -275,6 +329,25 @@ impl Driver {
         }
         let machine = a.machine;
         let started = a.started_unix;
+        if a.adopted {
+            // The agent already runs it: only the registry needs it.
+            let registered = assignment.and_then(|(_, entry)| {
+                self.attempts_shared
+                    .register_adopted(attempt, entry)
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(error) = registered {
+                if let Some(m) = self.machines.get(&machine) {
+                    let _ = m.commands.try_send(ToAgent::Cancel(attempt));
+                }
+                self.drop_attempt(
+                    attempt,
+                    &format!("adopting the step after a restart: {error}"),
+                );
+            }
+            return;
+        }
+        a.sent = true;
         let sent = assignment.and_then(|(assignment, entry)| {
             self.attempts_shared
                 .register(attempt, entry)
@@ -300,7 +373,7 @@ impl Driver {
                 overhead_ms: 0,
                 failure: FailureKind::Infrastructure,
             };
-            self.complete(attempt, report);
+            self.complete(attempt, report, None);
         }
     }
 }

@@ -68,7 +68,9 @@ impl Driver {
     pub(super) fn start_load(&mut self) {
         // Nothing new is loaded while writes are backlogged: a load's
         // cached builds would only add to them. `drain_backlog` calls again.
-        if self.loader.in_flight || !self.write_backlog.is_empty() {
+        // Nor while a restart waits for agents to report their attempts:
+        // their steps must be claimed before they are loaded.
+        if self.loader.in_flight || !self.write_backlog.is_empty() || self.resuming() {
             return;
         }
         let restarted = std::mem::take(&mut self.loader.want_restarted);
@@ -153,6 +155,11 @@ impl Driver {
             self.apply(Event::BuildQueued { build: spec, steps });
         }
         self.hold_dispatches = false;
+        if !batch.more {
+            // Every queued build is loaded: a claim still unused belongs
+            // to a build that is gone.
+            self.withdraw_unused_claims();
+        }
         self.start_deferred_dispatches();
         self.start_load();
     }

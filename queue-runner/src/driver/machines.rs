@@ -10,6 +10,8 @@ pub(super) struct Machine {
     pub(super) running: usize,
     pub(super) steps_done: u64,
     pub(super) build_ms_total: u64,
+    /// Its session ended at this time; its attempts are kept for a lease.
+    pub(super) detached_since: Option<Instant>,
 }
 
 impl Driver {
@@ -19,46 +21,9 @@ impl Driver {
                 machine,
                 info,
                 commands,
-            } => {
-                let spec = MachineSpec {
-                    id: machine,
-                    name: info.name.clone(),
-                    systems: info.systems.clone(),
-                    supported_features: info.supported_features.clone(),
-                    mandatory_features: info.mandatory_features.clone(),
-                    max_jobs: info.max_jobs,
-                    speed_factor: info.speed_factor,
-                };
-                self.machines.insert(
-                    machine,
-                    Machine {
-                        info,
-                        commands,
-                        load: AgentLoad::default(),
-                        running: 0,
-                        steps_done: 0,
-                        build_ms_total: 0,
-                    },
-                );
-                self.apply(Event::MachineConnected(spec));
-            }
-            FromAgent::Disconnected { machine } => {
-                if self.machines.remove(&machine).is_none() {
-                    return;
-                }
-                let gone: Vec<AttemptId> = self
-                    .attempts
-                    .iter()
-                    .filter(|(_, a)| a.machine == machine)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in gone {
-                    self.end_attempt(id, 3, "the builder disconnected");
-                }
-                self.by_step.retain(|(_, m), _| *m != machine);
-                self.deferred_dispatches.retain(|(_, m, _)| *m != machine);
-                self.apply(Event::MachineDisconnected { machine });
-            }
+                held,
+            } => self.on_connected(machine, info, commands, held),
+            FromAgent::Disconnected { machine } => self.on_disconnected(machine),
             FromAgent::Heartbeat { machine, load } => {
                 if let Some(m) = self.machines.get_mut(&machine) {
                     m.load = load;
@@ -85,7 +50,8 @@ impl Driver {
                 machine,
                 attempt,
                 report,
-            } => self.on_finished(machine, attempt, report),
+                committed,
+            } => self.on_finished(machine, attempt, report, committed),
         }
     }
 

@@ -9,7 +9,8 @@
 //! tasks ([`prepare`]) and sent to the agent's channel.
 //!
 //! The room is split by concern: [`attempts`] (dispatch to result),
-//! [`machines`] (agents and the status snapshot), [`builds`] (finished
+//! [`machines`] (agents and the status snapshot), [`resume`] (leases of
+//! disconnected agents, attempts adopted after a restart), [`builds`] (finished
 //! builds), [`load`] (queued builds in), [`backlog`] (writes out, with
 //! backpressure) and the [`writer`] task itself.
 //!
@@ -27,6 +28,7 @@ mod load;
 mod machines;
 mod postprocess;
 mod prepare;
+mod resume;
 pub mod writer;
 
 use std::collections::{HashMap, HashSet};
@@ -115,6 +117,9 @@ pub struct DriverConfig {
     /// Writes queued for the writer at most; past that the driver keeps
     /// the rest in order and dispatches nothing until they drain.
     pub max_pending_writes: usize,
+    /// How long a disconnected agent keeps its attempts, and how long a
+    /// restart waits for agents to report theirs.
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -177,7 +182,11 @@ pub struct Driver {
     /// `true` after, until the next load starts (a load in flight may have
     /// read them before). A load must not take them for queued ones.
     recently_finished: HashMap<BuildId, bool>,
-    next_attempt: u64,
+    /// The wait after a restart for agents to report their attempts.
+    resume: Option<resume::Resuming>,
+    /// Attempts claimed in the core for their machine, until the core
+    /// adopts the step or refuses.
+    claimed: HashMap<(DrvPath, MachineId), AttemptId>,
     loader: load::Loader,
     counters: Counters,
     /// As the writer last reported it.
@@ -240,7 +249,8 @@ impl Driver {
             built_outputs: HashMap::new(),
             started_builds: HashSet::new(),
             recently_finished: Default::default(),
-            next_attempt: 1,
+            resume: None,
+            claimed: HashMap::new(),
             counters: Counters::default(),
             database: writer::DatabaseHealth::Up,
             jobset_shares: HashMap::new(),
@@ -264,9 +274,14 @@ impl Driver {
         self.load_new();
         loop {
             let deadline = self.core.next_deadline();
-            let sleep_for = deadline
+            let core_sleep = deadline
                 .map(|d| Duration::from_millis(d.0.saturating_sub(self.now().0)))
                 .unwrap_or(Duration::from_secs(3600));
+            let lease_sleep = self
+                .next_lease_deadline()
+                .map(|at| at.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(3600));
+            let sleep_for = core_sleep.min(lease_sleep);
             let backlogged = !self.write_backlog.is_empty();
             // The handlers only touch fields the futures do not borrow;
             // the rest happens after the select.
@@ -284,6 +299,7 @@ impl Driver {
                 Wake::Event(None | Some(DriverEvent::Shutdown)) => return,
                 Wake::Event(Some(event)) => self.on_event(event),
                 Wake::Timer => {
+                    self.expire_leases();
                     self.apply(Event::Tick);
                     self.publish_status();
                     continue;
@@ -399,6 +415,14 @@ impl Driver {
                     self.end_attempt(id, 4, "cancelled: no build needs this step any more");
                 }
             }
+            Command::Adopt {
+                drv_path, machine, ..
+            } => self.adopt(drv_path, machine),
+            Command::AdoptionRefused { drv_path, machine } => self.refuse_adoption(
+                drv_path,
+                machine,
+                "it is not runnable, or its builder is gone or has no free slot",
+            ),
             Command::StepRequeued { .. } => {
                 // The failed attempt's row was finished when it ended.
             }

@@ -1,5 +1,6 @@
-//! Preparing one attempt: its `BuildSteps` row, then the assignment the
-//! agent needs (the basic derivation and the closure of its inputs).
+//! Preparing one attempt: its `BuildSteps` row (unless it is adopted after
+//! a restart and has one), then the assignment the agent needs (the basic
+//! derivation and the closure of its inputs).
 //!
 //! Runs as a short-lived task per dispatch, so the driver never waits for
 //! the database or the store. It always ends by sending exactly one
@@ -28,6 +29,8 @@ pub struct Preparation {
     pub outputs: BTreeMap<String, Option<String>>,
     pub first_for_build: bool,
     pub started_unix: i64,
+    /// The row of an attempt adopted after a restart: none is created.
+    pub existing_row: Option<i32>,
     pub realised: HashMap<(String, String), String>,
     pub max_log_bytes: u64,
     pub max_output_bytes: u64,
@@ -42,24 +45,9 @@ pub async fn run(
     me: mpsc::Sender<DriverEvent>,
 ) {
     let attempt = job.attempt;
-    let (reply, created) = oneshot::channel();
-    let create = WriteJob::CreateStep {
-        build: job.build.0,
-        drv_path: job.drv_path.clone(),
-        system: job.system.clone(),
-        machine: job.machine_name.clone(),
-        outputs: job.outputs.clone(),
-        start_time: job.started_unix,
-        first_for_build: job.first_for_build,
-        reply,
-    };
-    let stepnr = if writer.send(create).await.is_err() {
-        Err("the database writer stopped".to_string())
-    } else {
-        match created.await {
-            Ok(r) => r,
-            Err(_) => Err("the database writer dropped the request".to_string()),
-        }
+    let stepnr = match job.existing_row {
+        Some(stepnr) => Ok(stepnr),
+        None => create_row(&job, &writer).await,
     };
     let (stepnr, assignment) = match stepnr {
         Err(e) => (0, Err(format!("recording the step: {e}"))),
@@ -83,6 +71,30 @@ pub async fn run(
             assignment: Box::new(assignment),
         })
         .await;
+}
+
+/// Creates the attempt's busy row (with its `SluiceAttempts` record);
+/// returns its number.
+async fn create_row(job: &Preparation, writer: &mpsc::Sender<WriteJob>) -> Result<i32, String> {
+    let (reply, created) = oneshot::channel();
+    let create = WriteJob::CreateStep {
+        attempt: job.attempt,
+        build: job.build.0,
+        drv_path: job.drv_path.clone(),
+        system: job.system.clone(),
+        machine: job.machine_name.clone(),
+        outputs: job.outputs.clone(),
+        start_time: job.started_unix,
+        first_for_build: job.first_for_build,
+        reply,
+    };
+    if writer.send(create).await.is_err() {
+        return Err("the database writer stopped".to_string());
+    }
+    match created.await {
+        Ok(r) => r,
+        Err(_) => Err("the database writer dropped the request".to_string()),
+    }
 }
 
 async fn assignment(job: &Preparation, store: &Store) -> Result<Assignment, String> {

@@ -2,19 +2,23 @@
 //! service.
 //!
 //! The driver registers an attempt ([`Attempts::register`]) before it sends
-//! the assignment, and removes it ([`Attempts::remove`]) once it has handled
-//! the attempt's end (a `Finished`, a `Disconnected` of its machine, or its
-//! own cancel). The service consults it on every call that names an
-//! attempt: only the machine the attempt was given to may stream its log,
-//! fetch its inputs, upload its outputs or report its result.
+//! the assignment (or, after a restart, [`Attempts::register_adopted`] when
+//! it adopts one an agent still runs), and removes it
+//! ([`Attempts::remove`]) once the attempt's end is settled: its reported
+//! result committed, or the driver gave it up (cancel, lease expired). The
+//! service consults it on every call that names an attempt: only the
+//! machine the attempt was given to may stream its log, fetch its inputs,
+//! upload its outputs or report its result.
 //!
-//! Invariants: an attempt belongs to exactly one machine for its whole
-//! life; an output is recorded as uploaded only after its NAR was verified
-//! against the declared size and hash and imported into the store; a
-//! result is accepted at most once per attempt. The lock is never held
-//! across an `.await`.
+//! Invariants: an attempt belongs to exactly one machine (one agent, across
+//! its reconnections) for its whole life; an output is recorded as
+//! uploaded only after its NAR was verified against the declared size and
+//! hash and imported into the store; a result is accepted at most once per
+//! attempt, and a repeated report waits for the first one's commit; the
+//! agent hears "accepted" only once the result is committed. The lock is
+//! never held across an `.await`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -24,6 +28,7 @@ use sluice_nix::derivation::{Derivation, DerivationOutput};
 use sluice_nix::hash::{Hash, HashAlgo};
 use sluice_nix::store_path::{output_path_name, ContentAddressMethod, StoreDir, StorePath};
 use thiserror::Error;
+use tokio::sync::watch;
 
 use crate::agents::{Assignment, AttemptId};
 use crate::logs::LogWriter;
@@ -56,13 +61,18 @@ pub(crate) enum AccessError {
     NotYours(AttemptId),
     #[error("{0} has already reported its result")]
     Reported(AttemptId),
+    #[error("{0} is not known yet: the queue runner restarted and is waiting for agents to report what they run; try again")]
+    Resuming(AttemptId),
 }
 
 impl From<AccessError> for tonic::Status {
     fn from(e: AccessError) -> tonic::Status {
         let msg = e.to_string();
         match e {
-            AccessError::Unknown(_) => tonic::Status::not_found(msg),
+            // Not "not found", which names an unknown session: an attempt
+            // given up (or already recorded) is over for good.
+            AccessError::Unknown(_) => tonic::Status::aborted(msg),
+            AccessError::Resuming(_) => tonic::Status::unavailable(msg),
             AccessError::NotYours(_) => tonic::Status::permission_denied(msg),
             AccessError::Reported(_) => tonic::Status::failed_precondition(msg),
         }
@@ -141,7 +151,6 @@ pub struct AttemptEntry {
     max_log_bytes: u64,
     max_output_bytes: u64,
     uploaded: BTreeMap<String, UploadedOutput>,
-    reported: bool,
 }
 
 fn parse_path(attempt: AttemptId, path: &str) -> Result<StorePath, AttemptError> {
@@ -208,7 +217,6 @@ impl AttemptEntry {
             max_log_bytes: assignment.max_log_bytes,
             max_output_bytes: assignment.max_output_bytes,
             uploaded: BTreeMap::new(),
-            reported: false,
         })
     }
 
@@ -397,6 +405,18 @@ fn check_floating(
     Ok(())
 }
 
+/// The report an attempt is waiting on, if it can still be committed. One
+/// whose result was dropped uncommitted (the writer stopped) is forgotten,
+/// so the agent's next report starts afresh.
+fn live_report(slot: &mut Slot) -> Option<watch::Receiver<bool>> {
+    let wait = slot.committed.as_ref()?;
+    if !*wait.borrow() && wait.has_changed().is_err() {
+        slot.committed = None;
+        return None;
+    }
+    Some(wait.clone())
+}
+
 /// The state of an attempt's log file.
 enum LogState {
     /// No stream has opened it yet.
@@ -410,8 +430,13 @@ enum LogState {
 /// What a log stream gets when it opens an attempt's log.
 pub(crate) enum LogHandle {
     /// The first stream: create the file for this derivation, with this
-    /// limit (the file is truncated, as for a new attempt in Hydra).
-    Create { drv_path: String, max_bytes: u64 },
+    /// limit. A new attempt truncates it, as in Hydra; an attempt adopted
+    /// after a restart (`append`) goes on after what its agent sent before.
+    Create {
+        drv_path: String,
+        max_bytes: u64,
+        append: bool,
+    },
     /// A later stream: go on writing where the previous one stopped.
     Resume(LogWriter),
 }
@@ -419,18 +444,45 @@ pub(crate) enum LogHandle {
 struct Slot {
     entry: AttemptEntry,
     log: LogState,
+    /// Adopted after a restart: its log file already holds what the agent
+    /// streamed before.
+    append_log: bool,
+    /// Set once the agent reported its result: becomes true when the
+    /// result is committed.
+    committed: Option<watch::Receiver<bool>>,
+}
+
+/// What a report of an attempt's result gets.
+pub(crate) enum Report {
+    /// The first report: hand `committed` to the driver with the result,
+    /// and answer the agent once `wait` says it is committed.
+    First {
+        committed: watch::Sender<bool>,
+        wait: watch::Receiver<bool>,
+    },
+    /// The agent reported again (it did not hear the answer): wait for the
+    /// first report's commit.
+    Again(watch::Receiver<bool>),
+}
+
+#[derive(Default)]
+struct Table {
+    slots: HashMap<AttemptId, Slot>,
+    /// Attempts a previous run left in progress that agents may still
+    /// report after a restart; calls naming them are asked to try again.
+    resuming: HashSet<AttemptId>,
 }
 
 /// The registry; cheap to clone, shared by the driver and the service.
 #[derive(Clone, Default)]
 pub struct Attempts {
-    inner: Arc<Mutex<HashMap<AttemptId, Slot>>>,
+    inner: Arc<Mutex<Table>>,
 }
 
 impl std::fmt::Debug for Attempts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Attempts")
-            .field("len", &self.inner.lock().len())
+            .field("len", &self.inner.lock().slots.len())
             .finish()
     }
 }
@@ -442,52 +494,83 @@ impl Attempts {
 
     /// Registers `entry` as `id`; call before sending the assignment.
     pub fn register(&self, id: AttemptId, entry: AttemptEntry) -> Result<(), AttemptError> {
-        let mut map = self.inner.lock();
-        if map.contains_key(&id) {
+        self.insert(id, entry, false)
+    }
+
+    /// Registers an attempt adopted after a restart: its agent already
+    /// runs it, and its log is appended to.
+    pub fn register_adopted(&self, id: AttemptId, entry: AttemptEntry) -> Result<(), AttemptError> {
+        self.insert(id, entry, true)
+    }
+
+    fn insert(
+        &self,
+        id: AttemptId,
+        entry: AttemptEntry,
+        adopted: bool,
+    ) -> Result<(), AttemptError> {
+        let mut table = self.inner.lock();
+        if table.slots.contains_key(&id) {
             return Err(AttemptError::Duplicate { attempt: id });
         }
-        map.insert(
+        table.resuming.remove(&id);
+        table.slots.insert(
             id,
             Slot {
                 entry,
                 log: LogState::Unopened,
+                append_log: adopted,
+                committed: None,
             },
         );
         Ok(())
     }
 
+    /// Marks attempts a previous run left in progress: until each is
+    /// registered or [`Attempts::remove`]d, calls naming it are asked to
+    /// try again rather than refused.
+    pub fn expect(&self, ids: impl IntoIterator<Item = AttemptId>) {
+        self.inner.lock().resuming.extend(ids);
+    }
+
     /// Forgets `id`; later calls naming it are refused. Returns the entry,
     /// with the outputs that were uploaded.
     pub fn remove(&self, id: AttemptId) -> Option<AttemptEntry> {
-        self.inner.lock().remove(&id).map(|slot| slot.entry)
+        let mut table = self.inner.lock();
+        table.resuming.remove(&id);
+        table.slots.remove(&id).map(|slot| slot.entry)
     }
 
-    /// Forgets every attempt of `machine` (e.g. after its `Disconnected`);
-    /// returns their ids.
+    /// Forgets every attempt of `machine`; returns their ids.
     pub fn remove_machine(&self, machine: MachineId) -> Vec<AttemptId> {
-        let mut map = self.inner.lock();
-        let ids: Vec<AttemptId> = map
+        let mut table = self.inner.lock();
+        let ids: Vec<AttemptId> = table
+            .slots
             .iter()
             .filter(|(_, slot)| slot.entry.machine == machine)
             .map(|(id, _)| *id)
             .collect();
         for id in &ids {
-            map.remove(id);
+            table.slots.remove(id);
         }
         ids
     }
 
     /// A copy of the entry of `id`.
     pub fn get(&self, id: AttemptId) -> Option<AttemptEntry> {
-        self.inner.lock().get(&id).map(|slot| slot.entry.clone())
+        self.inner
+            .lock()
+            .slots
+            .get(&id)
+            .map(|slot| slot.entry.clone())
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().len()
+        self.inner.lock().slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.inner.lock().is_empty()
+        self.inner.lock().slots.is_empty()
     }
 
     /// Runs `f` on the entry of `id` if `machine` owns it and it has not
@@ -501,18 +584,30 @@ impl Attempts {
         self.with_slot(id, machine, |slot| f(&mut slot.entry))
     }
 
+    fn owned_slot(
+        table: &mut Table,
+        id: AttemptId,
+        machine: MachineId,
+    ) -> Result<&mut Slot, AccessError> {
+        if table.resuming.contains(&id) {
+            return Err(AccessError::Resuming(id));
+        }
+        let slot = table.slots.get_mut(&id).ok_or(AccessError::Unknown(id))?;
+        if slot.entry.machine != machine {
+            return Err(AccessError::NotYours(id));
+        }
+        Ok(slot)
+    }
+
     fn with_slot<R>(
         &self,
         id: AttemptId,
         machine: MachineId,
         f: impl FnOnce(&mut Slot) -> R,
     ) -> Result<R, AccessError> {
-        let mut map = self.inner.lock();
-        let slot = map.get_mut(&id).ok_or(AccessError::Unknown(id))?;
-        if slot.entry.machine != machine {
-            return Err(AccessError::NotYours(id));
-        }
-        if slot.entry.reported {
+        let mut table = self.inner.lock();
+        let slot = Self::owned_slot(&mut table, id, machine)?;
+        if slot.committed.is_some() {
             return Err(AccessError::Reported(id));
         }
         Ok(f(slot))
@@ -531,13 +626,28 @@ impl Attempts {
         })
     }
 
-    /// Marks `id` reported; fails if it already was (two racing reports).
-    pub(crate) fn mark_reported(
+    /// A report of `id`'s result by `machine`: the first one, or one that
+    /// repeats it while it is being committed.
+    pub(crate) fn report(&self, id: AttemptId, machine: MachineId) -> Result<Report, AccessError> {
+        let mut table = self.inner.lock();
+        let slot = Self::owned_slot(&mut table, id, machine)?;
+        if let Some(wait) = live_report(slot) {
+            return Ok(Report::Again(wait));
+        }
+        let (committed, wait) = watch::channel(false);
+        slot.committed = Some(wait.clone());
+        Ok(Report::First { committed, wait })
+    }
+
+    /// Whether `id` has reported and waits for its commit: the receiver
+    /// to wait on.
+    pub(crate) fn pending_report(
         &self,
         id: AttemptId,
         machine: MachineId,
-    ) -> Result<(), AccessError> {
-        self.with_owned(id, machine, |e| e.reported = true)
+    ) -> Result<Option<watch::Receiver<bool>>, AccessError> {
+        let mut table = self.inner.lock();
+        Ok(live_report(Self::owned_slot(&mut table, id, machine)?))
     }
 
     /// Takes the attempt's log for one stream; `None` if another stream
@@ -550,6 +660,7 @@ impl Attempts {
         self.with_slot(id, machine, |slot| {
             match std::mem::replace(&mut slot.log, LogState::Streaming) {
                 LogState::Unopened => Some(LogHandle::Create {
+                    append: slot.append_log,
                     drv_path: StoreDir::default().print(&slot.entry.drv_path),
                     // 0 means no limit in an assignment.
                     max_bytes: match slot.entry.max_log_bytes {
@@ -566,8 +677,8 @@ impl Attempts {
     /// Gives the log back after a stream ended. If the attempt is gone the
     /// writer is returned to the caller to close.
     pub(crate) fn put_log(&self, id: AttemptId, writer: LogWriter) -> Option<LogWriter> {
-        let mut map = self.inner.lock();
-        match map.get_mut(&id) {
+        let mut table = self.inner.lock();
+        match table.slots.get_mut(&id) {
             Some(slot) => {
                 slot.log = LogState::Idle(writer);
                 None

@@ -121,7 +121,7 @@ impl Tokens {
 /// Who made a call: the name of the token it carried. Handlers read it
 /// from the request's extensions; a session belongs to the identity that
 /// registered it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct AgentIdentity(pub Arc<str>);
 
 /// Reads the identity the interceptor attached; its absence is a bug in

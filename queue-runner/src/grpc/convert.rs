@@ -38,14 +38,13 @@ fn invalid(field: &'static str, problem: impl ToString) -> ConvertError {
 
 /// An attempt id as the wire carries it (`step_id`): its decimal number.
 pub(crate) fn attempt_id(step_id: &str) -> Result<AttemptId, ConvertError> {
-    step_id
-        .parse::<u64>()
+    uuid::Uuid::try_parse(step_id)
         .map(AttemptId)
         .map_err(|_| invalid("step_id", format!("'{step_id}' is not a step id we issued")))
 }
 
 pub(crate) fn step_id(attempt: AttemptId) -> String {
-    attempt.0.to_string()
+    attempt.0.simple().to_string()
 }
 
 pub(crate) fn store_path(field: &'static str, path: &str) -> Result<StorePath, ConvertError> {
@@ -225,7 +224,8 @@ mod tests {
         wire.nar_hash = "md5:0123".into();
         assert!(path_info_from_wire(&wire).is_err());
         assert!(attempt_id("attempt-1").is_err());
-        assert_eq!(attempt_id("17").ok(), Some(AttemptId(17)));
+        let id = AttemptId(uuid::Uuid::from_u128(17));
+        assert_eq!(attempt_id(&step_id(id)).ok(), Some(id));
         let report = pb::StepResult {
             status: 6,
             ..Default::default()

@@ -8,16 +8,26 @@
 //! stream) goes on where the previous one stopped; the file never grows
 //! past the assignment's log limit, and bytes past it are counted and
 //! dropped. The writer goes back to the registry however the stream ends.
+//! A stream for an attempt a restart has not adopted yet waits for it (the
+//! first chunk is already read), so no chunk is dropped for that. Chunks in
+//! flight when a connection drops may be lost; the agent sends the rest on
+//! its next session.
 
 use sluice_proto::v1 as pb;
 use tonic::{Status, Streaming};
 
-use super::attempts::LogHandle;
+use std::time::Duration;
+
+use super::attempts::{AccessError, LogHandle};
 use super::auth::AgentIdentity;
 use super::convert;
 use super::Shared;
 use crate::agents::AttemptId;
 use crate::logs::{LogError, LogWriter};
+
+/// How long a stream for an attempt not yet adopted after a restart
+/// waits for it.
+const RESUME_WAIT: Duration = Duration::from_secs(120);
 
 fn log_status(e: LogError) -> Status {
     Status::internal(e.to_string())
@@ -34,12 +44,24 @@ pub(crate) async fn receive(
     };
     let session = shared.sessions.get(&first.session_id, &owner)?;
     let attempt = convert::attempt_id(&first.step_id)?;
-    let mut writer = match shared.attempts.take_log(attempt, session.machine)? {
+    // After a restart the attempt is known only once adopted: wait for
+    // that rather than refuse, so the chunks already sent are not lost.
+    let waited_since = tokio::time::Instant::now();
+    let handle = loop {
+        match shared.attempts.take_log(attempt, session.machine) {
+            Err(AccessError::Resuming(_)) if waited_since.elapsed() < RESUME_WAIT => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => break other?,
+        }
+    };
+    let mut writer = match handle {
         Some(LogHandle::Resume(writer)) => writer,
         Some(LogHandle::Create {
             drv_path,
             max_bytes,
-        }) => match LogWriter::create(&shared.config.data_dir, &drv_path, max_bytes).await {
+            append,
+        }) => match LogWriter::open(&shared.config.data_dir, &drv_path, max_bytes, append).await {
             Ok(writer) => writer,
             Err(e) => return Err(log_status(e)),
         },

@@ -6,15 +6,19 @@
 //!
 //! Invariants: every method reads the caller's identity first and checks
 //! any session it names belongs to it; a result is accepted only after its
-//! outputs are valid in the queue runner's store, and at most once.
+//! outputs are valid in the queue runner's store, and at most once; it is
+//! acknowledged only once committed, so an agent that heard no answer
+//! reports again and nothing is lost or recorded twice.
 
 use std::collections::BTreeSet;
 
 use sluice_nix::store_path::StoreDir;
 use sluice_proto::v1 as pb;
 use sluice_proto::PROTOCOL_VERSION;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::attempts::Report;
 use super::auth::identity;
 use super::{convert, fetch, log_stream, upload, work, QueueRunnerService};
 use crate::agents::FromAgent;
@@ -52,7 +56,7 @@ impl pb::queue_runner_server::QueueRunner for QueueRunnerService {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let owner = identity(&request)?;
         let info = convert::agent_info(request.into_inner())?;
-        let session = self.shared.sessions.register(owner.clone(), info);
+        let session = self.shared.sessions.register(owner.clone(), info).await;
         tracing::debug!(session = %session.id, agent = %session.info.name, token = %owner.0, "agent registered");
         let config = &self.shared.config;
         Ok(Response::new(pb::RegisterResponse {
@@ -128,6 +132,15 @@ impl pb::queue_runner_server::QueueRunner for QueueRunnerService {
         let res = request.into_inner();
         let session = self.shared.sessions.get(&res.session_id, &owner)?;
         let attempt = convert::attempt_id(&res.step_id)?;
+        // A repeated report (the agent did not hear the answer) waits for
+        // the first one's commit.
+        if let Some(wait) = self
+            .shared
+            .attempts
+            .pending_report(attempt, session.machine)?
+        {
+            return committed(wait).await;
+        }
         let mut report = convert::step_report(&res)?;
         if report.status == 0 {
             let paths = self
@@ -156,15 +169,17 @@ impl pb::queue_runner_server::QueueRunner for QueueRunnerService {
         } else {
             report.outputs.clear();
         }
-        self.shared
-            .attempts
-            .mark_reported(attempt, session.machine)?;
+        let (sender, wait) = match self.shared.attempts.report(attempt, session.machine)? {
+            Report::First { committed, wait } => (committed, wait),
+            Report::Again(wait) => return committed(wait).await,
+        };
         tracing::debug!(session = %session.id, %attempt, status = report.status, "step result");
         let sent = session
             .send(FromAgent::Finished {
                 machine: session.machine,
                 attempt,
                 report,
+                committed: sender,
             })
             .await;
         if !sent {
@@ -172,6 +187,17 @@ impl pb::queue_runner_server::QueueRunner for QueueRunnerService {
                 "the session ended before the result could be delivered",
             ));
         }
-        Ok(Response::new(pb::ResultAck {}))
+        committed(wait).await
+    }
+}
+
+/// Answers a report once its result is committed: the agent may forget it
+/// only then.
+async fn committed(mut wait: watch::Receiver<bool>) -> Result<Response<pb::ResultAck>, Status> {
+    match wait.wait_for(|done| *done).await {
+        Ok(_) => Ok(Response::new(pb::ResultAck {})),
+        Err(_) => Err(Status::unavailable(
+            "the result was not recorded (the queue runner is stopping): report it again",
+        )),
     }
 }

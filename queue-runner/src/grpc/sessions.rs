@@ -10,7 +10,10 @@
 //! removes it from the table proceeds to end it; events for the driver go
 //! through the session's gate, an async lock that ending closes, so the
 //! driver sees `Connected`, then the session's other events, then one
-//! `Disconnected`, and nothing after it.
+//! `Disconnected`, and nothing after it. An agent (token and name) keeps
+//! one machine id for the life of this process, and has at most one live
+//! session: the old one is ended (and its `Disconnected` sent) before a new
+//! one registers, so the driver sees an agent's sessions one after another.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::AgentIdentity;
 use super::Shared;
-use crate::agents::{AgentInfo, FromAgent, ToAgent};
+use crate::agents::{AgentInfo, AttemptId, FromAgent, ToAgent};
 
 /// Why a call naming a session is refused.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -103,6 +106,7 @@ impl Session {
     pub(crate) async fn connect(
         &self,
         commands: mpsc::Sender<ToAgent>,
+        held: Vec<AttemptId>,
     ) -> Result<(), SessionError> {
         let mut gate = self.gate.lock().await;
         let Some(tx) = gate.events.clone() else {
@@ -116,6 +120,7 @@ impl Session {
                 machine: self.machine,
                 info: self.info.clone(),
                 commands,
+                held,
             })
             .await;
         Ok(())
@@ -128,6 +133,9 @@ impl Session {
 
 struct Table {
     by_id: HashMap<String, Arc<Session>>,
+    /// The machine id of each agent (token and name) seen by this run:
+    /// an agent that reconnects keeps its id, and with it its attempts.
+    machines: HashMap<(AgentIdentity, String), MachineId>,
     next_machine: u64,
 }
 
@@ -142,17 +150,50 @@ impl Sessions {
         Sessions {
             table: Mutex::new(Table {
                 by_id: HashMap::new(),
+                machines: HashMap::new(),
                 next_machine: 1,
             }),
             events,
         }
     }
 
-    /// A new session with a fresh machine id and an unguessable id.
-    pub(crate) fn register(&self, owner: AgentIdentity, info: AgentInfo) -> Arc<Session> {
+    /// A new session with an unguessable id. The machine id is the
+    /// agent's (by token and name) from an earlier session of this run, or
+    /// a fresh one; a session of the same agent still live is ended first
+    /// (its connection is gone, or it is a second agent of the same name).
+    pub(crate) async fn register(&self, owner: AgentIdentity, info: AgentInfo) -> Arc<Session> {
+        let key = (owner.clone(), info.name.clone());
+        let replaced: Vec<String> = {
+            let table = self.table.lock();
+            match table.machines.get(&key) {
+                Some(machine) => table
+                    .by_id
+                    .values()
+                    .filter(|s| s.machine == *machine)
+                    .map(|s| s.id.clone())
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        for old in replaced {
+            tracing::warn!(
+                agent = %info.name,
+                session = %old,
+                "the agent registered again; its previous session ends"
+            );
+            self.end(&old, "replaced by a new session of the same agent")
+                .await;
+        }
         let mut table = self.table.lock();
-        let machine = MachineId(table.next_machine);
-        table.next_machine += 1;
+        let machine = match table.machines.get(&key) {
+            Some(machine) => *machine,
+            None => {
+                let machine = MachineId(table.next_machine);
+                table.next_machine += 1;
+                table.machines.insert(key, machine);
+                machine
+            }
+        };
         let id = uuid::Uuid::new_v4().simple().to_string();
         let session = Arc::new(Session {
             id: id.clone(),

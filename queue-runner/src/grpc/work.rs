@@ -41,15 +41,26 @@ pub(crate) async fn open(
         .await
         .map_err(|_| Status::deadline_exceeded("no Hello on the work stream"))??
         .ok_or_else(|| Status::invalid_argument("the work stream closed before Hello"))?;
-    if !matches!(first.event, Some(pb::agent_event::Event::Hello(_))) {
+    let Some(pb::agent_event::Event::Hello(hello)) = first.event else {
         return Err(Status::invalid_argument(
             "the first message on the work stream must be Hello",
         ));
-    }
+    };
     let session = shared.sessions.get(&first.session_id, &owner)?;
     shared.sessions.start_work(&session)?;
+    let held = hello
+        .held_steps
+        .iter()
+        .filter_map(|step| match convert::attempt_id(step) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!(session = %session.id, "a held step is ignored: {e}");
+                None
+            }
+        })
+        .collect::<Vec<_>>();
     let (commands_tx, commands_rx) = mpsc::channel(shared.config.command_buffer.max(1));
-    session.connect(commands_tx).await?;
+    session.connect(commands_tx, held).await?;
     tracing::info!(
         session = %session.id,
         machine = %session.machine,

@@ -67,6 +67,7 @@ impl Deployment {
             max_output_bytes: 1 << 30,
             shutdown_timeout: Duration::from_secs(10),
             max_pending_writes: 4096,
+            lease: Duration::from_secs(5),
         };
         let mut config = config;
         adjust(&mut config);
@@ -106,10 +107,17 @@ impl Deployment {
 
     /// Starts an agent with an isolated, empty store.
     pub async fn add_agent(&mut self, name: &str, max_jobs: u32) {
+        let url = format!("http://{}", self.bound.grpc);
+        self.add_agent_via(name, max_jobs, url).await;
+    }
+
+    /// [`Deployment::add_agent`], dialling the queue runner at `url` (a
+    /// proxy, say).
+    pub async fn add_agent_via(&mut self, name: &str, max_jobs: u32, url: String) {
         let store = IsolatedStore::new();
         let daemon = store.start_daemon();
         let config = sluice_builder_agent::AgentConfig {
-            queue_runner: format!("http://{}", self.bound.grpc),
+            queue_runner: url,
             token: TOKEN.to_owned(),
             name: name.to_owned(),
             systems: vec![

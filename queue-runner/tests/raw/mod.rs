@@ -54,7 +54,7 @@ pub async fn open_session(
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(pb::AgentEvent {
         session_id: session.clone(),
-        event: Some(pb::agent_event::Event::Hello(pb::Hello {})),
+        event: Some(pb::agent_event::Event::Hello(pb::Hello::default())),
     })
     .await
     .expect("hello");

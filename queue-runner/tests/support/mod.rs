@@ -171,6 +171,7 @@ impl Runner {
                     machine,
                     info,
                     commands,
+                    ..
                 } => return (machine, info, commands),
                 FromAgent::Heartbeat { .. } => {}
                 other => panic!("expected Connected, got {other:?}"),
@@ -213,8 +214,17 @@ impl Runner {
                     attempt: a, busy, ..
                 } if a == attempt => phases.push(busy),
                 FromAgent::Finished {
-                    attempt: a, report, ..
-                } if a == attempt => return (phases, report),
+                    attempt: a,
+                    report,
+                    committed,
+                    ..
+                } if a == attempt => {
+                    // As the driver does once the result is committed: the
+                    // agent hears it and forgets the result. (The entry
+                    // stays, for the test to look at; the driver removes it.)
+                    let _ = committed.send(true);
+                    return (phases, report);
+                }
                 FromAgent::Disconnected { machine } => {
                     panic!("machine {machine} disconnected while {attempt} ran")
                 }

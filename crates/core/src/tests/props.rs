@@ -77,6 +77,11 @@ enum Action {
     Disconnect {
         slot: u8,
     },
+    /// The connection drops (the machine keeps its steps), or comes back.
+    Detach {
+        slot: u8,
+        back: bool,
+    },
     Queue {
         top: usize,
         global: i8,
@@ -111,6 +116,7 @@ fn action() -> impl Strategy<Value = Action> {
             Action::Connect { slot, systems, features, mandatory, jobs }
         }),
         2 => (0u8..3).prop_map(|slot| Action::Disconnect { slot }),
+        2 => (0u8..3, any::<bool>()).prop_map(|(slot, back)| Action::Detach { slot, back }),
         3 => (any::<usize>(), -2i8..3, -2i8..3).prop_map(|(top, global, priority)| Action::Queue { top, global, priority }),
         4 => any::<usize>().prop_map(|pick| Action::Succeed { pick }),
         2 => (any::<usize>(), 0u8..4).prop_map(|(pick, kind)| Action::Fail { pick, kind }),
@@ -155,6 +161,15 @@ fn apply(sim: &mut Sim, action: Action, next_build: &mut i32) {
             1.0 + f32::from(slot),
         ),
         Action::Disconnect { slot } => sim.disconnect(&format!("m{slot}")),
+        Action::Detach { slot, back } => {
+            let name = format!("m{slot}");
+            if sim.machines.contains_key(&name) {
+                sim.act(&format!(
+                    "{} {name}",
+                    if back { "reattach" } else { "detach" }
+                ));
+            }
+        }
         Action::Queue {
             top,
             global,

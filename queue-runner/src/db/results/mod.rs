@@ -23,7 +23,8 @@
 //!   their own transaction around these calls, with the notifications.
 //!
 //! `steps` writes `BuildSteps` and `FailedPaths`; `builds` writes the
-//! result columns of `Builds` and its outputs, products and metrics.
+//! result columns of `Builds` and its outputs, products and metrics;
+//! `attempts` our own `SluiceAttempts`, the attempt behind each busy step.
 
 use std::collections::BTreeMap;
 
@@ -32,9 +33,11 @@ use sqlx::{Connection, PgConnection};
 
 use crate::nix_support::{BuildMetric, BuildProduct};
 
+mod attempts;
 mod builds;
 mod steps;
 
+pub use attempts::*;
 pub use builds::*;
 pub use steps::*;
 

@@ -353,8 +353,9 @@ pub async fn mark_step_resolved(
 pub const ABORTED_AT_STARTUP_MSG: &str =
     "aborted: the queue runner stopped while this step was running";
 
-/// Steps a previous run left busy can never finish: mark them aborted, as
-/// Hydra does at start-up (`busy = 0`, status 3), with `stopTime = now`
+/// Steps a previous run left busy, and that no agent can still be running
+/// (they have no `SluiceAttempts` row), can never finish: mark them
+/// aborted, as Hydra does at start-up (`busy = 0`, status 3), with `stopTime = now`
 /// (Hydra's C++ runner writes NULL there) and an error message if they had
 /// none. Returns how many steps were aborted.
 pub async fn abort_busy_steps_at_startup(
@@ -370,7 +371,9 @@ pub async fn abort_busy_steps_at_startup(
                 status = case when resolvedDrvPath is null then 3 else 13 end,
                 stopTime = $1,
                 errorMsg = coalesce(errorMsg, $2)
-         where busy != 0",
+         where busy != 0
+           and not exists (select 1 from SluiceAttempts a
+                           where a.build = BuildSteps.build and a.stepnr = BuildSteps.stepnr)",
     )
     .bind(now)
     .bind(ABORTED_AT_STARTUP_MSG)

@@ -21,8 +21,13 @@ use crate::db::{is_transient, notify};
 /// A write, ready to be committed (possibly more than once).
 #[derive(Debug, Clone)]
 pub(super) enum Commit {
-    /// A new busy step row; answers its step number.
-    CreateStep { row: StepRow, first_for_build: bool },
+    /// A new busy step row, with the attempt it belongs to; answers its
+    /// step number.
+    CreateStep {
+        row: StepRow,
+        first_for_build: bool,
+        attempt: uuid::Uuid,
+    },
     Phase {
         build: i32,
         stepnr: i32,
@@ -126,8 +131,21 @@ async fn write(conn: &mut PgConnection, commit: &Commit) -> Result<Committed, Co
         Commit::CreateStep {
             row,
             first_for_build,
+            attempt,
         } => {
             let stepnr = results::create_step(conn, row).await?;
+            results::record_attempt(
+                conn,
+                &results::AttemptRow {
+                    id: *attempt,
+                    build: row.build,
+                    stepnr,
+                    machine: row.machine.clone(),
+                    drv_path: row.drv_path.clone(),
+                    start_time: row.start_time.unwrap_or(0),
+                },
+            )
+            .await?;
             if *first_for_build {
                 notify::build_started(conn, row.build).await?;
             }
@@ -151,6 +169,7 @@ async fn write(conn: &mut PgConnection, commit: &Commit) -> Result<Committed, Co
             failed_paths,
         } => {
             results::finish_step(conn, *build, *stepnr, result).await?;
+            results::forget_attempt(conn, *build, *stepnr).await?;
             results::insert_failed_paths(conn, failed_paths).await?;
             notify::step_finished(conn, *build, *stepnr, log.as_deref()).await?;
             Ok(None)

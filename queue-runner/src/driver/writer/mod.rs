@@ -50,9 +50,22 @@ pub struct FinishedBuild {
     pub times: Option<(i64, i64)>,
 }
 
+/// Something to run once every write queued before it has committed
+/// (an agent's result acknowledged, say). Dropped unrun only if the
+/// writer stops first.
+pub struct OnCommit(pub Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for OnCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnCommit")
+    }
+}
+
 #[derive(Debug)]
 pub enum WriteJob {
     CreateStep {
+        /// The attempt the row is created for, recorded with it.
+        attempt: crate::agents::AttemptId,
         build: i32,
         drv_path: String,
         system: String,
@@ -77,6 +90,8 @@ pub enum WriteJob {
         /// 10 or 11): recorded in `FailedPaths` with the row.
         failed_paths: Vec<String>,
     },
+    /// Runs once the writes before it are committed.
+    AfterCommit(OnCommit),
     UnsupportedStep {
         build: BuildId,
         drv_path: String,
@@ -239,6 +254,7 @@ impl Writer {
     async fn ready(&self, job: WriteJob) -> Option<(Commit, Option<Reply>)> {
         Some(match job {
             WriteJob::CreateStep {
+                attempt,
                 build,
                 drv_path,
                 system,
@@ -265,6 +281,7 @@ impl Writer {
                     Commit::CreateStep {
                         row,
                         first_for_build,
+                        attempt: attempt.0,
                     },
                     Some(reply),
                 )
@@ -316,6 +333,12 @@ impl Writer {
                     },
                     None,
                 )
+            }
+            WriteJob::AfterCommit(OnCommit(run)) => {
+                // Writes run one at a time, in order: everything queued
+                // before this has committed (or been refused).
+                run();
+                return None;
             }
             WriteJob::UnsupportedStep {
                 build,

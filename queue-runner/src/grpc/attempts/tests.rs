@@ -9,13 +9,17 @@ use sluice_nix::derivation::{Derivation, DerivationOutput};
 use sluice_nix::hash::{Hash, HashAlgo};
 use sluice_nix::store_path::{ContentAddressMethod, StoreDir, StorePath};
 
-use super::{AccessError, AttemptEntry, Attempts, LogHandle, OutputError, UploadedOutput};
+use super::{AccessError, AttemptEntry, Attempts, LogHandle, OutputError, Report, UploadedOutput};
 use crate::agents::{Assignment, AttemptId, PathSummary};
 use crate::logs::LogWriter;
 
 const INPUT: &str = "/nix/store/7n8pyd8s1sxgxhcw6xm9f5cbqqzk3c8p-input";
 const OUT: &str = "/nix/store/1f0xy7krxh1hbbi2pvdq8cp5bjq6vqq3-demo";
 const OTHER: &str = "/nix/store/2f0xy7krxh1hbbi2pvdq8cp5bjq6vqq3-elsewhere";
+
+fn id(n: u128) -> AttemptId {
+    AttemptId(uuid::Uuid::from_u128(n))
+}
 
 fn path(p: &str) -> StorePath {
     StoreDir::default().parse_path(p).expect("test path")
@@ -35,7 +39,7 @@ fn assignment(outputs: Vec<(&str, DerivationOutput)>) -> Assignment {
     };
     let dir = StoreDir::default();
     Assignment {
-        attempt: AttemptId(1),
+        attempt: id(1),
         drv_path: dir.print(&drv.drv_path(&dir).expect("drv path")),
         basic_drv: drv.to_aterm(&dir).expect("aterm"),
         inputs: vec![PathSummary {
@@ -70,27 +74,56 @@ fn info(p: &str, size: u64, refs: &[&str]) -> PathInfo {
 fn only_the_owner_may_touch_an_attempt_and_only_once_it_is_reported() {
     let attempts = Attempts::new();
     let entry = AttemptEntry::from_assignment(MachineId(1), &input_addressed()).expect("entry");
-    attempts
-        .register(AttemptId(1), entry.clone())
-        .expect("register");
-    assert!(attempts.register(AttemptId(1), entry).is_err());
+    attempts.register(id(1), entry.clone()).expect("register");
+    assert!(attempts.register(id(1), entry).is_err());
     assert_eq!(
-        attempts.with_owned(AttemptId(1), MachineId(2), |_| ()),
-        Err(AccessError::NotYours(AttemptId(1)))
+        attempts.with_owned(id(1), MachineId(2), |_| ()),
+        Err(AccessError::NotYours(id(1)))
     );
     assert_eq!(
-        attempts.with_owned(AttemptId(9), MachineId(1), |_| ()),
-        Err(AccessError::Unknown(AttemptId(9)))
+        attempts.with_owned(id(9), MachineId(1), |_| ()),
+        Err(AccessError::Unknown(id(9)))
     );
-    attempts
-        .mark_reported(AttemptId(1), MachineId(1))
-        .expect("first report");
+    let Ok(Report::First { committed, wait }) = attempts.report(id(1), MachineId(1)) else {
+        panic!("the first report is the first");
+    };
+    // Once reported, nothing more may be uploaded or streamed, and a second
+    // report waits for the first one's commit.
     assert_eq!(
-        attempts.mark_reported(AttemptId(1), MachineId(1)),
-        Err(AccessError::Reported(AttemptId(1)))
+        attempts.with_owned(id(1), MachineId(1), |_| ()),
+        Err(AccessError::Reported(id(1)))
     );
-    assert_eq!(attempts.remove_machine(MachineId(1)), vec![AttemptId(1)]);
+    let Ok(Report::Again(again)) = attempts.report(id(1), MachineId(1)) else {
+        panic!("a second report waits for the first");
+    };
+    assert!(!*again.borrow());
+    committed.send(true).expect("a receiver is alive");
+    assert!(*again.borrow() && *wait.borrow());
+    assert_eq!(attempts.remove_machine(MachineId(1)), vec![id(1)]);
     assert!(attempts.is_empty());
+}
+
+#[test]
+fn attempts_expected_after_a_restart_are_waited_for_not_refused() {
+    let attempts = Attempts::new();
+    attempts.expect([id(5)]);
+    assert_eq!(
+        attempts.with_owned(id(5), MachineId(1), |_| ()),
+        Err(AccessError::Resuming(id(5)))
+    );
+    let entry = AttemptEntry::from_assignment(MachineId(1), &input_addressed()).expect("entry");
+    attempts.register_adopted(id(5), entry).expect("register");
+    assert_eq!(attempts.with_owned(id(5), MachineId(1), |_| ()), Ok(()));
+    assert!(matches!(
+        attempts.take_log(id(5), MachineId(1)),
+        Ok(Some(LogHandle::Create { append: true, .. }))
+    ));
+    attempts.expect([id(6)]);
+    attempts.remove(id(6));
+    assert_eq!(
+        attempts.with_owned(id(6), MachineId(1), |_| ()),
+        Err(AccessError::Unknown(id(6)))
+    );
 }
 
 #[test]
@@ -162,10 +195,10 @@ fn a_floating_output_must_be_its_own_content_address() {
         Err(OutputError::NotUploaded("out".into()))
     );
     let attempts = Attempts::new();
-    attempts.register(AttemptId(1), entry).expect("register");
+    attempts.register(id(1), entry).expect("register");
     attempts
         .record_upload(
-            AttemptId(1),
+            id(1),
             MachineId(1),
             "out",
             UploadedOutput {
@@ -175,7 +208,7 @@ fn a_floating_output_must_be_its_own_content_address() {
             },
         )
         .expect("record");
-    let entry = attempts.get(AttemptId(1)).expect("entry");
+    let entry = attempts.get(id(1)).expect("entry");
     assert_eq!(entry.check_success(&reported), Ok(vec![good]));
 }
 
@@ -200,28 +233,26 @@ async fn one_log_stream_at_a_time_and_a_later_one_resumes() {
     let attempts = Attempts::new();
     let entry = AttemptEntry::from_assignment(MachineId(1), &input_addressed()).expect("entry");
     let drv = entry.drv_path().clone();
-    attempts.register(AttemptId(1), entry).expect("register");
+    attempts.register(id(1), entry).expect("register");
     let Ok(Some(LogHandle::Create {
         drv_path,
         max_bytes,
-    })) = attempts.take_log(AttemptId(1), MachineId(1))
+        append: false,
+    })) = attempts.take_log(id(1), MachineId(1))
     else {
         panic!("the first stream creates the log");
     };
     assert_eq!(drv_path, StoreDir::default().print(&drv));
     assert_eq!(max_bytes, 10);
-    assert!(matches!(
-        attempts.take_log(AttemptId(1), MachineId(1)),
-        Ok(None)
-    ));
-    assert!(attempts.take_log(AttemptId(1), MachineId(2)).is_err());
+    assert!(matches!(attempts.take_log(id(1), MachineId(1)), Ok(None)));
+    assert!(attempts.take_log(id(1), MachineId(2)).is_err());
     let dir = tempfile::tempdir().expect("tempdir");
     let writer = LogWriter::create(dir.path(), &drv_path, max_bytes)
         .await
         .expect("log file");
-    assert!(attempts.put_log(AttemptId(1), writer).is_none());
+    assert!(attempts.put_log(id(1), writer).is_none());
     assert!(matches!(
-        attempts.take_log(AttemptId(1), MachineId(1)),
+        attempts.take_log(id(1), MachineId(1)),
         Ok(Some(LogHandle::Resume(_)))
     ));
 }

@@ -1,0 +1,135 @@
+//! What outlives a session: the running jobs, and the link through which
+//! they reach whichever session is current.
+//!
+//! A job belongs to the agent, not to the connection it arrived on. When a
+//! session ends (the network dropped, the queue runner restarted) the job
+//! goes on building; what it must tell the queue runner (its log, its
+//! outputs and result) waits for the next session and goes there.
+//!
+//! Invariants: [`Link`] holds the current session or none; a job never
+//! keeps a session past a failed call, it asks the link again. [`Jobs`]
+//! holds every job until it has delivered its result (or was cancelled),
+//! so the held steps a new session announces are exactly those.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinSet};
+use tonic::{Code, Status};
+
+use crate::session::SessionCtx;
+
+/// The current session, as jobs see it.
+#[derive(Clone)]
+pub(crate) struct Link(watch::Receiver<Option<Arc<SessionCtx>>>);
+
+impl Link {
+    /// A link that follows `sender`.
+    pub(crate) fn from_sender(sender: &watch::Sender<Option<Arc<SessionCtx>>>) -> Link {
+        Link(sender.subscribe())
+    }
+
+    /// The current session, if there is one now.
+    pub(crate) fn now(&self) -> Option<Arc<SessionCtx>> {
+        self.0.borrow().clone()
+    }
+
+    /// The current session, waiting for one if there is none.
+    pub(crate) async fn session(&mut self) -> Arc<SessionCtx> {
+        loop {
+            if let Some(ctx) = self.0.borrow_and_update().clone() {
+                return ctx;
+            }
+            if self.0.changed().await.is_err() {
+                // The agent is stopping: the job is dropped with it.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Waits before trying a call again: until the session changes, or
+    /// `pause` passes if it does not.
+    pub(crate) async fn retry_pause(&mut self, pause: Duration) {
+        let _ = tokio::time::timeout(pause, self.0.changed()).await;
+    }
+}
+
+/// Whether a failed call may succeed later, on this session or the next:
+/// the connection or the session failed, not the request.
+pub(crate) fn worth_retrying(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Internal
+            // An unknown session: it expired or the queue runner restarted.
+            | Code::NotFound
+            | Code::ResourceExhausted
+    )
+}
+
+/// The agent's jobs, by step id.
+#[derive(Default)]
+pub(crate) struct Jobs {
+    pub(crate) set: JoinSet<()>,
+    running: HashMap<String, AbortHandle>,
+    by_task: HashMap<tokio::task::Id, String>,
+}
+
+impl Jobs {
+    /// Steps held: running, or waiting to deliver their result.
+    pub(crate) fn held(&self) -> Vec<String> {
+        let mut steps: Vec<String> = self.running.keys().cloned().collect();
+        steps.sort();
+        steps
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.running.len()
+    }
+
+    pub(crate) fn contains(&self, step: &str) -> bool {
+        self.running.contains_key(step)
+    }
+
+    pub(crate) fn spawn(
+        &mut self,
+        step: String,
+        job: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let handle = self.set.spawn(job);
+        self.by_task.insert(handle.id(), step.clone());
+        self.running.insert(step, handle);
+    }
+
+    /// Stops the job of `step`; whether there was one.
+    pub(crate) fn cancel(&mut self, step: &str) -> bool {
+        match self.running.remove(step) {
+            Some(handle) => {
+                handle.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets a job that ended.
+    pub(crate) fn reap(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match &done {
+            Ok((id, ())) => *id,
+            Err(e) => e.id(),
+        };
+        if let Some(step) = self.by_task.remove(&id) {
+            self.running.remove(&step);
+        }
+        if let Err(e) = done {
+            if e.is_panic() {
+                tracing::error!("a job panicked: {e}");
+            }
+        }
+    }
+}

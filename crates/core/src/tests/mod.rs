@@ -3,4 +3,5 @@
 mod lifetime;
 mod order;
 mod props;
+mod resume;
 mod scenarios;

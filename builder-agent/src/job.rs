@@ -27,7 +27,7 @@ use sluice_nix::store_path::{StoreDir, StorePath};
 use sluice_proto::v1 as pb;
 use thiserror::Error;
 
-use crate::link::{worth_retrying, Link};
+use crate::link::{worth_retrying, Link, SlotGuard};
 use crate::session::SessionCtx;
 use crate::{logs, nix_store, transfer};
 
@@ -166,8 +166,9 @@ struct Outcome {
     uploads: Option<(BTreeMap<String, PathInfo>, DaemonClient)>,
 }
 
-/// Runs an assignment and delivers its result.
-pub(crate) async fn run(mut link: Link, assignment: pb::Assignment) {
+/// Runs an assignment and delivers its result; `slot` is released when
+/// the build is over, before the delivery.
+pub(crate) async fn run(mut link: Link, assignment: pb::Assignment, slot: SlotGuard) {
     let step = assignment.step_id.clone();
     tracing::info!(step, drv = assignment.drv_path, "step assigned");
     let outcome = match build(&mut link, &assignment).await {
@@ -180,6 +181,7 @@ pub(crate) async fn run(mut link: Link, assignment: pb::Assignment) {
             }
         }
     };
+    drop(slot);
     deliver(&mut link, &step, outcome).await;
 }
 

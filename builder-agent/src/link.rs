@@ -9,9 +9,11 @@
 //! Invariants: [`Link`] holds the current session or none; a job never
 //! keeps a session past a failed call, it asks the link again. [`Jobs`]
 //! holds every job until it has delivered its result (or was cancelled),
-//! so the held steps a new session announces are exactly those.
+//! so the held steps a new session announces are exactly those; a job
+//! holds a slot only while it builds.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +80,19 @@ pub(crate) struct Jobs {
     pub(crate) set: JoinSet<()>,
     running: HashMap<String, AbortHandle>,
     by_task: HashMap<tokio::task::Id, String>,
+    /// Jobs still building (holding a slot). A job that only delivers its
+    /// result holds none: the queue runner frees the slot when the result
+    /// reaches it, before it is committed and acknowledged.
+    building: Arc<AtomicUsize>,
+}
+
+/// A job's claim on a slot, released when dropped.
+pub(crate) struct SlotGuard(Arc<AtomicUsize>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Jobs {
@@ -88,8 +103,15 @@ impl Jobs {
         steps
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.running.len()
+    /// Slots in use: jobs still building.
+    pub(crate) fn building(&self) -> usize {
+        self.building.load(Ordering::SeqCst)
+    }
+
+    /// A slot for a new job.
+    pub(crate) fn slot(&self) -> SlotGuard {
+        self.building.fetch_add(1, Ordering::SeqCst);
+        SlotGuard(self.building.clone())
     }
 
     pub(crate) fn contains(&self, step: &str) -> bool {

@@ -227,11 +227,12 @@ async fn serve(
                         let step = a.step_id.clone();
                         if jobs.contains(&step) {
                             tracing::warn!(step, "assigned a step that is already running; ignored");
-                        } else if jobs.len() >= config.max_jobs as usize {
+                        } else if jobs.building() >= config.max_jobs as usize {
                             tracing::warn!(step, "assigned a step with every slot busy; refusing it");
                             tokio::spawn(job::refuse(ctx.clone(), step, "every job slot of the agent is busy"));
                         } else {
-                            jobs.spawn(step, job::run(job_link.clone(), a));
+                            let slot = jobs.slot();
+                            jobs.spawn(step, job::run(job_link.clone(), a, slot));
                         }
                     }
                     pb::runner_command::Command::Cancel(c) => {

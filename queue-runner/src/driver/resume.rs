@@ -261,9 +261,12 @@ impl Driver {
         let mut aborted = 0;
         for (id, orphan) in resume.orphans {
             let row = orphan.row;
-            let attempt = Attempt {
+            let claimed_by = orphan
+                .claimed_by
+                .filter(|machine| self.machines.contains_key(machine));
+            let attempt = |machine: MachineId| Attempt {
                 drv_path: DrvPath::from(row.drv_path.as_str()),
-                machine: orphan.claimed_by.unwrap_or(MachineId(0)),
+                machine,
                 build: BuildId(row.build),
                 machine_name: row.machine.clone(),
                 stepnr: Some(row.stepnr),
@@ -272,19 +275,21 @@ impl Driver {
                 adopted: true,
                 in_slot: false,
             };
-            match orphan.claimed_by {
-                Some(machine) if self.machines.contains_key(&machine) => {
+            match claimed_by {
+                Some(machine) => {
                     adopted += 1;
-                    self.claimed.insert((attempt.drv_path.clone(), machine), id);
-                    let drv_path = attempt.drv_path.clone();
-                    self.attempts.insert(id, attempt);
+                    let drv_path = DrvPath::from(row.drv_path.as_str());
+                    self.claimed.insert((drv_path.clone(), machine), id);
+                    self.attempts.insert(id, attempt(machine));
                     self.apply(Event::StepClaimed { drv_path, machine });
                 }
-                _ => {
+                None => {
                     aborted += 1;
                     let _ = self.attempts_shared.remove(id);
+                    // No machine runs it: the attempt exists only to
+                    // finish its row.
                     self.finish_row(
-                        &attempt,
+                        &attempt(MachineId(0)),
                         row.stepnr,
                         3,
                         "no agent reported this step within the lease after the queue runner restarted",

@@ -77,6 +77,13 @@ pub struct Cli {
     /// doubles from the first up to this)
     #[arg(long, default_value_t = 60_000, value_name = "MS")]
     pub reconnect_max_ms: u64,
+
+    /// On SIGTERM or SIGINT the agent drains: it takes no new steps, lets
+    /// those it runs finish and delivers their results, then exits 0. Past
+    /// this many seconds, or on a second signal, it stops them and reports
+    /// them aborted (the queue runner retries them elsewhere)
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    pub drain_timeout_s: u64,
 }
 
 /// The format of log lines.
@@ -114,6 +121,8 @@ pub struct AgentConfig {
     pub reconnect_max: Duration,
     /// Where `/proc` is (load, memory and pressure figures).
     pub proc_root: PathBuf,
+    /// How long a drain lets running steps finish.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Error)]
@@ -180,6 +189,7 @@ impl Cli {
             reconnect_min: Duration::from_millis(self.reconnect_min_ms),
             reconnect_max: Duration::from_millis(self.reconnect_max_ms),
             proc_root: PathBuf::from("/proc"),
+            drain_timeout: Duration::from_secs(self.drain_timeout_s),
         })
     }
 }

@@ -148,6 +148,17 @@ async fn report(ctx: &SessionCtx, step: &str, mut result: pb::StepResult) -> Rep
     }
 }
 
+/// Reports a step the agent stopped (it is stopping itself): aborted,
+/// the machinery's fault, so the queue runner retries it.
+pub(crate) async fn report_aborted(ctx: &SessionCtx, step: &str, why: String) {
+    match report(ctx, step, result(step, ABORTED, why)).await {
+        Reported::Done => {}
+        Reported::Again(e) | Reported::Refused(e) => {
+            tracing::warn!(step, "reporting the stopped step failed: {e}")
+        }
+    }
+}
+
 /// Reports an assignment the agent will not run.
 pub(crate) async fn refuse(ctx: Arc<SessionCtx>, step: String, why: &'static str) {
     match report(&ctx, &step, result(&step, ABORTED, why.to_owned())).await {

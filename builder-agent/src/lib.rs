@@ -49,12 +49,24 @@ pub enum AgentError {
     Refused(String),
 }
 
-/// Runs the agent until `shutdown` completes (`Ok`) or the queue runner
-/// refuses it for good (a wrong token, an incompatible protocol version, a
-/// registration it rejects).
+/// Runs the agent until `shutdown` completes and the drain that follows is
+/// over (`Ok`), or until the queue runner refuses it for good (a wrong
+/// token, an incompatible protocol version, a registration it rejects).
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    run_until(config, shutdown, std::future::pending()).await
+}
+
+/// [`run`], with a second signal: when `drain` completes the agent takes
+/// no new steps and lets those it runs finish (up to the drain timeout);
+/// when `abort` completes, or the timeout passes, it stops them and
+/// reports them aborted. It returns once nothing is left.
+pub async fn run_until(
+    config: AgentConfig,
+    drain: impl Future<Output = ()>,
+    abort: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let config = Arc::new(config);
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
@@ -62,14 +74,37 @@ pub async fn run(
     // when the agent stops.
     let mut jobs = link::Jobs::default();
     let (link, _) = tokio::sync::watch::channel(None);
-    tokio::pin!(shutdown);
+    let (draining, draining_rx) = tokio::sync::watch::channel(false);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    tokio::pin!(drain, abort);
     loop {
-        let ended = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            ended = session::run(&config, &mut backoff, &mut jobs, &link) => ended,
+        // The session future borrows the jobs; it is only polled here, so
+        // a drain starting does not cut it short.
+        let stop = {
+            let session =
+                session::run(&config, &mut backoff, &mut jobs, &link, draining_rx.clone());
+            tokio::pin!(session);
+            loop {
+                tokio::select! {
+                    ended = &mut session => break Stop::Ended(ended),
+                    _ = &mut drain, if deadline.is_none() => {
+                        deadline = Some(start_drain(&config, &draining));
+                    }
+                    _ = &mut abort => break Stop::Abort("a second signal"),
+                    _ = sleep_until(deadline) => break Stop::Abort("the drain timeout passed"),
+                }
+            }
+        };
+        let ended = match stop {
+            Stop::Abort(why) => return abort_jobs(&mut jobs, &link, why).await,
+            Stop::Ended(ended) => ended,
         };
         match ended {
             session::Ended::Refused(why) => return Err(AgentError::Refused(why)),
+            session::Ended::Drained => {
+                tracing::info!("drained: every step is delivered; stopping");
+                return Ok(());
+            }
             session::Ended::Lost(why) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(
@@ -79,9 +114,19 @@ pub async fn run(
                 let sleep = tokio::time::sleep(delay);
                 tokio::pin!(sleep);
                 loop {
+                    if deadline.is_some() && jobs.is_empty() {
+                        tracing::info!("drained: every step is delivered; stopping");
+                        return Ok(());
+                    }
                     tokio::select! {
-                        _ = &mut shutdown => return Ok(()),
                         _ = &mut sleep => break,
+                        _ = &mut drain, if deadline.is_none() => {
+                            deadline = Some(start_drain(&config, &draining));
+                        }
+                        _ = &mut abort => return abort_jobs(&mut jobs, &link, "a second signal").await,
+                        _ = sleep_until(deadline) => {
+                            return abort_jobs(&mut jobs, &link, "the drain timeout passed").await
+                        }
                         Some(done) = jobs.set.join_next_with_id(), if !jobs.set.is_empty() => {
                             jobs.reap(done)
                         }
@@ -90,6 +135,61 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Why the loop around a session stopped.
+enum Stop {
+    Ended(session::Ended),
+    Abort(&'static str),
+}
+
+/// Starts a drain; returns its deadline.
+fn start_drain(
+    config: &AgentConfig,
+    draining: &tokio::sync::watch::Sender<bool>,
+) -> tokio::time::Instant {
+    tracing::info!(
+        timeout_s = config.drain_timeout.as_secs(),
+        "draining: no new steps; the running ones may finish"
+    );
+    draining.send_replace(true);
+    tokio::time::Instant::now() + config.drain_timeout
+}
+
+/// Completes at `deadline`, or never without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Stops every job and reports its step aborted (retryable), as far as
+/// the current session, if any, takes the reports within a few seconds.
+async fn abort_jobs(
+    jobs: &mut link::Jobs,
+    link: &tokio::sync::watch::Sender<Option<Arc<session::SessionCtx>>>,
+    why: &str,
+) -> Result<(), AgentError> {
+    let steps = jobs.abort_all();
+    tracing::warn!(steps = steps.len(), "stopping the running steps: {why}");
+    let ctx = link.borrow().clone();
+    if let Some(ctx) = ctx {
+        let mut reports = tokio::task::JoinSet::new();
+        for step in steps {
+            let ctx = ctx.clone();
+            let why = format!("the agent stopped ({why})");
+            reports.spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    job::report_aborted(&ctx, &step, why),
+                )
+                .await;
+            });
+        }
+        while reports.join_next().await.is_some() {}
+    }
+    Ok(())
 }
 
 /// Capped exponential backoff with jitter; reset once a session is up.

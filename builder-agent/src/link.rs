@@ -103,6 +103,20 @@ impl Jobs {
         steps
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// Stops every job; returns the steps they held.
+    pub(crate) fn abort_all(&mut self) -> Vec<String> {
+        let steps = self.held();
+        for (_, handle) in self.running.drain() {
+            handle.abort();
+        }
+        self.by_task.clear();
+        steps
+    }
+
     /// Slots in use: jobs still building.
     pub(crate) fn building(&self) -> usize {
         self.building.load(Ordering::SeqCst)

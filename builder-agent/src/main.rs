@@ -3,6 +3,8 @@
 //! `sluice_builder_agent` library.
 //!
 //! Errors reach the user as one line on stderr and a non-zero exit code.
+//! SIGTERM or SIGINT drains the agent (see `--drain-timeout-s`); a second
+//! one stops the running steps at once.
 
 use std::process::ExitCode;
 
@@ -15,18 +17,21 @@ use sluice_builder_agent::{Cli, LogFormat};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// Counts SIGTERM and SIGINT into `count`.
+async fn count_signals(count: tokio::sync::watch::Sender<u32>) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => if r.is_err() { std::future::pending::<()>().await },
+            Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => None } } => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        count.send_modify(|n| *n += 1);
     }
+}
+
+/// Completes once `n` signals have arrived.
+async fn signals(mut count: tokio::sync::watch::Receiver<u32>, n: u32) {
+    let _ = count.wait_for(|seen| *seen >= n).await;
 }
 
 /// Logs to stderr at info and above unless `RUST_LOG` says otherwise;
@@ -62,7 +67,12 @@ async fn main() -> ExitCode {
         queue_runner = config.queue_runner,
         "builder agent starting"
     );
-    match sluice_builder_agent::run(config, shutdown_signal()).await {
+    // The first signal drains, a second one stops the running steps.
+    let (count, counted) = tokio::sync::watch::channel(0);
+    tokio::spawn(count_signals(count));
+    let drain = signals(counted.clone(), 1);
+    let abort = signals(counted, 2);
+    match sluice_builder_agent::run_until(config, drain, abort).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -53,6 +53,8 @@ pub(crate) enum Ended {
     Lost(String),
     /// The queue runner will not take this agent as configured.
     Refused(String),
+    /// Draining, and every job is done: the agent may exit.
+    Drained,
 }
 
 /// What jobs share with their session.
@@ -124,8 +126,9 @@ pub(crate) async fn run(
     backoff: &mut Backoff,
     jobs: &mut Jobs,
     link: &watch::Sender<Option<Arc<SessionCtx>>>,
+    draining: watch::Receiver<bool>,
 ) -> Ended {
-    let ended = match serve(config, backoff, jobs, link).await {
+    let ended = match serve(config, backoff, jobs, link, draining).await {
         Ok(never) => match never {},
         Err(ended) => ended,
     };
@@ -138,6 +141,7 @@ async fn serve(
     backoff: &mut Backoff,
     jobs: &mut Jobs,
     link: &watch::Sender<Option<Arc<SessionCtx>>>,
+    mut draining: watch::Receiver<bool>,
 ) -> Result<std::convert::Infallible, Ended> {
     let mut client = connect(config).await?;
     let version = client
@@ -155,6 +159,7 @@ async fn serve(
         )));
     }
     let host = host::load(&config.proc_root);
+    let is_draining = *draining.borrow();
     let registered = client
         .register(pb::RegisterRequest {
             name: config.name.clone(),
@@ -164,6 +169,7 @@ async fn serve(
             max_jobs: config.max_jobs,
             speed_factor: config.speed_factor,
             total_mem_bytes: host.mem_total_bytes,
+            draining: is_draining,
         })
         .await
         .map_err(|s| classify("registration", s))?
@@ -212,9 +218,22 @@ async fn serve(
     link.send_replace(Some(ctx.clone()));
     let job_link = Link::from_sender(link);
     loop {
+        let drain = *draining.borrow_and_update();
+        if drain && jobs.is_empty() {
+            return Err(Ended::Drained);
+        }
         tokio::select! {
             ended = &mut heartbeats => return Err(ended),
             Some(done) = jobs.set.join_next_with_id(), if !jobs.set.is_empty() => jobs.reap(done),
+            Ok(()) = draining.changed() => {
+                let now_draining = *draining.borrow();
+                if now_draining {
+                    let _ = ctx.events.try_send(pb::AgentEvent {
+                        session_id: ctx.id.clone(),
+                        event: Some(pb::agent_event::Event::Drain(pb::Drain {})),
+                    });
+                }
+            }
             message = commands.message() => {
                 let command = match message {
                     Ok(Some(pb::RunnerCommand { command: Some(c) })) => c,
@@ -227,6 +246,9 @@ async fn serve(
                         let step = a.step_id.clone();
                         if jobs.contains(&step) {
                             tracing::warn!(step, "assigned a step that is already running; ignored");
+                        } else if drain {
+                            tracing::info!(step, "assigned a step while draining; refusing it");
+                            tokio::spawn(job::refuse(ctx.clone(), step, "the agent is draining"));
                         } else if jobs.building() >= config.max_jobs as usize {
                             tracing::warn!(step, "assigned a step with every slot busy; refusing it");
                             tokio::spawn(job::refuse(ctx.clone(), step, "every job slot of the agent is busy"));

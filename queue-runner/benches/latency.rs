@@ -486,6 +486,7 @@ impl SimAgent {
                 max_jobs: AGENT_SLOTS,
                 speed_factor: 1.0,
                 total_mem_bytes: 1 << 30,
+                draining: false,
             })
             .await
             .expect("the Register call")

@@ -50,6 +50,8 @@ pub struct AgentInfo {
     pub max_jobs: u32,
     pub speed_factor: f32,
     pub total_mem_bytes: u64,
+    /// It takes no new steps (it is stopping).
+    pub draining: bool,
 }
 
 /// Load figures from a heartbeat.
@@ -80,6 +82,10 @@ pub enum FromAgent {
     Heartbeat {
         machine: MachineId,
         load: AgentLoad,
+    },
+    /// The agent stops taking steps (it is draining before it exits).
+    Draining {
+        machine: MachineId,
     },
     /// The attempt entered a busy phase (Hydra's `BuildSteps.busy` codes).
     Phase {

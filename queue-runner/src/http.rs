@@ -92,7 +92,8 @@ pub fn machines_value(s: &StatusSnapshot) -> Value {
                 "speedFactor": m.speed_factor,
                 "supportedFeatures": m.supported_features,
                 "mandatoryFeatures": m.mandatory_features,
-                "hasCapacity": (m.running as u32) < m.max_jobs,
+                "hasCapacity": !m.draining && (m.running as u32) < m.max_jobs,
+                "draining": m.draining,
                 "totalMem": m.total_mem,
                 "currentJobs": m.running,
                 "stats": {

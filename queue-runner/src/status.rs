@@ -38,4 +38,6 @@ pub struct MachineStatus {
     pub load: AgentLoad,
     pub steps_done: u64,
     pub avg_step_build_ms: u64,
+    /// The agent is draining: it finishes its steps and takes no new ones.
+    pub draining: bool,
 }

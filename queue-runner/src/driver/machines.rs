@@ -24,6 +24,13 @@ impl Driver {
                 held,
             } => self.on_connected(machine, info, commands, held),
             FromAgent::Disconnected { machine } => self.on_disconnected(machine),
+            FromAgent::Draining { machine } => {
+                if let Some(m) = self.machines.get_mut(&machine) {
+                    m.info.draining = true;
+                    self.deferred_dispatches.retain(|(_, m, _)| *m != machine);
+                    self.apply(Event::MachineDetached { machine });
+                }
+            }
             FromAgent::Heartbeat { machine, load } => {
                 if let Some(m) = self.machines.get_mut(&machine) {
                     m.load = load;
@@ -73,6 +80,7 @@ impl Driver {
                 load: m.load.clone(),
                 steps_done: m.steps_done,
                 avg_step_build_ms: m.build_ms_total.checked_div(m.steps_done).unwrap_or(0),
+                draining: m.info.draining,
             })
             .collect();
         let snapshot = StatusSnapshot {

@@ -160,7 +160,8 @@ impl Driver {
             systems: info.systems.clone(),
             supported_features: info.supported_features.clone(),
             mandatory_features: info.mandatory_features.clone(),
-            max_jobs: info.max_jobs,
+            // A draining agent takes no new steps.
+            max_jobs: if info.draining { 0 } else { info.max_jobs },
             speed_factor: info.speed_factor,
         };
         let held_set: HashSet<AttemptId> = held.iter().copied().collect();

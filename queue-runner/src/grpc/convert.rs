@@ -79,6 +79,7 @@ pub(crate) fn agent_info(req: pb::RegisterRequest) -> Result<AgentInfo, ConvertE
         max_jobs: req.max_jobs,
         speed_factor,
         total_mem_bytes: req.total_mem_bytes,
+        draining: req.draining,
     })
 }
 

@@ -141,8 +141,18 @@ async fn handle_event(shared: &Shared, session: &Session, event: pb::AgentEvent)
         tracing::warn!(session = %session.id, "work stream event names another session; dropped");
         return;
     }
-    let Some(pb::agent_event::Event::Phase(phase)) = event.event else {
-        return;
+    let phase = match event.event {
+        Some(pb::agent_event::Event::Phase(phase)) => phase,
+        Some(pb::agent_event::Event::Drain(_)) => {
+            tracing::info!(session = %session.id, agent = %session.info.name, "agent draining: it takes no new steps");
+            session
+                .send(FromAgent::Draining {
+                    machine: session.machine,
+                })
+                .await;
+            return;
+        }
+        _ => return,
     };
     let attempt = match convert::attempt_id(&phase.step_id) {
         Ok(a) => a,

@@ -35,7 +35,10 @@ pub struct Agent {
     pub name: String,
     pub store: IsolatedStore,
     pub daemon: NixDaemon,
+    /// Starts a drain (as SIGTERM does).
     stop: Option<oneshot::Sender<()>>,
+    /// Stops the running steps (as a second SIGTERM does).
+    abort: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), sluice_builder_agent::AgentError>>,
 }
 
@@ -132,18 +135,60 @@ impl Deployment {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_millis(1000),
             proc_root: PathBuf::from("/proc"),
+            drain_timeout: Duration::from_secs(60),
         };
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(sluice_builder_agent::run(config, async {
-            let _ = stopped.await;
-        }));
+        let (abort, aborted) = oneshot::channel::<()>();
+        let task = tokio::spawn(sluice_builder_agent::run_until(
+            config,
+            async {
+                let _ = stopped.await;
+            },
+            async {
+                // A dropped sender is no abort.
+                if aborted.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            },
+        ));
         self.agents.push(Agent {
             name: name.to_owned(),
             store,
             daemon,
             stop: Some(stop),
+            abort: Some(abort),
             task,
         });
+    }
+
+    /// Drains agent `name`, as SIGTERM does.
+    pub fn drain_agent(&mut self, name: &str) {
+        let agent = self.agents.iter_mut().find(|a| a.name == name).unwrap();
+        if let Some(stop) = agent.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Stops agent `name`'s running steps, as a second SIGTERM does.
+    pub fn abort_agent(&mut self, name: &str) {
+        let agent = self.agents.iter_mut().find(|a| a.name == name).unwrap();
+        if let Some(abort) = agent.abort.take() {
+            let _ = abort.send(());
+        }
+    }
+
+    /// Waits for agent `name` to stop by itself; returns how it ended.
+    pub async fn agent_exit(
+        &mut self,
+        name: &str,
+        secs: u64,
+    ) -> Result<(), sluice_builder_agent::AgentError> {
+        let i = self.agents.iter().position(|a| a.name == name).unwrap();
+        let agent = self.agents.remove(i);
+        tokio::time::timeout(Duration::from_secs(secs), agent.task)
+            .await
+            .unwrap_or_else(|_| panic!("agent {name} did not stop within {secs} s"))
+            .unwrap()
     }
 
     /// Kills agent `name` as a crash would: its task is aborted, so its

@@ -56,9 +56,30 @@ pub struct Cli {
     #[arg(long, num_args = 1.., value_name = "FEATURE")]
     pub mandatory_features: Vec<String>,
 
-    /// How many steps to build at once
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_jobs: u32,
+    /// How many steps to build at once [default: the number of slots, or 1
+    /// with --pinning off]. Without --slots, more jobs than NUMA nodes
+    /// share the CPUs out evenly; more jobs than CPUs are not pinned
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_jobs: Option<u32>,
+
+    /// Pin each step's whole process tree to a slot of the machine (its
+    /// CPU affinity and NIX_BUILD_CORES). Builds that a daemon given with
+    /// --store-socket runs are not its children and keep the daemon's CPUs
+    #[arg(long, value_enum, default_value_t = Pinning::On)]
+    pub pinning: Pinning,
+
+    /// Divide the machine into this many slots (with --cpus-per-slot)
+    /// instead of one slot per NUMA node
+    #[arg(long, requires = "cpus_per_slot", value_name = "N")]
+    pub slots: Option<u32>,
+
+    /// CPUs in each of the --slots slots, taken node by node
+    #[arg(long, requires = "slots", value_name = "M")]
+    pub cpus_per_slot: Option<u32>,
+
+    /// Where sysfs is: the NUMA nodes and CPUs are read under it
+    #[arg(long, default_value = "/sys", value_name = "DIR")]
+    pub sysfs_root: PathBuf,
 
     /// Relative speed, used by the queue runner to prefer faster machines
     #[arg(long, default_value_t = 1.0)]
@@ -86,6 +107,15 @@ pub struct Cli {
     pub drain_timeout_s: u64,
 }
 
+/// Whether steps are pinned to slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pinning {
+    /// Each step runs on the CPUs of a slot of its own.
+    On,
+    /// Steps run wherever the kernel puts them.
+    Off,
+}
+
 /// The format of log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -103,6 +133,19 @@ pub enum LocalNix {
     /// `nix-daemon --stdio`, started per connection with the agent's
     /// environment.
     Stdio,
+    /// Another command that serves a store on its stdin and stdout (the
+    /// daemon protocol), started per connection: `nix-daemon --stdio`
+    /// inside a private mount namespace, say. Its builds are its children,
+    /// so they are pinned like those of `Stdio`.
+    Command(DaemonCommand),
+}
+
+/// A command line, with environment variables to set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonCommand {
+    pub program: PathBuf,
+    pub args: Vec<std::ffi::OsString>,
+    pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
 }
 
 /// Everything the agent runs with.
@@ -115,6 +158,8 @@ pub struct AgentConfig {
     pub features: Vec<String>,
     pub mandatory_features: Vec<String>,
     pub max_jobs: u32,
+    /// The slots steps are pinned to; `None`: no pinning.
+    pub slots: Option<crate::topology::Layout>,
     pub speed_factor: f32,
     pub store: LocalNix,
     pub reconnect_min: Duration,
@@ -136,6 +181,45 @@ pub enum ConfigError {
     NoToken(PathBuf),
     #[error("--systems: give at least one system")]
     NoSystems,
+    #[error("the machine's topology: {0}")]
+    Topology(#[from] crate::topology::TopologyError),
+    #[error("--max-jobs {max_jobs} is more than the {slots} slots of --slots: give more slots, or --pinning off")]
+    MoreJobsThanSlots { max_jobs: u32, slots: usize },
+}
+
+/// The slots and the number of jobs for a pinned agent:
+/// - `--slots N --cpus-per-slot M`: that layout; `--max-jobs` (default N)
+///   may not exceed it;
+/// - otherwise one slot per NUMA node, unless `--max-jobs` asks for more
+///   jobs than nodes: then that many slots, the CPUs shared out evenly;
+/// - more jobs than CPUs cannot each have CPUs of their own: no pinning.
+fn layout_for(
+    topology: &crate::topology::Topology,
+    explicit: Option<(u32, u32)>,
+    max_jobs: Option<u32>,
+) -> Result<(Option<crate::topology::Layout>, u32), ConfigError> {
+    use crate::topology::Layout;
+    let slots_of = |layout: &Layout| u32::try_from(layout.slots.len()).unwrap_or(u32::MAX);
+    if let Some((n, m)) = explicit {
+        let layout = Layout::explicit(topology, n, m)?;
+        let slots = slots_of(&layout);
+        return match max_jobs {
+            Some(jobs) if jobs > slots => Err(ConfigError::MoreJobsThanSlots {
+                max_jobs: jobs,
+                slots: layout.slots.len(),
+            }),
+            jobs => Ok((Some(layout), jobs.unwrap_or(slots))),
+        };
+    }
+    let per_node = Layout::per_node(topology);
+    let nodes = slots_of(&per_node);
+    let cpus = u32::try_from(topology.cpu_count()).unwrap_or(u32::MAX);
+    Ok(match max_jobs {
+        None => (Some(per_node), nodes.max(1)),
+        Some(jobs) if jobs <= nodes => (Some(per_node), jobs),
+        Some(jobs) if jobs <= cpus => (Some(Layout::explicit(topology, jobs, cpus / jobs)?), jobs),
+        Some(jobs) => (None, jobs),
+    })
 }
 
 /// The token in a token file: its first non-empty line, after the first
@@ -173,6 +257,13 @@ impl Cli {
         if systems.iter().all(|s| s.trim().is_empty()) {
             return Err(ConfigError::NoSystems);
         }
+        let (slots, max_jobs) = match self.pinning {
+            Pinning::Off => (None, self.max_jobs.unwrap_or(1)),
+            Pinning::On => {
+                let topology = crate::topology::Topology::read(&self.sysfs_root)?;
+                layout_for(&topology, self.slots.zip(self.cpus_per_slot), self.max_jobs)?
+            }
+        };
         Ok(AgentConfig {
             queue_runner: self.queue_runner,
             token,
@@ -180,7 +271,8 @@ impl Cli {
             systems,
             features: self.features,
             mandatory_features: self.mandatory_features,
-            max_jobs: self.max_jobs,
+            max_jobs,
+            slots,
             speed_factor: self.speed_factor,
             store: match self.store_socket {
                 Some(p) => LocalNix::Socket(p),
@@ -215,8 +307,20 @@ mod tests {
         .expect("parses");
         assert_eq!(cli.systems, ["x86_64-linux", "builtin"]);
         assert_eq!(cli.features, ["kvm"]);
-        assert_eq!(cli.max_jobs, 1);
+        assert_eq!(cli.max_jobs, None);
+        assert_eq!(cli.pinning, Pinning::On);
         assert!(Cli::try_parse_from(["builder-agent", "--token-file", "/t"]).is_err());
+        // --slots and --cpus-per-slot go together.
+        assert!(Cli::try_parse_from([
+            "builder-agent",
+            "--queue-runner",
+            "u",
+            "--token-file",
+            "/t",
+            "--slots",
+            "2"
+        ])
+        .is_err());
         assert!(Cli::try_parse_from([
             "builder-agent",
             "--queue-runner",
@@ -240,5 +344,78 @@ mod tests {
         std::fs::write(&file, "\n\n").expect("write");
         assert!(matches!(read_token(&file), Err(ConfigError::NoToken(_))));
         assert!(read_token(&dir.path().join("missing")).is_err());
+    }
+
+    /// A token file and a fake sysfs with one node of CPUs 0-3.
+    fn fixture() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("token"), "a-token-of-sixteen-chars\n").expect("token");
+        let node = dir.path().join("sys/devices/system/node/node0");
+        std::fs::create_dir_all(&node).expect("sysfs");
+        std::fs::write(node.join("cpulist"), "0-3\n").expect("cpulist");
+        dir
+    }
+
+    async fn resolve(dir: &Path, extra: &[&str]) -> Result<AgentConfig, ConfigError> {
+        let token = dir.join("token");
+        let sys = dir.join("sys");
+        let mut args = vec![
+            "builder-agent",
+            "--queue-runner",
+            "http://127.0.0.1:1",
+            "--systems",
+            "x86_64-linux",
+            "--token-file",
+            token.to_str().expect("utf-8"),
+            "--sysfs-root",
+            sys.to_str().expect("utf-8"),
+        ];
+        args.extend_from_slice(extra);
+        Cli::try_parse_from(args).expect("parses").resolve().await
+    }
+
+    #[tokio::test]
+    async fn max_jobs_follows_the_slots_and_may_not_exceed_them() {
+        let dir = fixture();
+        let one_node = resolve(dir.path(), &[]).await.expect("resolves");
+        assert_eq!(one_node.max_jobs, 1);
+        assert_eq!(one_node.slots.expect("pinned").slots[0].cpus, [0, 1, 2, 3]);
+        let four = resolve(dir.path(), &["--slots", "4", "--cpus-per-slot", "1"])
+            .await
+            .expect("resolves");
+        assert_eq!(four.max_jobs, 4);
+        // More jobs than nodes: the CPUs are shared out; more than CPUs:
+        // no pinning.
+        let two = resolve(dir.path(), &["--max-jobs", "2"])
+            .await
+            .expect("resolves");
+        let cpus: Vec<Vec<u32>> = two
+            .slots
+            .expect("pinned")
+            .slots
+            .into_iter()
+            .map(|s| s.cpus)
+            .collect();
+        assert_eq!((two.max_jobs, cpus), (2, vec![vec![0, 1], vec![2, 3]]));
+        let many = resolve(dir.path(), &["--max-jobs", "5"])
+            .await
+            .expect("resolves");
+        assert_eq!((many.max_jobs, many.slots), (5, None));
+        let args = ["--slots", "2", "--cpus-per-slot", "1", "--max-jobs", "3"];
+        assert!(matches!(
+            resolve(dir.path(), &args).await,
+            Err(ConfigError::MoreJobsThanSlots {
+                max_jobs: 3,
+                slots: 2
+            })
+        ));
+        assert!(matches!(
+            resolve(dir.path(), &["--slots", "3", "--cpus-per-slot", "2"]).await,
+            Err(ConfigError::Topology(_))
+        ));
+        let off = resolve(dir.path(), &["--pinning", "off", "--max-jobs", "3"])
+            .await
+            .expect("resolves");
+        assert_eq!((off.max_jobs, off.slots), (3, None));
     }
 }

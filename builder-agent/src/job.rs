@@ -182,7 +182,7 @@ struct Outcome {
 pub(crate) async fn run(mut link: Link, assignment: pb::Assignment, slot: SlotGuard) {
     let step = assignment.step_id.clone();
     tracing::info!(step, drv = assignment.drv_path, "step assigned");
-    let outcome = match build(&mut link, &assignment).await {
+    let outcome = match build(&mut link, &assignment, slot.cpus()).await {
         Ok(outcome) => outcome,
         Err(e) => {
             tracing::warn!(step, drv = assignment.drv_path, "step aborted: {e}");
@@ -299,7 +299,11 @@ fn store_path(what: &str, path: &str) -> Result<StorePath, JobError> {
         .map_err(|e| JobError::Assignment(format!("{what} '{path}': {e}")))
 }
 
-async fn build(link: &mut Link, a: &pb::Assignment) -> Result<Outcome, JobError> {
+async fn build(
+    link: &mut Link,
+    a: &pb::Assignment,
+    cpus: Option<&[u32]>,
+) -> Result<Outcome, JobError> {
     let step = a.step_id.as_str();
     let ctx = link.session().await;
     ctx.phase(step, SENDING_INPUTS);
@@ -313,8 +317,9 @@ async fn build(link: &mut Link, a: &pb::Assignment) -> Result<Outcome, JobError>
         ));
     }
     let (basic, _) = drv.into_basic();
-    let mut nix = nix_store::connect(&ctx.config.store).await?;
-    let built = build_with(link, &ctx, a, &drv_path, &basic, &mut nix).await;
+    let mut nix = nix_store::connect(&ctx.config.store, cpus).await?;
+    let cores = cpus.map_or(0, |c| u32::try_from(c.len()).unwrap_or(0));
+    let built = build_with(link, &ctx, a, &drv_path, &basic, &mut nix, cores).await;
     match built {
         Ok(Built::Done(result)) => {
             // A clean goodbye, so the daemon does not log a broken
@@ -352,6 +357,7 @@ async fn build_with(
     drv_path: &StorePath,
     basic: &BasicDerivation,
     nix: &mut DaemonClient,
+    cores: u32,
 ) -> Result<Built, JobError> {
     let step = a.step_id.as_str();
     let copying = Instant::now();
@@ -375,6 +381,8 @@ async fn build_with(
         max_silent_time: a.max_silent_time_s,
         build_timeout: (a.build_timeout_s > 0).then_some(u64::from(a.build_timeout_s)),
         max_log_size: (a.max_log_bytes > 0).then_some(a.max_log_bytes),
+        // NIX_BUILD_CORES: the slot's CPUs (0, all, when not pinned).
+        build_cores: cores,
         verbose_build: true,
         ..ClientOptions::default()
     })

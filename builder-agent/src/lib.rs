@@ -32,6 +32,7 @@ mod link;
 mod logs;
 mod nix_store;
 mod session;
+pub mod topology;
 mod transfer;
 
 use std::future::Future;
@@ -69,10 +70,11 @@ pub async fn run_until(
     abort: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let config = Arc::new(config);
+    log_slots(&config);
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     // Jobs outlive sessions; they are dropped (their builds stopped) only
     // when the agent stops.
-    let mut jobs = link::Jobs::default();
+    let mut jobs = link::Jobs::new(config.slots.clone());
     let (link, _) = tokio::sync::watch::channel(None);
     let (draining, draining_rx) = tokio::sync::watch::channel(false);
     let mut deadline: Option<tokio::time::Instant> = None;
@@ -134,6 +136,35 @@ pub async fn run_until(
                 }
             }
         }
+    }
+}
+
+/// Says once, at start, how steps are pinned.
+fn log_slots(config: &AgentConfig) {
+    let Some(layout) = &config.slots else {
+        tracing::info!(
+            max_jobs = config.max_jobs,
+            "steps are not pinned (--pinning off, or more jobs than CPUs): they run on any CPU"
+        );
+        return;
+    };
+    let slots: Vec<String> = layout
+        .slots
+        .iter()
+        .map(|s| {
+            format!(
+                "node {}: cpus {}",
+                s.node,
+                topology::format_cpu_list(&s.cpus)
+            )
+        })
+        .collect();
+    tracing::info!(?slots, "steps are pinned to slots");
+    if matches!(config.store, LocalNix::Socket(_)) {
+        tracing::warn!(
+            "the builds run by the daemon at --store-socket are its children, not this agent's: \
+             they get NIX_BUILD_CORES but not the slot's CPUs; leave --store-socket out to pin them"
+        );
     }
 }
 

@@ -22,6 +22,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tonic::{Code, Status};
 
 use crate::session::SessionCtx;
+use crate::topology::{Layout, SlotTable};
 
 /// The current session, as jobs see it.
 #[derive(Clone)]
@@ -75,7 +76,6 @@ pub(crate) fn worth_retrying(status: &Status) -> bool {
 }
 
 /// The agent's jobs, by step id.
-#[derive(Default)]
 pub(crate) struct Jobs {
     pub(crate) set: JoinSet<()>,
     running: HashMap<String, AbortHandle>,
@@ -84,18 +84,45 @@ pub(crate) struct Jobs {
     /// result holds none: the queue runner frees the slot when the result
     /// reaches it, before it is committed and acknowledged.
     building: Arc<AtomicUsize>,
+    /// The slots of the machine steps are pinned to, if they are.
+    table: Option<Arc<parking_lot::Mutex<SlotTable>>>,
 }
 
 /// A job's claim on a slot, released when dropped.
-pub(crate) struct SlotGuard(Arc<AtomicUsize>);
+pub(crate) struct SlotGuard {
+    building: Arc<AtomicUsize>,
+    /// The pinned slot, with the table to give it back to.
+    pinned: Option<(usize, Vec<u32>, Arc<parking_lot::Mutex<SlotTable>>)>,
+}
+
+impl SlotGuard {
+    /// The CPUs the job's step is pinned to, if it is.
+    pub(crate) fn cpus(&self) -> Option<&[u32]> {
+        self.pinned.as_ref().map(|(_, cpus, _)| cpus.as_slice())
+    }
+}
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.building.fetch_sub(1, Ordering::SeqCst);
+        if let Some((index, _, table)) = &self.pinned {
+            table.lock().release(*index);
+        }
     }
 }
 
 impl Jobs {
+    /// No jobs yet; steps are pinned to the slots of `layout`, if given.
+    pub(crate) fn new(layout: Option<Layout>) -> Jobs {
+        Jobs {
+            set: JoinSet::new(),
+            running: HashMap::new(),
+            by_task: HashMap::new(),
+            building: Arc::default(),
+            table: layout.map(|l| Arc::new(parking_lot::Mutex::new(SlotTable::new(l)))),
+        }
+    }
+
     /// Steps held: running, or waiting to deliver their result.
     pub(crate) fn held(&self) -> Vec<String> {
         let mut steps: Vec<String> = self.running.keys().cloned().collect();
@@ -122,10 +149,23 @@ impl Jobs {
         self.building.load(Ordering::SeqCst)
     }
 
-    /// A slot for a new job.
-    pub(crate) fn slot(&self) -> SlotGuard {
+    /// A slot for a new job: with pinning, a free slot on the least-loaded
+    /// NUMA node; `None` if every pinned slot is busy.
+    pub(crate) fn slot(&self) -> Option<SlotGuard> {
+        let pinned = match &self.table {
+            Some(table) => {
+                let mut t = table.lock();
+                let index = t.take()?;
+                let cpus = t.slot(index).map(|s| s.cpus.clone()).unwrap_or_default();
+                Some((index, cpus, table.clone()))
+            }
+            None => None,
+        };
         self.building.fetch_add(1, Ordering::SeqCst);
-        SlotGuard(self.building.clone())
+        Some(SlotGuard {
+            building: self.building.clone(),
+            pinned,
+        })
     }
 
     pub(crate) fn contains(&self, step: &str) -> bool {

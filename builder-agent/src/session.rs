@@ -249,12 +249,17 @@ async fn serve(
                         } else if drain {
                             tracing::info!(step, "assigned a step while draining; refusing it");
                             tokio::spawn(job::refuse(ctx.clone(), step, "the agent is draining"));
-                        } else if jobs.building() >= config.max_jobs as usize {
-                            tracing::warn!(step, "assigned a step with every slot busy; refusing it");
-                            tokio::spawn(job::refuse(ctx.clone(), step, "every job slot of the agent is busy"));
                         } else {
-                            let slot = jobs.slot();
-                            jobs.spawn(step, job::run(job_link.clone(), a, slot));
+                            let slot = (jobs.building() < config.max_jobs as usize)
+                                .then(|| jobs.slot())
+                                .flatten();
+                            match slot {
+                                Some(slot) => jobs.spawn(step, job::run(job_link.clone(), a, slot)),
+                                None => {
+                                    tracing::warn!(step, "assigned a step with every slot busy; refusing it");
+                                    tokio::spawn(job::refuse(ctx.clone(), step, "every job slot of the agent is busy"));
+                                }
+                            }
                         }
                     }
                     pb::runner_command::Command::Cancel(c) => {

@@ -117,6 +117,18 @@ impl Deployment {
     /// [`Deployment::add_agent`], dialling the queue runner at `url` (a
     /// proxy, say).
     pub async fn add_agent_via(&mut self, name: &str, max_jobs: u32, url: String) {
+        self.add_agent_with(name, max_jobs, url, |_, _| {}).await;
+    }
+
+    /// [`Deployment::add_agent_via`], with the agent's settings changed by
+    /// `adjust` (which also sees the agent's store) first.
+    pub async fn add_agent_with(
+        &mut self,
+        name: &str,
+        max_jobs: u32,
+        url: String,
+        adjust: impl FnOnce(&mut sluice_builder_agent::AgentConfig, &IsolatedStore),
+    ) {
         let store = IsolatedStore::new();
         let daemon = store.start_daemon();
         let config = sluice_builder_agent::AgentConfig {
@@ -136,7 +148,10 @@ impl Deployment {
             reconnect_max: Duration::from_millis(1000),
             proc_root: PathBuf::from("/proc"),
             drain_timeout: Duration::from_secs(60),
+            slots: None,
         };
+        let mut config = config;
+        adjust(&mut config, &store);
         let (stop, stopped) = oneshot::channel::<()>();
         let (abort, aborted) = oneshot::channel::<()>();
         let task = tokio::spawn(sluice_builder_agent::run_until(

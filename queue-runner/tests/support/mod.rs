@@ -317,6 +317,7 @@ pub fn agent_config(
         reconnect_max: Duration::from_millis(1000),
         proc_root: PathBuf::from("/proc"),
         drain_timeout: Duration::from_secs(60),
+        slots: None,
     }
 }
 

@@ -150,7 +150,13 @@ pub async fn run_with(
     }
     let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let service = grpc::QueueRunnerService::new(
-        grpc::ServiceConfig::new(config.data_dir.clone()),
+        grpc::ServiceConfig {
+            // Three heartbeats per lease: a lease runs out only after
+            // several were missed.
+            heartbeat_interval: (config.lease / 3)
+                .clamp(Duration::from_millis(200), Duration::from_secs(10)),
+            ..grpc::ServiceConfig::new(config.data_dir.clone())
+        },
         tokens,
         pool_store,
         attempts.clone(),

@@ -110,3 +110,81 @@ async fn cancelling_or_deleting_a_build_kills_its_processes_and_spares_the_other
     assert_eq!(status, Some(4), "the cancelled build keeps its status");
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_process_of_a_cancelled_or_timed_out_build_remains_not_even_a_background_one() {
+    use sluice_queue_runner::db::evaluator::{queue_builds, NewBuild};
+    let mut d = Deployment::start().await;
+    d.add_agent("a1", 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pids = |name: &str| {
+        (
+            dir.path().join(format!("{name}.pid")),
+            dir.path().join(format!("{name}-bg.pid")),
+        )
+    };
+    let (cancel_main, cancel_bg) = pids("cancel");
+    let (timeout_main, timeout_bg) = pids("timeout");
+    // Each starts a child in the background, then waits.
+    let expr = format!(
+        r#"{{
+  toCancel = mkDrv {{ name = "bg-cancel"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "sleep 1000 & echo $! > {cb}; echo $$ > {cm}; exec sleep 300" ]; }};
+  toTimeOut = mkDrv {{ name = "bg-timeout"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "sleep 1000 & echo $! > {tb}; echo $$ > {tm}; exec sleep 300" ]; }};
+}}"#,
+        cb = cancel_bg.display(),
+        cm = cancel_main.display(),
+        tb = timeout_bg.display(),
+        tm = timeout_main.display(),
+    );
+    let drvs = d.env.instantiate(&expr, &["toCancel", "toTimeOut"]);
+    let build = |job: &str, drv: &str, timeout_s: i32| NewBuild {
+        job: job.into(),
+        nix_name: job.into(),
+        drv_path: drv.into(),
+        system: String::new(),
+        outputs: vec![("out".into(), None)],
+        max_silent_s: 3600,
+        timeout_s,
+    };
+    let ids = queue_builds(
+        &d.pool,
+        "orphans",
+        "all",
+        &[
+            build("bg-cancel", &drvs[0], 36000),
+            build("bg-timeout", &drvs[1], 4),
+        ],
+        sluice_queue_runner::driver::unix_now(),
+    )
+    .await
+    .unwrap();
+    sqlx::query("notify builds_added")
+        .execute(&d.pool)
+        .await
+        .unwrap();
+    let procs = [
+        pid_in(&cancel_main).await,
+        pid_in(&cancel_bg).await,
+        pid_in(&timeout_main).await,
+        pid_in(&timeout_bg).await,
+    ];
+    assert!(procs.iter().all(|p| alive(*p)), "{procs:?}");
+
+    sqlx::query(
+        "update Builds set finished = 1, isCachedBuild = 0, buildStatus = 4,
+         startTime = extract(epoch from now())::int, stopTime = extract(epoch from now())::int
+         where id = $1 and finished = 0",
+    )
+    .bind(ids[0])
+    .execute(&d.pool)
+    .await
+    .unwrap();
+    let statuses = d.wait_finished(&ids[1..], 60).await;
+    assert_eq!(statuses[&ids[1]], 7, "timed out");
+    for pid in procs {
+        gone_within(pid, Duration::from_secs(5)).await;
+    }
+    d.stop().await;
+}

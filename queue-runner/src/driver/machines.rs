@@ -10,8 +10,9 @@ pub(super) struct Machine {
     pub(super) running: usize,
     pub(super) steps_done: u64,
     pub(super) build_ms_total: u64,
-    /// Its session ended at this time; its attempts are kept for a lease.
-    pub(super) detached_since: Option<Instant>,
+    /// Its last heartbeat (or connection): its attempts are held under a
+    /// lease that this renews.
+    pub(super) last_heard: Instant,
 }
 
 impl Driver {
@@ -34,6 +35,7 @@ impl Driver {
             FromAgent::Heartbeat { machine, load } => {
                 if let Some(m) = self.machines.get_mut(&machine) {
                     m.load = load;
+                    m.last_heard = Instant::now();
                 }
             }
             FromAgent::Phase {

@@ -1,11 +1,13 @@
 //! Attempts that outlive a connection or a restart.
 //!
-//! - **Leases.** When an agent's session ends, its machine is *detached*:
-//!   its attempts are kept, since the agent goes on building them, and it
-//!   gets no new steps. If the agent registers again within the lease, the
-//!   machine is reattached with the attempts it reports holding; the others
-//!   are aborted and retried. If it does not, every attempt it had is
-//!   aborted and retried.
+//! - **Leases.** An agent's attempts are held under a lease that its
+//!   heartbeats renew; an agent silent past the lease (frozen, or gone)
+//!   loses them: they are aborted and retried elsewhere, and its session
+//!   ends. When an agent's session ends its machine is *detached*: its
+//!   attempts are kept, since the agent goes on building them, and it gets
+//!   no new steps. If the agent registers again within the lease, the
+//!   machine is reattached with the attempts it reports holding; the
+//!   others are aborted and retried.
 //! - **Restart.** A restarted queue runner reads the attempts the previous
 //!   run left in progress (`SluiceAttempts`), loads nothing, and waits up to
 //!   one lease for agents to report them. Each reported attempt is claimed
@@ -73,26 +75,32 @@ impl Driver {
         self.resume.is_some()
     }
 
-    /// The earliest of the driver's own deadlines: a lease that runs out,
+    /// Whether `machine` holds attempts (whose lease then matters).
+    fn holds_attempts(&self, machine: MachineId) -> bool {
+        self.attempts.values().any(|a| a.machine == machine)
+    }
+
+    /// The earliest of the driver's own deadlines: a lease that runs out
+    /// (the last heartbeat of an agent holding attempts, plus the lease),
     /// the end of the wait after a restart.
     pub(super) fn next_lease_deadline(&self) -> Option<Instant> {
         let leases = self
             .machines
-            .values()
-            .filter_map(|m| m.detached_since)
-            .map(|since| since + self.config.lease);
+            .iter()
+            .filter(|(id, _)| self.holds_attempts(**id))
+            .map(|(_, m)| m.last_heard + self.config.lease);
         leases.chain(self.resume.as_ref().map(|r| r.until)).min()
     }
 
-    /// Ends what ran out by now: detached machines past their lease, the
-    /// wait after a restart.
+    /// Ends what ran out by now: the attempts of agents silent past their
+    /// lease (connected or not), the wait after a restart.
     pub(super) fn expire_leases(&mut self) {
         let now = Instant::now();
         let lease = self.config.lease;
         let expired: Vec<MachineId> = self
             .machines
             .iter()
-            .filter(|(_, m)| m.detached_since.is_some_and(|since| since + lease <= now))
+            .filter(|(id, m)| m.last_heard + lease <= now && self.holds_attempts(**id))
             .map(|(id, _)| *id)
             .collect();
         for machine in expired {
@@ -100,10 +108,12 @@ impl Driver {
                 tracing::warn!(
                     agent = %m.info.name,
                     lease_s = lease.as_secs(),
-                    "the agent did not come back within its lease; its steps are retried"
+                    "no heartbeat from the agent within its lease; its steps are retried elsewhere"
                 );
             }
-            self.give_up_machine(machine, "the builder stayed away past its lease");
+            // Dropping the machine drops its command channel, which ends
+            // its session if it is still open: the agent registers anew.
+            self.give_up_machine(machine, "the builder stayed silent past its lease");
         }
         if self.resume.as_ref().is_some_and(|r| r.until <= now) {
             self.finish_resume();
@@ -113,15 +123,13 @@ impl Driver {
     /// The agent's session ended: keep its attempts for a lease, or forget
     /// it at once if it runs none.
     pub(super) fn on_disconnected(&mut self, machine: MachineId) {
-        let Some(m) = self.machines.get_mut(&machine) else {
+        if !self.machines.contains_key(&machine) {
             return;
-        };
-        let holds = self.attempts.values().any(|a| a.machine == machine);
-        if !holds {
+        }
+        if !self.holds_attempts(machine) {
             self.give_up_machine(machine, "the builder disconnected");
             return;
         }
-        m.detached_since = Some(Instant::now());
         self.deferred_dispatches.retain(|(_, m, _)| *m != machine);
         self.apply(Event::MachineDetached { machine });
     }
@@ -171,7 +179,7 @@ impl Driver {
                 // keeps the attempts it still holds.
                 m.info = info.clone();
                 m.commands = commands.clone();
-                m.detached_since = None;
+                m.last_heard = Instant::now();
             }
             None => {
                 self.machines.insert(
@@ -183,7 +191,7 @@ impl Driver {
                         running: 0,
                         steps_done: 0,
                         build_ms_total: 0,
-                        detached_since: None,
+                        last_heard: Instant::now(),
                     },
                 );
             }

@@ -74,12 +74,14 @@ impl pb::queue_runner_server::QueueRunner for QueueRunnerService {
         let req = request.into_inner();
         let session = self.shared.sessions.get(&req.session_id, &owner)?;
         self.shared.sessions.beat(&session);
-        // Load figures are advisory: dropped rather than waited for when
-        // the driver is busy.
-        session.try_send(FromAgent::Heartbeat {
-            machine: session.machine,
-            load: convert::agent_load(&req),
-        });
+        // A heartbeat renews the agent's lease on its attempts: it is
+        // waited for, never dropped, even when the driver is busy.
+        session
+            .send(FromAgent::Heartbeat {
+                machine: session.machine,
+                load: convert::agent_load(&req),
+            })
+            .await;
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
 

@@ -91,16 +91,6 @@ impl Session {
         }
     }
 
-    /// Like [`Session::send`], but gives up instead of waiting (for
-    /// advisory events such as load figures).
-    pub(crate) fn try_send(&self, event: FromAgent) {
-        if let Ok(gate) = self.gate.try_lock() {
-            if let (Some(tx), true) = (&gate.events, gate.connected) {
-                let _ = tx.try_send(event);
-            }
-        }
-    }
-
     /// Tells the driver about the agent: from now on it may assign work
     /// through `commands`. Fails if the session ended meanwhile.
     pub(crate) async fn connect(

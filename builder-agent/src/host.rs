@@ -65,6 +65,14 @@ pub fn parse_pressure(text: &str) -> Option<f32> {
         .filter(|x| x.is_finite())
 }
 
+/// Free bytes on the filesystem holding `path` (0 if it cannot be read).
+pub fn free_bytes(path: &Path) -> u64 {
+    match nix::sys::statvfs::statvfs(path) {
+        Ok(st) => st.blocks_available().saturating_mul(st.fragment_size()),
+        Err(_) => 0,
+    }
+}
+
 /// The host name, from `<proc_root>/sys/kernel/hostname`.
 pub fn hostname(proc_root: &Path) -> String {
     std::fs::read_to_string(proc_root.join("sys/kernel/hostname"))

@@ -170,6 +170,15 @@ async fn serve(
             speed_factor: config.speed_factor,
             total_mem_bytes: host.mem_total_bytes,
             draining: is_draining,
+            slots: config
+                .slots
+                .iter()
+                .flat_map(|layout| &layout.slots)
+                .map(|slot| pb::SlotInfo {
+                    node: slot.node,
+                    cpus: crate::topology::format_cpu_list(&slot.cpus),
+                })
+                .collect(),
         })
         .await
         .map_err(|s| classify("registration", s))?
@@ -291,6 +300,8 @@ async fn heartbeat(ctx: Arc<SessionCtx>, interval: Duration) -> Ended {
                 memory_some_avg10: load.memory_pressure,
                 io_some_avg10: load.io_pressure,
             }),
+            store_free_bytes: host::free_bytes(std::path::Path::new("/nix/store")),
+            build_dir_free_bytes: host::free_bytes(&std::env::temp_dir()),
         };
         match ctx.client.clone().heartbeat(request).await {
             Ok(_) => failures = 0,

@@ -487,6 +487,7 @@ impl SimAgent {
                 speed_factor: 1.0,
                 total_mem_bytes: 1 << 30,
                 draining: false,
+                slots: vec![],
             })
             .await
             .expect("the Register call")

@@ -52,6 +52,8 @@ pub struct AgentInfo {
     pub total_mem_bytes: u64,
     /// It takes no new steps (it is stopping).
     pub draining: bool,
+    /// The slots it pins steps to: (NUMA node, CPU list).
+    pub slots: Vec<(u32, String)>,
 }
 
 /// Load figures from a heartbeat.
@@ -62,6 +64,9 @@ pub struct AgentLoad {
     pub cpu_pressure: f32,
     pub memory_pressure: f32,
     pub io_pressure: f32,
+    /// Free bytes where the agent's store is and where it builds.
+    pub store_free_bytes: u64,
+    pub build_dir_free_bytes: u64,
 }
 
 /// Messages from the gRPC layer to the driver.

@@ -80,6 +80,16 @@ pub struct Settings {
     /// the steps are aborted and retried [default: 30]
     #[arg(long, value_name = "SECONDS")]
     pub lease_s: Option<u64>,
+    /// An agent whose CPU pressure (PSI "some avg10", in percent) is above
+    /// this gets no new steps until it falls back; 0 turns the check off
+    /// [default: 0]
+    #[arg(long, value_name = "PERCENT")]
+    pub max_cpu_pressure: Option<f32>,
+    /// An agent with less free space than this in its store or its build
+    /// directory, in MiB, gets no new steps until it has more; 0 turns the
+    /// check off [default: 0]
+    #[arg(long, value_name = "MIB")]
+    pub min_free_disk_mb: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +139,9 @@ pub struct ServeConfig {
     pub max_pending_writes: usize,
     /// How long a disconnected agent keeps its steps.
     pub lease: Duration,
+    /// Capacity thresholds of agents (0: off).
+    pub max_cpu_pressure: f32,
+    pub min_free_disk_mb: u64,
 }
 
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50051";
@@ -162,6 +175,8 @@ impl ServeConfig {
             shutdown_timeout: Duration::from_secs(file.shutdown_timeout_s.unwrap_or(30)),
             max_pending_writes: file.max_pending_writes.unwrap_or(4096).max(1),
             lease: Duration::from_secs(file.lease_s.unwrap_or(30)),
+            max_cpu_pressure: file.max_cpu_pressure.unwrap_or(0.0),
+            min_free_disk_mb: file.min_free_disk_mb.unwrap_or(0),
         })
     }
 }
@@ -184,6 +199,8 @@ impl Settings {
             shutdown_timeout_s: self.shutdown_timeout_s.or(other.shutdown_timeout_s),
             max_pending_writes: self.max_pending_writes.or(other.max_pending_writes),
             lease_s: self.lease_s.or(other.lease_s),
+            max_cpu_pressure: self.max_cpu_pressure.or(other.max_cpu_pressure),
+            min_free_disk_mb: self.min_free_disk_mb.or(other.min_free_disk_mb),
         }
     }
 }
@@ -315,6 +332,8 @@ mod tests {
             ),
             ("max-pending-writes", d.max_pending_writes.to_string()),
             ("lease-s", d.lease.as_secs().to_string()),
+            ("max-cpu-pressure", d.max_cpu_pressure.to_string()),
+            ("min-free-disk-mb", d.min_free_disk_mb.to_string()),
         ];
         let command = Settings::augment_args(clap::Command::new("serve"));
         let help = |long: &str| {

@@ -92,8 +92,10 @@ pub fn machines_value(s: &StatusSnapshot) -> Value {
                 "speedFactor": m.speed_factor,
                 "supportedFeatures": m.supported_features,
                 "mandatoryFeatures": m.mandatory_features,
-                "hasCapacity": !m.draining && (m.running as u32) < m.max_jobs,
+                "hasCapacity": !m.draining && m.paused.is_none() && (m.running as u32) < m.max_jobs,
                 "draining": m.draining,
+                "paused": m.paused,
+                "slots": m.slots.iter().map(|(node, cpus)| json!({ "node": node, "cpus": cpus })).collect::<Vec<_>>(),
                 "totalMem": m.total_mem,
                 "currentJobs": m.running,
                 "stats": {
@@ -101,6 +103,8 @@ pub fn machines_value(s: &StatusSnapshot) -> Value {
                     "memUsage": m.load.mem_used_bytes,
                     "nrStepsDone": m.steps_done,
                     "avgStepBuildTimeMs": m.avg_step_build_ms,
+                    "storeFreeBytes": m.load.store_free_bytes,
+                    "buildDirFreeBytes": m.load.build_dir_free_bytes,
                     "pressure": {
                         "cpuSomeAvg10": m.load.cpu_pressure,
                         "memorySomeAvg10": m.load.memory_pressure,

@@ -224,6 +224,8 @@ pub async fn run_with(
         shutdown_timeout: config.shutdown_timeout,
         max_pending_writes: config.max_pending_writes,
         lease: config.lease,
+        max_cpu_pressure: config.max_cpu_pressure,
+        min_free_disk_mb: config.min_free_disk_mb,
     };
     let db_pool = pool.clone();
     let mut driver = Driver::new(

@@ -40,4 +40,8 @@ pub struct MachineStatus {
     pub avg_step_build_ms: u64,
     /// The agent is draining: it finishes its steps and takes no new ones.
     pub draining: bool,
+    /// Why it gets no new steps for now (pressure, disk), if it does not.
+    pub paused: Option<String>,
+    /// Its slots: (NUMA node, CPU list).
+    pub slots: Vec<(u32, String)>,
 }

@@ -13,6 +13,8 @@ pub(super) struct Machine {
     /// Its last heartbeat (or connection): its attempts are held under a
     /// lease that this renews.
     pub(super) last_heard: Instant,
+    /// Why it gets no new steps for now (pressure, disk), until it recovers.
+    pub(super) paused: Option<String>,
 }
 
 impl Driver {
@@ -36,6 +38,7 @@ impl Driver {
                 if let Some(m) = self.machines.get_mut(&machine) {
                     m.load = load;
                     m.last_heard = Instant::now();
+                    self.check_capacity(machine);
                 }
             }
             FromAgent::Phase {
@@ -64,6 +67,56 @@ impl Driver {
         }
     }
 
+    /// Why machine `m` should get no new steps now, if it should not: CPU
+    /// pressure over the threshold, or too little free disk.
+    fn over_capacity(&self, m: &Machine) -> Option<String> {
+        let pressure = self.config.max_cpu_pressure;
+        if pressure > 0.0 && m.load.cpu_pressure > pressure {
+            return Some(format!(
+                "CPU pressure {:.1}% is over {pressure}%",
+                m.load.cpu_pressure
+            ));
+        }
+        let min = self.config.min_free_disk_mb.saturating_mul(1 << 20);
+        let free = m.load.store_free_bytes.min(m.load.build_dir_free_bytes);
+        if min > 0 && free < min {
+            return Some(format!(
+                "{} MiB of free disk is under {} MiB",
+                free >> 20,
+                self.config.min_free_disk_mb
+            ));
+        }
+        None
+    }
+
+    /// Pauses or resumes machine `id` by its latest figures: paused, it
+    /// keeps its running steps and gets no new ones (the core's detach).
+    fn check_capacity(&mut self, id: MachineId) {
+        let Some(m) = self.machines.get(&id) else {
+            return;
+        };
+        let over = self.over_capacity(m);
+        match (over, m.paused.is_some()) {
+            (Some(why), false) => {
+                tracing::warn!(agent = %m.info.name, "agent paused: {why}; it gets no new steps until it recovers");
+                if let Some(m) = self.machines.get_mut(&id) {
+                    m.paused = Some(why);
+                }
+                self.deferred_dispatches.retain(|(_, m, _)| *m != id);
+                self.apply(Event::MachineDetached { machine: id });
+            }
+            (None, true) => {
+                tracing::info!(agent = %m.info.name, "agent recovered: it takes steps again");
+                let spec = resume::machine_spec(id, &m.info);
+                if let Some(m) = self.machines.get_mut(&id) {
+                    m.paused = None;
+                }
+                self.apply(Event::MachineConnected(spec));
+            }
+            _ => {}
+        }
+    }
+
     pub(super) fn publish_status(&mut self) {
         let stats = self.core.stats();
         let machines = self
@@ -83,6 +136,8 @@ impl Driver {
                 steps_done: m.steps_done,
                 avg_step_build_ms: m.build_ms_total.checked_div(m.steps_done).unwrap_or(0),
                 draining: m.info.draining,
+                paused: m.paused.clone(),
+                slots: m.info.slots.clone(),
             })
             .collect();
         let snapshot = StatusSnapshot {

@@ -120,6 +120,10 @@ pub struct DriverConfig {
     /// How long a disconnected agent keeps its attempts, and how long a
     /// restart waits for agents to report theirs.
     pub lease: Duration,
+    /// An agent above this CPU pressure (percent) gets no new steps; 0: off.
+    pub max_cpu_pressure: f32,
+    /// An agent with less free disk (MiB) gets no new steps; 0: off.
+    pub min_free_disk_mb: u64,
 }
 
 #[derive(Debug, Clone)]

@@ -162,16 +162,7 @@ impl Driver {
         commands: mpsc::Sender<ToAgent>,
         held: Vec<AttemptId>,
     ) {
-        let spec = MachineSpec {
-            id: machine,
-            name: info.name.clone(),
-            systems: info.systems.clone(),
-            supported_features: info.supported_features.clone(),
-            mandatory_features: info.mandatory_features.clone(),
-            // A draining agent takes no new steps.
-            max_jobs: if info.draining { 0 } else { info.max_jobs },
-            speed_factor: info.speed_factor,
-        };
+        let spec = machine_spec(machine, &info);
         let held_set: HashSet<AttemptId> = held.iter().copied().collect();
         match self.machines.get_mut(&machine) {
             Some(m) => {
@@ -180,6 +171,7 @@ impl Driver {
                 m.info = info.clone();
                 m.commands = commands.clone();
                 m.last_heard = Instant::now();
+                m.paused = None;
             }
             None => {
                 self.machines.insert(
@@ -192,6 +184,7 @@ impl Driver {
                         steps_done: 0,
                         build_ms_total: 0,
                         last_heard: Instant::now(),
+                        paused: None,
                     },
                 );
             }
@@ -376,5 +369,19 @@ impl Driver {
                 _ => self.refuse_adoption(drv_path, machine, "no queued build needs it any more"),
             }
         }
+    }
+}
+
+/// The core's view of an agent.
+pub(super) fn machine_spec(machine: MachineId, info: &AgentInfo) -> MachineSpec {
+    MachineSpec {
+        id: machine,
+        name: info.name.clone(),
+        systems: info.systems.clone(),
+        supported_features: info.supported_features.clone(),
+        mandatory_features: info.mandatory_features.clone(),
+        // A draining agent takes no new steps.
+        max_jobs: if info.draining { 0 } else { info.max_jobs },
+        speed_factor: info.speed_factor,
     }
 }

@@ -80,6 +80,13 @@ pub(crate) fn agent_info(req: pb::RegisterRequest) -> Result<AgentInfo, ConvertE
         speed_factor,
         total_mem_bytes: req.total_mem_bytes,
         draining: req.draining,
+        // Shown, never trusted for anything: at most one per job slot.
+        slots: req
+            .slots
+            .into_iter()
+            .take(req.max_jobs as usize)
+            .map(|s| (s.node, s.cpus.chars().take(256).collect()))
+            .collect(),
     })
 }
 
@@ -92,6 +99,8 @@ pub(crate) fn agent_load(req: &pb::HeartbeatRequest) -> AgentLoad {
         cpu_pressure: finite(pressure.cpu_some_avg10),
         memory_pressure: finite(pressure.memory_some_avg10),
         io_pressure: finite(pressure.io_some_avg10),
+        store_free_bytes: req.store_free_bytes,
+        build_dir_free_bytes: req.build_dir_free_bytes,
     }
 }
 

@@ -71,6 +71,8 @@ impl Deployment {
             shutdown_timeout: Duration::from_secs(10),
             max_pending_writes: 4096,
             lease: Duration::from_secs(5),
+            max_cpu_pressure: 0.0,
+            min_free_disk_mb: 0,
         };
         let mut config = config;
         adjust(&mut config);

@@ -7,12 +7,11 @@
 
 mod cli;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cli::*;
 use nix::sys::signal::Signal;
-use sluice_test_support::nix::{NixEnv, NIX_CONFIG};
+use sluice_test_support::nix::NixEnv;
 
 const TOKEN: &str = "cli-frozen-token-0123456789abcdef";
 const LEASE_S: u64 = 6;
@@ -21,25 +20,6 @@ const BUILD_S: u64 = 10;
 const JOBS: &str = r#"{
   slow = mkDrv { PATH = "/usr/bin:/bin"; name = "slow"; args = [ "-c" "sleep 10; echo slow > $out" ]; };
 }"#;
-
-fn agent(port: u16, tokens: &std::path::Path, name: &str) -> Proc {
-    Proc::spawn(
-        Command::new(builder_agent())
-            .args(["--queue-runner", &format!("http://127.0.0.1:{port}")])
-            .arg("--token-file")
-            .arg(tokens)
-            .args([
-                "--max-jobs",
-                "1",
-                "--reconnect-max-ms",
-                "500",
-                "--name",
-                name,
-            ])
-            .env("NIX_CONFIG", NIX_CONFIG)
-            .env_remove("RUST_LOG"),
-    )
-}
 
 async fn rows(pool: &sqlx::PgPool) -> Vec<(Option<i32>, String, Option<String>)> {
     sqlx::query_as("select status, machine, errorMsg from BuildSteps order by stepnr")
@@ -53,11 +33,7 @@ async fn a_frozen_agent_loses_its_step_after_the_lease_and_its_late_result_chang
     let dir = data_dir();
     let _leftovers = StopLeftovers(dir.path().to_path_buf());
     let tokens = token_file(dir.path(), TOKEN);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let lease = LEASE_S.to_string();
     let mut runner = serve_with(
@@ -73,24 +49,12 @@ async fn a_frozen_agent_loses_its_step_after_the_lease_and_its_late_result_chang
         ],
     );
     runner.expect_line("queue runner up", Duration::from_secs(120));
-    let frozen = agent(port, &tokens, "frozen");
+    let frozen = agent_proc(port, &tokens, "frozen", 1, &[]);
     runner.expect_line("agent=frozen", Duration::from_secs(30));
 
     let env = NixEnv::new();
     let expr = env.write_expr(JOBS);
-    let out = Command::new(QUEUE_RUNNER)
-        .arg("submit")
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--job", "slow", expr.to_str().unwrap(), "-A", "slow"])
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    submit_jobs(dir.path(), &expr, &["slow"]);
     let url = sluice_queue_runner::embedded::url_if_running(dir.path()).unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
@@ -102,7 +66,7 @@ async fn a_frozen_agent_loses_its_step_after_the_lease_and_its_late_result_chang
         assert!(Instant::now() < deadline, "{}", runner.output());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _spare = agent(port, &tokens, "spare");
+    let _spare = agent_proc(port, &tokens, "spare", 1, &[]);
     runner.expect_line("agent=spare", Duration::from_secs(30));
 
     frozen.signal(Signal::SIGSTOP);

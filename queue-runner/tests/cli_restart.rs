@@ -8,12 +8,11 @@
 
 mod cli;
 
-use std::process::Command;
 use std::time::Duration;
 
 use cli::*;
 use nix::sys::signal::Signal;
-use sluice_test_support::nix::{NixEnv, NIX_CONFIG};
+use sluice_test_support::nix::NixEnv;
 
 const TOKEN: &str = "cli-restart-token-0123456789abcdef";
 const UP: Duration = Duration::from_secs(120);
@@ -27,14 +26,6 @@ const JOBS: &str = r#"rec {
   top1 = mkDrv { PATH = "/usr/bin:/bin"; name = "top1"; a = slow1; b = slow2; args = [ "-c" "cat $a $b > $out" ]; };
   top2 = mkDrv { PATH = "/usr/bin:/bin"; name = "top2"; a = slow1; args = [ "-c" "cat $a > $out" ]; };
 }"#;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn serve_on(data_dir: &std::path::Path, tokens: &std::path::Path, port: u16) -> Proc {
     let listen = format!("127.0.0.1:{port}");
@@ -69,39 +60,12 @@ async fn farm_building(expr_text: &str, jobs: &[&str], busy_like: &str, busy: i6
 
     let first = serve_on(dir.path(), &tokens, port);
     first.expect_line("queue runner up", UP);
-    let agent = Proc::spawn(
-        Command::new(builder_agent())
-            .args(["--queue-runner", &format!("http://127.0.0.1:{port}")])
-            .arg("--token-file")
-            .arg(&tokens)
-            .args([
-                "--max-jobs",
-                "2",
-                "--reconnect-max-ms",
-                "500",
-                "--name",
-                "local",
-            ])
-            .env("NIX_CONFIG", NIX_CONFIG)
-            .env_remove("RUST_LOG"),
-    );
+    let agent = agent_proc(port, &tokens, "local", 2, &[]);
     first.expect_line("agent connected", Duration::from_secs(30));
 
     let env = NixEnv::new();
     let expr = env.write_expr(expr_text);
-    let expr = expr.to_str().unwrap();
-    let mut submit = Command::new(QUEUE_RUNNER);
-    submit.arg("submit").arg("--data-dir").arg(dir.path());
-    for job in jobs {
-        submit.args(["--job", job, expr, "-A", job]);
-    }
-    let out = submit.env("NIX_CONFIG", NIX_CONFIG).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-
+    submit_jobs(dir.path(), &expr, jobs);
     let url = sluice_queue_runner::embedded::url_if_running(dir.path()).unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)

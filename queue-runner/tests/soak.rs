@@ -72,23 +72,13 @@ fn serve(pg: &TestPg, data_dir: &std::path::Path, tokens: &std::path::Path, port
 }
 
 fn agent(name: &str, daemon: &NixDaemon, tokens: &std::path::Path, port: u16) -> Proc {
-    Proc::spawn(
-        Command::new(builder_agent())
-            .args(["--queue-runner", &format!("http://127.0.0.1:{port}")])
-            .arg("--token-file")
-            .arg(tokens)
-            .args([
-                "--name",
-                name,
-                "--max-jobs",
-                "2",
-                "--reconnect-max-ms",
-                "500",
-            ])
-            .arg("--store-socket")
-            .arg(daemon.socket_path())
-            .env("NIX_CONFIG", NIX_CONFIG)
-            .env_remove("RUST_LOG"),
+    let socket = daemon.socket_path();
+    agent_proc(
+        port,
+        tokens,
+        name,
+        2,
+        &["--store-socket".as_ref(), socket.as_os_str()],
     )
 }
 

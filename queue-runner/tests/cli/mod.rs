@@ -4,6 +4,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -254,5 +255,50 @@ pub async fn assert_settled(pool: &sqlx::PgPool, log: &str) {
     assert!(
         twice.is_empty(),
         "derivations with two successful rows: {twice:#?}"
+    );
+}
+
+/// A free local TCP port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `builder-agent` named `name` with `max_jobs` slots, dialling the queue
+/// runner on local `port`, reconnecting within half a second; `extra`
+/// arguments are appended.
+pub fn agent_proc(port: u16, tokens: &Path, name: &str, max_jobs: u32, extra: &[&OsStr]) -> Proc {
+    Proc::spawn(
+        Command::new(builder_agent())
+            .args(["--queue-runner", &format!("http://127.0.0.1:{port}")])
+            .arg("--token-file")
+            .arg(tokens)
+            .args(["--name", name, "--max-jobs", &max_jobs.to_string()])
+            .args(["--reconnect-max-ms", "500"])
+            .args(extra)
+            .env("NIX_CONFIG", sluice_test_support::nix::NIX_CONFIG)
+            .env_remove("RUST_LOG"),
+    )
+}
+
+/// `queue-runner submit` of `jobs` (attribute names, used as job names)
+/// of the expression file `expr`, on the embedded database of `data_dir`.
+pub fn submit_jobs(data_dir: &Path, expr: &Path, jobs: &[&str]) {
+    let mut submit = Command::new(QUEUE_RUNNER);
+    submit.arg("submit").arg("--data-dir").arg(data_dir);
+    for job in jobs {
+        submit.args(["--job", job]).arg(expr).args(["-A", job]);
+    }
+    let out = submit
+        .env("NIX_CONFIG", sluice_test_support::nix::NIX_CONFIG)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

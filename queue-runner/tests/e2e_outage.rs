@@ -51,12 +51,13 @@ async fn submit_jobs_until_leaves_build(d: &Deployment) -> Vec<i32> {
         .map(|(n, p)| (n.to_string(), p.clone()))
         .collect();
     let ids = d.submit(&jobs).await;
-    wait_leaves_building(d, &ids).await;
+    wait_busy_rows(d, &ids, 3).await;
     ids
 }
 
-/// Waits until the three leaves of `JOBS` have busy rows.
-async fn wait_leaves_building(d: &Deployment, ids: &[i32]) {
+/// Waits until `n` steps of the builds `ids` have busy rows: their
+/// assignments went out (an assignment is sent once its row exists).
+async fn wait_busy_rows(d: &Deployment, ids: &[i32], n: i64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let (busy,): (i64,) =
@@ -65,7 +66,7 @@ async fn wait_leaves_building(d: &Deployment, ids: &[i32]) {
                 .fetch_one(&d.pool)
                 .await
                 .unwrap();
-        if busy == 3 {
+        if busy == n {
             return;
         }
         assert!(
@@ -139,12 +140,12 @@ async fn results_that_finish_while_postgresql_is_down_are_written_when_it_is_bac
 }
 
 const MANY: &str = r#"{
-  b1 = mkDrv { PATH = "/usr/bin:/bin"; name = "b1"; args = [ "-c" "sleep 1; echo 1 > $out" ]; };
-  b2 = mkDrv { PATH = "/usr/bin:/bin"; name = "b2"; args = [ "-c" "sleep 1; echo 2 > $out" ]; };
-  b3 = mkDrv { PATH = "/usr/bin:/bin"; name = "b3"; args = [ "-c" "sleep 1; echo 3 > $out" ]; };
-  b4 = mkDrv { PATH = "/usr/bin:/bin"; name = "b4"; args = [ "-c" "sleep 1; echo 4 > $out" ]; };
-  b5 = mkDrv { PATH = "/usr/bin:/bin"; name = "b5"; args = [ "-c" "sleep 1; echo 5 > $out" ]; };
-  b6 = mkDrv { PATH = "/usr/bin:/bin"; name = "b6"; args = [ "-c" "sleep 1; echo 6 > $out" ]; };
+  b1 = mkDrv { PATH = "/usr/bin:/bin"; name = "b1"; args = [ "-c" "sleep 3; echo 1 > $out" ]; };
+  b2 = mkDrv { PATH = "/usr/bin:/bin"; name = "b2"; args = [ "-c" "sleep 3; echo 2 > $out" ]; };
+  b3 = mkDrv { PATH = "/usr/bin:/bin"; name = "b3"; args = [ "-c" "sleep 3; echo 3 > $out" ]; };
+  b4 = mkDrv { PATH = "/usr/bin:/bin"; name = "b4"; args = [ "-c" "sleep 3; echo 4 > $out" ]; };
+  b5 = mkDrv { PATH = "/usr/bin:/bin"; name = "b5"; args = [ "-c" "sleep 3; echo 5 > $out" ]; };
+  b6 = mkDrv { PATH = "/usr/bin:/bin"; name = "b6"; args = [ "-c" "sleep 3; echo 6 > $out" ]; };
 }"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,7 +156,7 @@ async fn a_full_write_queue_pauses_dispatch_and_loses_nothing() {
     let ids = d
         .submit_attrs(MANY, &["b1", "b2", "b3", "b4", "b5", "b6"])
         .await;
-    wait_status(&d, 60, |s| s["nrStepsBuilding"].as_u64() == Some(2)).await;
+    wait_busy_rows(&d, &ids, 2).await;
 
     d.pg.stop();
     // The writes back up behind the outage, and dispatching pauses: the
@@ -197,7 +198,8 @@ async fn a_shutdown_writes_what_waited_in_the_backlog() {
     let mut d = Deployment::start_with(|c| c.max_pending_writes = 1).await;
     d.add_agent("a1", 2).await;
     let ids = d.submit_attrs(MANY, &["b1", "b2", "b3", "b4"]).await;
-    wait_status(&d, 60, |s| s["nrStepsBuilding"].as_u64() == Some(2)).await;
+    // Their rows exist, so they build, and finish during the outage.
+    wait_busy_rows(&d, &ids, 2).await;
 
     // Results pile up behind an outage, past the one-write queue.
     d.pg.stop();

@@ -50,6 +50,19 @@ async fn gone_within(pid: i32, limit: Duration) -> Duration {
     started.elapsed()
 }
 
+/// Cancels build `id`, as the web UI does it.
+async fn cancel(d: &Deployment, id: i32) {
+    sqlx::query(
+        "update Builds set finished = 1, isCachedBuild = 0, buildStatus = 4,
+         startTime = extract(epoch from now())::int, stopTime = extract(epoch from now())::int
+         where id = $1 and finished = 0",
+    )
+    .bind(id)
+    .execute(&d.pool)
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_or_deleting_a_build_kills_its_processes_and_spares_the_others() {
     let mut d = Deployment::start().await;
@@ -80,16 +93,7 @@ async fn cancelling_or_deleting_a_build_kills_its_processes_and_spares_the_other
     let deleted = pid_in(&delete_pid).await;
     assert!(alive(cancelled) && alive(deleted));
 
-    // Cancel, as the web UI does it.
-    sqlx::query(
-        "update Builds set finished = 1, isCachedBuild = 0, buildStatus = 4,
-         startTime = extract(epoch from now())::int, stopTime = extract(epoch from now())::int
-         where id = $1 and finished = 0",
-    )
-    .bind(ids[0])
-    .execute(&d.pool)
-    .await
-    .unwrap();
+    cancel(&d, ids[0]).await;
     gone_within(cancelled, Duration::from_secs(5)).await;
 
     // Delete, as the web UI does it.
@@ -172,15 +176,7 @@ async fn no_process_of_a_cancelled_or_timed_out_build_remains_not_even_a_backgro
     ];
     assert!(procs.iter().all(|p| alive(*p)), "{procs:?}");
 
-    sqlx::query(
-        "update Builds set finished = 1, isCachedBuild = 0, buildStatus = 4,
-         startTime = extract(epoch from now())::int, stopTime = extract(epoch from now())::int
-         where id = $1 and finished = 0",
-    )
-    .bind(ids[0])
-    .execute(&d.pool)
-    .await
-    .unwrap();
+    cancel(&d, ids[0]).await;
     let statuses = d.wait_finished(&ids[1..], 60).await;
     assert_eq!(statuses[&ids[1]], 7, "timed out");
     for pid in procs {

@@ -80,14 +80,21 @@ impl Driver {
         self.attempts.values().any(|a| a.machine == machine)
     }
 
+    /// The machines holding attempts, in one pass over the attempts (the
+    /// driver asks on every turn of its loop).
+    fn machines_holding_attempts(&self) -> HashSet<MachineId> {
+        self.attempts.values().map(|a| a.machine).collect()
+    }
+
     /// The earliest of the driver's own deadlines: a lease that runs out
     /// (the last heartbeat of an agent holding attempts, plus the lease),
     /// the end of the wait after a restart.
     pub(super) fn next_lease_deadline(&self) -> Option<Instant> {
+        let holding = self.machines_holding_attempts();
         let leases = self
             .machines
             .iter()
-            .filter(|(id, _)| self.holds_attempts(**id))
+            .filter(|(id, _)| holding.contains(id))
             .map(|(_, m)| m.last_heard + self.config.lease);
         leases.chain(self.resume.as_ref().map(|r| r.until)).min()
     }
@@ -97,10 +104,11 @@ impl Driver {
     pub(super) fn expire_leases(&mut self) {
         let now = Instant::now();
         let lease = self.config.lease;
+        let holding = self.machines_holding_attempts();
         let expired: Vec<MachineId> = self
             .machines
             .iter()
-            .filter(|(id, m)| m.last_heard + lease <= now && self.holds_attempts(**id))
+            .filter(|(id, m)| m.last_heard + lease <= now && holding.contains(id))
             .map(|(id, _)| *id)
             .collect();
         for machine in expired {

@@ -55,12 +55,7 @@ async fn a_frozen_agent_loses_its_step_after_the_lease_and_its_late_result_chang
     let env = NixEnv::new();
     let expr = env.write_expr(JOBS);
     submit_jobs(dir.path(), &expr, &["slow"]);
-    let url = sluice_queue_runner::embedded::url_if_running(dir.path()).unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&url)
-        .await
-        .unwrap();
+    let pool = embedded_pool(dir.path()).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while rows(&pool).await.is_empty() {
         assert!(Instant::now() < deadline, "{}", runner.output());

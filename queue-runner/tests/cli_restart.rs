@@ -66,12 +66,7 @@ async fn farm_building(expr_text: &str, jobs: &[&str], busy_like: &str, busy: i6
     let env = NixEnv::new();
     let expr = env.write_expr(expr_text);
     submit_jobs(dir.path(), &expr, jobs);
-    let url = sluice_queue_runner::embedded::url_if_running(dir.path()).unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&url)
-        .await
-        .unwrap();
+    let pool = embedded_pool(dir.path()).await;
     let sql =
         format!("select count(*) from BuildSteps where busy >= 30 and drvPath like '{busy_like}'");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -302,3 +302,14 @@ pub fn submit_jobs(data_dir: &Path, expr: &Path, jobs: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A small pool on the embedded PostgreSQL a queue runner runs under
+/// `data_dir`.
+pub async fn embedded_pool(data_dir: &Path) -> sqlx::PgPool {
+    let url = sluice_queue_runner::embedded::url_if_running(data_dir).unwrap();
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .unwrap()
+}

@@ -81,6 +81,15 @@ pub struct Cli {
     #[arg(long, default_value = "/sys", value_name = "DIR")]
     pub sysfs_root: PathBuf,
 
+    /// Where the cgroup hierarchies are mounted. A step whose store daemon
+    /// is the agent's child (no --store-socket) runs in a cgroup of its own
+    /// there, with its slot's CPUs, and whatever is left in it when the
+    /// step ends is killed. Needs cgroup v2 with the cpuset controller
+    /// (delegated to the agent, as systemd's Delegate=yes does) or cgroup
+    /// v1's cpuset; without either, affinity alone pins the steps
+    #[arg(long, default_value = "/sys/fs/cgroup", value_name = "DIR")]
+    pub cgroup_root: PathBuf,
+
     /// Relative speed, used by the queue runner to prefer faster machines
     #[arg(long, default_value_t = 1.0)]
     pub speed_factor: f32,
@@ -166,6 +175,8 @@ pub struct AgentConfig {
     pub reconnect_max: Duration,
     /// Where `/proc` is (load, memory and pressure figures).
     pub proc_root: PathBuf,
+    /// Where the cgroup hierarchies are; `None`: no cgroups.
+    pub cgroup_root: Option<PathBuf>,
     /// How long a drain lets running steps finish.
     pub drain_timeout: Duration,
 }
@@ -281,6 +292,7 @@ impl Cli {
             reconnect_min: Duration::from_millis(self.reconnect_min_ms),
             reconnect_max: Duration::from_millis(self.reconnect_max_ms),
             proc_root: PathBuf::from("/proc"),
+            cgroup_root: Some(self.cgroup_root),
             drain_timeout: Duration::from_secs(self.drain_timeout_s),
         })
     }

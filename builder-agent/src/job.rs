@@ -28,6 +28,7 @@ use sluice_proto::v1 as pb;
 use thiserror::Error;
 
 use crate::link::{worth_retrying, Link, SlotGuard};
+use crate::nix_store::{Placement, StoreConn};
 use crate::session::SessionCtx;
 use crate::{logs, nix_store, transfer};
 
@@ -173,8 +174,9 @@ pub(crate) async fn refuse(ctx: Arc<SessionCtx>, step: String, why: &'static str
 struct Outcome {
     result: pb::StepResult,
     /// For a success: the outputs to upload first, by name, with the
-    /// daemon connection to read them from.
-    uploads: Option<(BTreeMap<String, PathInfo>, DaemonClient)>,
+    /// daemon connection to read them from (and its cgroup, which holds
+    /// nothing else by then).
+    uploads: Option<(BTreeMap<String, PathInfo>, StoreConn)>,
 }
 
 /// Runs an assignment and delivers its result; `slot` is released when
@@ -182,7 +184,7 @@ struct Outcome {
 pub(crate) async fn run(mut link: Link, assignment: pb::Assignment, slot: SlotGuard) {
     let step = assignment.step_id.clone();
     tracing::info!(step, drv = assignment.drv_path, "step assigned");
-    let outcome = match build(&mut link, &assignment, slot.cpus()).await {
+    let outcome = match build(&mut link, &assignment, slot.placement()).await {
         Ok(outcome) => outcome,
         Err(e) => {
             tracing::warn!(step, drv = assignment.drv_path, "step aborted: {e}");
@@ -204,7 +206,7 @@ async fn deliver(link: &mut Link, step: &str, mut outcome: Outcome) {
     loop {
         let ctx = link.session().await;
         let uploaded = match &mut outcome.uploads {
-            Some((infos, nix)) => upload_all(&ctx, step, infos, nix).await,
+            Some((infos, conn)) => upload_all(&ctx, step, infos, &mut conn.nix).await,
             None => Ok(Vec::new()),
         };
         let mut message = outcome.result.clone();
@@ -302,7 +304,7 @@ fn store_path(what: &str, path: &str) -> Result<StorePath, JobError> {
 async fn build(
     link: &mut Link,
     a: &pb::Assignment,
-    cpus: Option<&[u32]>,
+    placement: Placement<'_>,
 ) -> Result<Outcome, JobError> {
     let step = a.step_id.as_str();
     let ctx = link.session().await;
@@ -317,27 +319,34 @@ async fn build(
         ));
     }
     let (basic, _) = drv.into_basic();
-    let mut nix = nix_store::connect(&ctx.config.store, cpus).await?;
-    let cores = cpus.map_or(0, |c| u32::try_from(c.len()).unwrap_or(0));
-    let built = build_with(link, &ctx, a, &drv_path, &basic, &mut nix, cores).await;
+    let mut conn = nix_store::connect(&ctx.config.store, placement).await?;
+    let cores = placement
+        .cpus
+        .map_or(0, |c| u32::try_from(c.len()).unwrap_or(0));
+    let built = build_with(link, &ctx, a, &drv_path, &basic, &mut conn.nix, cores).await;
     match built {
-        Ok(Built::Done(result)) => {
-            // A clean goodbye, so the daemon does not log a broken
-            // connection.
-            nix.close(Duration::from_secs(1)).await;
+        // The connection stays open: the outputs are read from it. What
+        // the build left running goes now; only the daemon stays.
+        Ok(Built::Upload(result, infos)) => {
+            if let Some(cgroup) = &conn.cgroup {
+                cgroup.kill_all_but(conn.nix.child_pid());
+            }
             Ok(Outcome {
                 result,
-                uploads: None,
+                uploads: Some((infos, conn)),
             })
         }
-        // The connection stays open: the outputs are read from it.
-        Ok(Built::Upload(result, infos)) => Ok(Outcome {
-            result,
-            uploads: Some((infos, nix)),
-        }),
-        Err(e) => {
-            nix.close(Duration::from_secs(1)).await;
-            Err(e)
+        done => {
+            // A clean goodbye, so the daemon does not log a broken
+            // connection; then the cgroup goes, with all it holds.
+            conn.nix.close(Duration::from_secs(1)).await;
+            drop(conn.cgroup);
+            done.map(|built| match built {
+                Built::Done(result) | Built::Upload(result, _) => Outcome {
+                    result,
+                    uploads: None,
+                },
+            })
         }
     }
 }

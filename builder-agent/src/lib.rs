@@ -17,6 +17,9 @@
 //! - `job`: one assignment from start to report; `transfer`: NARs in and
 //!   out; `logs`: the log stream.
 //! - [`host`]: load, memory and pressure figures from `/proc`.
+//! - `cgroup`: a cgroup per step, with the slot's cpuset, emptied when the
+//!   step ends; `nix_store`: the store connection, placed in the step's
+//!   cgroup, CPUs and memory nodes.
 //!
 //! Invariants: nothing the queue runner sends can panic the agent; every
 //! channel is bounded except the one the Nix client's synchronous logger
@@ -25,6 +28,7 @@
 //! which makes the daemon stop the build; a result is forgotten only once
 //! the queue runner acknowledged it (committed) or said the attempt is over.
 
+mod cgroup;
 pub mod config;
 pub mod host;
 mod job;
@@ -74,7 +78,7 @@ pub async fn run_until(
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     // Jobs outlive sessions; they are dropped (their builds stopped) only
     // when the agent stops.
-    let mut jobs = link::Jobs::new(config.slots.clone());
+    let mut jobs = link::Jobs::new(config.slots.clone(), step_cgroups(&config));
     let (link, _) = tokio::sync::watch::channel(None);
     let (draining, draining_rx) = tokio::sync::watch::channel(false);
     let mut deadline: Option<tokio::time::Instant> = None;
@@ -165,6 +169,37 @@ fn log_slots(config: &AgentConfig) {
             "the builds run by the daemon at --store-socket are its children, not this agent's: \
              they get NIX_BUILD_CORES but not the slot's CPUs; leave --store-socket out to pin them"
         );
+    }
+}
+
+/// Where steps' cgroups are made, if they can be: only builds that the
+/// agent's own store child runs can be placed, and only on a host with a
+/// cpuset controller. Says once when there is none.
+fn step_cgroups(config: &AgentConfig) -> Option<cgroup::Cgroups> {
+    if matches!(config.store, LocalNix::Socket(_)) {
+        return None;
+    }
+    let root = config.cgroup_root.as_deref()?;
+    match cgroup::Cgroups::setup(root, &config.proc_root) {
+        Ok(cgroups) => {
+            tracing::info!(
+                hierarchy = ?cgroups.hierarchy(),
+                dir = %cgroups.dir().display(),
+                "each step runs in a cgroup of its own"
+            );
+            Some(cgroups)
+        }
+        Err(why) => {
+            let pinned = if config.slots.is_some() {
+                "steps are pinned by CPU affinity alone, and "
+            } else {
+                ""
+            };
+            tracing::warn!(
+                "no cgroups for steps: {why}; {pinned}a build's processes are stopped through its process group only"
+            );
+            None
+        }
     }
 }
 

@@ -21,8 +21,10 @@ use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
 use tonic::{Code, Status};
 
+use crate::cgroup::Cgroups;
+use crate::nix_store::Placement;
 use crate::session::SessionCtx;
-use crate::topology::{Layout, SlotTable};
+use crate::topology::{Layout, Slot, SlotTable};
 
 /// The current session, as jobs see it.
 #[derive(Clone)]
@@ -86,19 +88,28 @@ pub(crate) struct Jobs {
     building: Arc<AtomicUsize>,
     /// The slots of the machine steps are pinned to, if they are.
     table: Option<Arc<parking_lot::Mutex<SlotTable>>>,
+    /// Where each step's cgroup is made, if cgroups are used.
+    cgroups: Option<Arc<Cgroups>>,
 }
 
 /// A job's claim on a slot, released when dropped.
 pub(crate) struct SlotGuard {
     building: Arc<AtomicUsize>,
     /// The pinned slot, with the table to give it back to.
-    pinned: Option<(usize, Vec<u32>, Arc<parking_lot::Mutex<SlotTable>>)>,
+    pinned: Option<(usize, Slot, Arc<parking_lot::Mutex<SlotTable>>)>,
+    cgroups: Option<Arc<Cgroups>>,
 }
 
 impl SlotGuard {
-    /// The CPUs the job's step is pinned to, if it is.
-    pub(crate) fn cpus(&self) -> Option<&[u32]> {
-        self.pinned.as_ref().map(|(_, cpus, _)| cpus.as_slice())
+    /// Where the job's step runs: its slot's CPUs and memory nodes, if it
+    /// is pinned, and in a cgroup of its own, if cgroups are used.
+    pub(crate) fn placement(&self) -> Placement<'_> {
+        let slot = self.pinned.as_ref().map(|(_, slot, _)| slot);
+        Placement {
+            cpus: slot.map(|s| s.cpus.as_slice()),
+            mems: slot.map_or(&[][..], |s| s.mems.as_slice()),
+            cgroups: self.cgroups.as_deref(),
+        }
     }
 }
 
@@ -112,14 +123,16 @@ impl Drop for SlotGuard {
 }
 
 impl Jobs {
-    /// No jobs yet; steps are pinned to the slots of `layout`, if given.
-    pub(crate) fn new(layout: Option<Layout>) -> Jobs {
+    /// No jobs yet; steps are pinned to the slots of `layout`, if given,
+    /// each in a cgroup of its own made by `cgroups`, if given.
+    pub(crate) fn new(layout: Option<Layout>, cgroups: Option<Cgroups>) -> Jobs {
         Jobs {
             set: JoinSet::new(),
             running: HashMap::new(),
             by_task: HashMap::new(),
             building: Arc::default(),
             table: layout.map(|l| Arc::new(parking_lot::Mutex::new(SlotTable::new(l)))),
+            cgroups: cgroups.map(Arc::new),
         }
     }
 
@@ -156,8 +169,11 @@ impl Jobs {
             Some(table) => {
                 let mut t = table.lock();
                 let index = t.take()?;
-                let cpus = t.slot(index).map(|s| s.cpus.clone()).unwrap_or_default();
-                Some((index, cpus, table.clone()))
+                let Some(slot) = t.slot(index).cloned() else {
+                    t.release(index);
+                    return None;
+                };
+                Some((index, slot, table.clone()))
             }
             None => None,
         };
@@ -165,6 +181,7 @@ impl Jobs {
         Some(SlotGuard {
             building: self.building.clone(),
             pinned,
+            cgroups: self.cgroups.clone(),
         })
     }
 

@@ -52,6 +52,9 @@ pub struct Topology {
 pub struct Slot {
     pub node: u32,
     pub cpus: Vec<u32>,
+    /// The nodes its memory is bound to: the nodes of its CPUs on a
+    /// machine of several nodes, none (no binding) on a machine of one.
+    pub mems: Vec<u32>,
 }
 
 /// How the machine is divided.
@@ -163,6 +166,7 @@ impl Layout {
                 .map(|n| Slot {
                     node: n.id,
                     cpus: n.cpus.clone(),
+                    mems: bind(topology, vec![n.id]),
                 })
                 .collect(),
         }
@@ -207,6 +211,7 @@ impl Layout {
                     out.push(Slot {
                         node: *node,
                         cpus: cpus.drain(..per_slot).collect(),
+                        mems: bind(topology, vec![*node]),
                     });
                 }
             }
@@ -234,9 +239,19 @@ impl Layout {
                 .iter()
                 .max_by_key(|(node, n)| (**n, std::cmp::Reverse(**node)))
                 .map_or(0, |(node, _)| *node);
-            out.push(Slot { node, cpus });
+            let mems = bind(topology, from.keys().copied().collect());
+            out.push(Slot { node, cpus, mems });
         }
         Ok(Layout { slots: out })
+    }
+}
+
+/// `nodes` where memory binding means something (several nodes), else none.
+fn bind(topology: &Topology, nodes: Vec<u32>) -> Vec<u32> {
+    if topology.nodes.len() > 1 {
+        nodes
+    } else {
+        Vec::new()
     }
 }
 
@@ -337,11 +352,13 @@ mod tests {
             [
                 Slot {
                     node: 0,
-                    cpus: vec![0, 1, 2, 3]
+                    cpus: vec![0, 1, 2, 3],
+                    mems: vec![0],
                 },
                 Slot {
                     node: 1,
-                    cpus: vec![4, 5, 6, 7]
+                    cpus: vec![4, 5, 6, 7],
+                    mems: vec![1],
                 }
             ]
         );
@@ -350,6 +367,8 @@ mod tests {
         let nodes: Vec<u32> = layout.slots.iter().map(|s| s.node).collect();
         assert_eq!(nodes, [0, 1, 0, 1]);
         assert_eq!(layout.slots[2].cpus, [2, 3]);
+        // Memory is bound to the slot's own node.
+        assert_eq!(layout.slots[3].mems, [1]);
         // The least-loaded node gets each next step.
         let mut table = SlotTable::new(layout);
         let first = table.take().unwrap();
@@ -397,6 +416,20 @@ mod tests {
         let wide = Layout::explicit(&topology, 2, 5).unwrap();
         assert_eq!(wide.slots.len(), 2);
         assert_eq!(wide.slots[0].node, 3);
+        // Its memory may come from each node it has CPUs on.
+        let nodes_of = |cpus: &[u32]| -> Vec<u32> {
+            let mut n: Vec<u32> = topology
+                .nodes
+                .iter()
+                .filter(|node| node.cpus.iter().any(|c| cpus.contains(c)))
+                .map(|node| node.id)
+                .collect();
+            n.sort_unstable();
+            n
+        };
+        for slot in &wide.slots {
+            assert_eq!(slot.mems, nodes_of(&slot.cpus), "{slot:?}");
+        }
         assert!(matches!(
             Layout::explicit(&topology, 3, 5),
             Err(TopologyError::TooFewCpus { available: 12, .. })
@@ -408,6 +441,8 @@ mod tests {
         let dir = tree(&[(0, "0-1")]);
         let topology = Topology::read(dir.path()).unwrap();
         assert_eq!(Layout::per_node(&topology).slots.len(), 1);
+        // One node: nothing to bind memory to.
+        assert!(Layout::per_node(&topology).slots[0].mems.is_empty());
         let two = Layout::explicit(&topology, 2, 1).unwrap();
         assert_eq!(two.slots[0].cpus, [0]);
         assert_eq!(two.slots[1].cpus, [1]);

@@ -30,6 +30,12 @@ fn help_lists_every_option() {
         "--store-socket",
         "--reconnect-min-ms",
         "--reconnect-max-ms",
+        "--pinning",
+        "--slots",
+        "--cpus-per-slot",
+        "--sysfs-root",
+        "--cgroup-root",
+        "--drain-timeout-s",
     ] {
         assert!(help.contains(option), "{option} missing from:\n{help}");
     }
@@ -136,6 +142,47 @@ async fn the_binary_builds_an_assignment_and_survives_a_restart() {
         "quick\n"
     );
     assert!(runner.log_of(&drvs[0]).contains("from the binary\n"));
+    tokio::time::timeout(Duration::from_secs(20), runner.stop())
+        .await
+        .expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cgroups_the_agent_says_so_once_and_pins_by_affinity() {
+    let mut runner = Runner::start().await;
+    let empty = tempfile::tempdir().expect("tempdir");
+    let logs = tempfile::tempdir().expect("tempdir");
+    let stderr = logs.path().join("agent.stderr");
+    let agent = Child {
+        process: Command::new(AGENT)
+            .arg("--queue-runner")
+            .arg(runner.url())
+            .arg("--token-file")
+            .arg(&runner.token_file)
+            .arg("--cgroup-root")
+            .arg(empty.path())
+            .args(["--name", "no-cgroups", "--reconnect-min-ms", "100"])
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("creates the agent's log"))
+            .spawn()
+            .expect("starts the agent"),
+        stderr,
+    };
+    runner.connected().await;
+    // Reconnecting does not say it again.
+    runner.restart().await;
+    runner.connected().await;
+    let log = agent.stderr();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("no cgroups for steps"))
+        .collect();
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(
+        said[0].contains(&empty.path().display().to_string())
+            && said[0].contains("pinned by CPU affinity alone"),
+        "{log}"
+    );
     tokio::time::timeout(Duration::from_secs(20), runner.stop())
         .await
         .expect("stops");

@@ -149,6 +149,7 @@ impl Deployment {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_millis(1000),
             proc_root: PathBuf::from("/proc"),
+            cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
             drain_timeout: Duration::from_secs(60),
             slots: None,
         };

@@ -298,6 +298,12 @@ impl DaemonClient {
         });
     }
 
+    /// The process id of the `--stdio` child serving this connection, if
+    /// there is one and it has not been waited for.
+    pub fn child_pid(&self) -> Option<u32> {
+        self.conn.as_ref()?.child.as_ref()?.id()
+    }
+
     /// Closes the connection; waits up to `grace` for a `--stdio` child to
     /// exit, then kills it.
     pub async fn close(mut self, grace: Duration) {

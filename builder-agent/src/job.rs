@@ -205,11 +205,15 @@ async fn deliver(link: &mut Link, step: &str, mut outcome: Outcome) {
     let mut tries = 0u32;
     loop {
         let ctx = link.session().await;
+        let uploading = Instant::now();
         let uploaded = match &mut outcome.uploads {
             Some((infos, conn)) => upload_all(&ctx, step, infos, &mut conn.nix).await,
             None => Ok(Vec::new()),
         };
         let mut message = outcome.result.clone();
+        if outcome.uploads.is_some() {
+            message.upload_ms = millis(uploading.elapsed());
+        }
         match uploaded {
             Ok(outputs) => {
                 if outcome.uploads.is_some() {
@@ -382,6 +386,7 @@ async fn build_with(
         transfer::fetch_inputs(ctx, step, &missing, nix).await?;
     }
     let overhead = copying.elapsed();
+    let building_since = Instant::now();
 
     if let Some(current) = link.now() {
         current.phase(step, BUILDING);
@@ -409,8 +414,15 @@ async fn build_with(
     let mut log_link = link.clone();
     let (built, ()) = tokio::join!(building, logs::forward(&mut log_link, step, log_rx));
     let built = built?;
+    let build_time = building_since.elapsed();
 
     let status = hydra_status(built.status);
+    let (exit_code, signal) = match exit_status(&built.error_msg) {
+        Some(ended) => ended,
+        // Nix names how a builder ended only when it failed.
+        None if built.status == BuildStatus::Built => (Some(0), None),
+        None => (None, None),
+    };
     let mut res = pb::StepResult {
         step_id: step.to_owned(),
         status,
@@ -419,7 +431,11 @@ async fn build_with(
         is_non_deterministic: built.is_non_deterministic,
         start_time: i64::try_from(built.start_time).unwrap_or(0),
         stop_time: i64::try_from(built.stop_time).unwrap_or(0),
-        overhead_ms: u64::try_from(overhead.as_millis()).unwrap_or(u64::MAX),
+        overhead_ms: millis(overhead),
+        exit_code,
+        signal,
+        fetch_ms: millis(overhead),
+        build_ms: millis(build_time),
         ..Default::default()
     };
     if res.start_time == 0 {
@@ -453,6 +469,26 @@ async fn build_with(
         return Ok(Built::Done(res));
     }
     Ok(Built::Upload(res, infos))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// How the builder ended, from Nix's message about a failed build: its
+/// exit code ("… failed with exit code 2") or the signal that killed it
+/// ("… failed due to signal 9 (Killed)"). `None` when the message says
+/// neither.
+fn exit_status(message: &str) -> Option<(Option<i32>, Option<i32>)> {
+    let number_after = |marker: &str| -> Option<i32> {
+        let (_, rest) = message.rsplit_once(marker)?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    if let Some(code) = number_after("with exit code ") {
+        return Some((Some(code), None));
+    }
+    number_after("due to signal ").map(|signal| (None, Some(signal)))
 }
 
 /// Output names ordered so that an output comes after the outputs it
@@ -516,6 +552,26 @@ mod tests {
         // The agent's own checks.
         assert_eq!(failure_kind(OUTPUT_LIMIT), Build);
         assert_eq!(failure_kind(ABORTED), Infrastructure);
+    }
+
+    #[test]
+    fn the_builders_exit_status_comes_from_nixs_message() {
+        // Nix 2.8.
+        assert_eq!(
+            exit_status("builder for '/nix/store/x-a.drv' failed with exit code 3"),
+            Some((Some(3), None))
+        );
+        assert_eq!(
+            exit_status("builder for '/nix/store/x-a.drv' failed due to signal 9 (Killed)"),
+            Some((None, Some(9)))
+        );
+        // Nix 2.26 puts it on a line of its own, with the log after it.
+        assert_eq!(
+            exit_status("Cannot build '/nix/store/x-a.drv'.\n       Reason: builder failed with exit code 42.\n       Last 1 log lines:"),
+            Some((Some(42), None))
+        );
+        assert_eq!(exit_status(""), None);
+        assert_eq!(exit_status("exit code x"), None);
     }
 
     #[test]

@@ -192,4 +192,7 @@ pub struct StepReport {
     pub overhead_ms: u64,
     /// Whose fault a failure is, as the agent says.
     pub failure: FailureKind,
+    /// The builder's exit status and the phases' timings, as the agent
+    /// measured them; `None` when the queue runner made the report itself.
+    pub run: Option<crate::db::results::StepRun>,
 }

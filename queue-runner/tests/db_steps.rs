@@ -231,10 +231,28 @@ async fn a_step_goes_from_busy_through_phases_to_finished() {
         times_built: 1,
         is_non_deterministic: false,
         outputs: vec![("out".into(), OUT.into()), ("doc".into(), DOC.into())],
+        run: Some(results::StepRun {
+            exit_code: Some(0),
+            signal: None,
+            fetch_ms: 12,
+            build_ms: 9000,
+            upload_ms: 34,
+        }),
     };
     results::finish_step(&mut conn, build, stepnr, &result)
         .await
         .expect("finish");
+    // The run's exit status and timings, in the same transaction.
+    let run: (Option<i32>, Option<i32>, i64, i64, i64) = sqlx::query_as(
+        "select exitCode, signal, fetchMs, buildMs, uploadMs from SluiceStepRuns
+         where build = $1 and stepnr = $2",
+    )
+    .bind(build)
+    .bind(stepnr)
+    .fetch_one(&pool)
+    .await
+    .expect("the run's row");
+    assert_eq!(run, (Some(0), None, 12, 9000, 34));
     let row = sqlx::query(
         "select busy, status, errorMsg, startTime, stopTime, machine, overhead, timesBuilt,
                 isNonDeterministic

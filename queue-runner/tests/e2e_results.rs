@@ -1,8 +1,9 @@
 //! End to end, what lands where Hydra's web UI and notifier look:
 //! `nix-support` products, metrics and release name, status 6 for a
 //! `failed` marker, failures and dependency failures, logs at the
-//! contract's path, the notifications, a cached build, and the report
-//! `submit --wait` prints for failed builds.
+//! contract's path, the notifications, a cached build, the report
+//! `submit --wait` prints for failed builds, and each run's exit status
+//! and phase timings in `SluiceStepRuns`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -395,5 +396,44 @@ async fn wait_reports_the_failed_step_its_log_path_and_last_lines() {
         report.contains(&format!("  log: none; no file at {}\n", log.display())),
         "{report}"
     );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_run_records_the_builders_exit_status_and_its_phase_timings() {
+    let mut d = Deployment::start().await;
+    d.add_agent("a1", 3).await;
+    let jobs = r#"
+{
+  ok = mkDrv { name = "ok"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "sleep 1; head -c 4000000 /dev/zero > $out" ]; };
+  exits = mkDrv { name = "exits"; args = [ "-c" "exit 42" ]; };
+  killed = mkDrv { name = "killed"; PATH = "/usr/bin:/bin"; args = [ "-c" "kill -9 $$" ]; };
+}"#;
+    let ids = d.submit_attrs(jobs, &["ok", "exits", "killed"]).await;
+    let statuses = d.wait_finished(&ids, 120).await;
+    assert_eq!(statuses[&ids[0]], 0, "{statuses:?}");
+    let run = |id: i32| {
+        let pool = d.pool.clone();
+        async move {
+            sqlx::query_as::<_, (i32, Option<i32>, Option<i32>, i64, i64, i64)>(
+                "select s.status, r.exitCode, r.signal, r.fetchMs, r.buildMs, r.uploadMs
+                 from BuildSteps s join SluiceStepRuns r using (build, stepnr)
+                 where s.build = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let (status, exit, signal, _fetch, build, upload) = run(ids[0]).await;
+    assert_eq!((status, exit, signal), (0, Some(0), None));
+    assert!(build >= 1000, "the build slept 1 s, yet took {build} ms");
+    assert!(upload > 0, "4 MB went up in {upload} ms");
+    let (status, exit, signal, _, _, upload) = run(ids[1]).await;
+    assert_eq!((status, exit, signal, upload), (1, Some(42), None, 0));
+    let (status, exit, signal, _, _, _) = run(ids[2]).await;
+    assert_eq!((status, exit, signal), (1, None, Some(9)));
     d.stop().await;
 }

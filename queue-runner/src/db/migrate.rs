@@ -51,11 +51,18 @@ pub const HYDRA_MIGRATIONS: &[Migration] = &[Migration {
 }];
 
 /// Sluice's own tables.
-pub const SLUICE_MIGRATIONS: &[Migration] = &[Migration {
-    set: "sluice",
-    name: "0001_attempts",
-    sql: include_str!("../../../sql/sluice/0001_attempts.sql"),
-}];
+pub const SLUICE_MIGRATIONS: &[Migration] = &[
+    Migration {
+        set: "sluice",
+        name: "0001_attempts",
+        sql: include_str!("../../../sql/sluice/0001_attempts.sql"),
+    },
+    Migration {
+        set: "sluice",
+        name: "0002_step_runs",
+        sql: include_str!("../../../sql/sluice/0002_step_runs.sql"),
+    },
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {

@@ -192,6 +192,7 @@ impl Driver {
                 outputs: Vec::new(),
                 overhead_ms: 0,
                 failure: FailureKind::Infrastructure,
+                run: None,
             },
             failed_paths: Vec::new(),
         });
@@ -372,6 +373,7 @@ impl Driver {
                 outputs: Vec::new(),
                 overhead_ms: 0,
                 failure: FailureKind::Infrastructure,
+                run: None,
             };
             self.complete(attempt, report, None);
         }

@@ -195,6 +195,13 @@ pub(crate) fn step_report(res: &pb::StepResult) -> Result<StepReport, ConvertErr
             .map(|o| (o.name.clone(), o.path.clone()))
             .collect(),
         overhead_ms: res.overhead_ms,
+        run: Some(crate::db::results::StepRun {
+            exit_code: res.exit_code,
+            signal: res.signal,
+            fetch_ms: res.fetch_ms,
+            build_ms: res.build_ms,
+            upload_ms: res.upload_ms,
+        }),
         failure: match pb::FailureKind::try_from(res.failure) {
             Ok(pb::FailureKind::None) => FailureKind::None,
             Ok(pb::FailureKind::Build) => FailureKind::Build,

@@ -121,6 +121,7 @@ pub fn busy_result() -> StepResult {
         times_built: 0,
         is_non_deterministic: false,
         outputs: Vec::new(),
+        run: None,
     }
 }
 

@@ -120,6 +120,22 @@ pub struct StepResult {
     /// `(output name, path)` now known, typically all outputs on success;
     /// sets `BuildStepOutputs.path` (inserting the row if missing).
     pub outputs: Vec<(String, String)>,
+    /// How the agent's run went (`SluiceStepRuns`); `None` for a step no
+    /// agent ran.
+    pub run: Option<StepRun>,
+}
+
+/// How an agent's run of a step went: the builder's exact exit status and
+/// the milliseconds of each phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepRun {
+    /// The builder's exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that killed the builder, when one did.
+    pub signal: Option<i32>,
+    pub fetch_ms: u64,
+    pub build_ms: u64,
+    pub upload_ms: u64,
 }
 
 /// How many times [`create_step`] retries a step number taken by a
@@ -285,6 +301,26 @@ pub async fn finish_step(
             build,
             stepnr,
         });
+    }
+    if let Some(run) = &result.run {
+        let ms = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        sqlx::query(
+            "insert into SluiceStepRuns (build, stepnr, exitCode, signal, fetchMs, buildMs, uploadMs)
+             values ($1, $2, $3, $4, $5, $6, $7)
+             on conflict (build, stepnr) do update set exitCode = excluded.exitCode,
+                signal = excluded.signal, fetchMs = excluded.fetchMs,
+                buildMs = excluded.buildMs, uploadMs = excluded.uploadMs",
+        )
+        .bind(build)
+        .bind(stepnr)
+        .bind(run.exit_code)
+        .bind(run.signal)
+        .bind(ms(run.fetch_ms))
+        .bind(ms(run.build_ms))
+        .bind(ms(run.upload_ms))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err(&what))?;
     }
     if !result.outputs.is_empty() {
         let (names, paths): (Vec<&str>, Vec<&str>) = result

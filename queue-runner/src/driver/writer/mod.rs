@@ -319,6 +319,7 @@ impl Writer {
                     times_built: report.times_built,
                     is_non_deterministic: report.is_non_deterministic,
                     outputs: report.outputs.clone(),
+                    run: report.run,
                 };
                 let log = crate::logs::log_path(&self.data_dir, &drv_path)
                     .ok()

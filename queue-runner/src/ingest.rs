@@ -7,7 +7,10 @@
 //! [`StepSpec`] for the core.
 //!
 //! The files of each level of the walk are read concurrently, and the
-//! validity of all their outputs is asked in one query.
+//! validity of all their outputs is asked in one query. An output whose
+//! path is known only once built (content-addressed, deferred) counts as
+//! valid when its realisation is recorded (one lookup per level, by the
+//! keys [`crate::ca::realisation_keys`] gives) and that path is valid.
 //!
 //! Invariants: each `.drv` is read and parsed at most once per batch, so a
 //! jobset whose builds share dependencies costs the size of the union of
@@ -44,9 +47,12 @@ pub enum IngestError {
 #[derive(Debug, Clone)]
 pub struct ClosureDrv {
     pub spec: StepSpec,
-    /// Output name → statically known path (`None` for floating
-    /// content-addressed and deferred outputs).
+    /// Output name → known path: static, or recorded for a
+    /// content-addressed or deferred output (`None` when not known yet).
     pub outputs: BTreeMap<String, Option<String>>,
+    /// For outputs known only once built: output name → realisation key
+    /// (the hash modulo, see [`crate::ca::realisation_keys`]).
+    pub keys: BTreeMap<String, String>,
 }
 
 /// The union closure of a batch of builds.
@@ -56,6 +62,9 @@ pub struct BatchClosure {
     pub drvs: HashMap<String, ClosureDrv>,
     /// Derivations whose outputs are all valid: no step.
     pub valid: HashSet<String>,
+    /// The outputs of valid derivations whose paths are not static (as
+    /// recorded): what a build of one finishes with.
+    pub realised: HashMap<String, Vec<(String, String)>>,
     /// Derivations that are missing or malformed: the builds that need
     /// them cannot be built.
     pub broken: HashMap<String, IngestError>,
@@ -126,15 +135,22 @@ impl BatchClosure {
 /// `read_file` reads a store file by full path; it is a parameter so that
 /// the store's files can live under a different real directory than the
 /// logical store dir, as in a builder's isolated store.
-pub async fn read_closures<F, Fut>(
+///
+/// `lookup` gives the recorded realisations of (hash, output) keys;
+/// `hashes` memoises hashes modulo across batches.
+pub async fn read_closures<F, Fut, L, LFut>(
     store: &mut DaemonClient,
     store_dir: &StoreDir,
     tops: &[String],
     read_file: F,
+    hashes: &crate::ca::Hashes,
+    lookup: L,
 ) -> BatchClosure
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = std::io::Result<Vec<u8>>>,
+    L: Fn(Vec<(String, String)>) -> LFut,
+    LFut: std::future::Future<Output = Result<HashMap<(String, String), String>, String>>,
 {
     let mut batch = BatchClosure::default();
     let mut frontier: Vec<String> = tops.to_vec();
@@ -165,13 +181,66 @@ where
                 }
             }
         }
-        // One validity query for every static output of the level.
+        // The realisation keys of outputs known only once built, and what
+        // is recorded for them, in one lookup for the level.
+        let mut keys_of: Vec<BTreeMap<String, String>> = Vec::new();
+        for (path, sp, drv) in &parsed {
+            if !crate::ca::has_dynamic_outputs(drv) {
+                keys_of.push(BTreeMap::new());
+                continue;
+            }
+            let read = |p: StorePath| {
+                let path = store_dir.print(&p);
+                let read_file = &read_file;
+                async move {
+                    match read_one(store_dir, &path, read_file).await {
+                        Ok((_, drv)) => Ok(drv),
+                        Err(ReadFailure::Broken(e)) => Err(e.to_string()),
+                        Err(ReadFailure::Transient(e)) => Err(e),
+                    }
+                }
+            };
+            match crate::ca::realisation_keys(hashes, store_dir, sp, drv, &read).await {
+                Ok(keys) => keys_of.push(keys),
+                Err(e) => {
+                    batch.broken.insert(
+                        path.clone(),
+                        IngestError::Parse {
+                            path: path.clone(),
+                            cause: format!("computing its hash modulo: {e}"),
+                        },
+                    );
+                    keys_of.push(BTreeMap::new());
+                }
+            }
+        }
+        let wanted: Vec<(String, String)> = keys_of
+            .iter()
+            .flat_map(|keys| keys.iter().map(|(o, h)| (h.clone(), o.clone())))
+            .collect();
+        let recorded = if wanted.is_empty() {
+            HashMap::new()
+        } else {
+            match lookup(wanted).await {
+                Ok(found) => found,
+                Err(e) => {
+                    batch.transient = Some(format!("looking realisations up: {e}"));
+                    return batch;
+                }
+            }
+        };
+
+        // One validity query for every known output of the level.
         let mut outputs_of: Vec<BTreeMap<String, Option<StorePath>>> = Vec::new();
         let mut static_paths: Vec<StorePath> = Vec::new();
-        for (path, _, drv) in &parsed {
+        for ((path, _, drv), keys) in parsed.iter().zip(&keys_of) {
             let mut outs = BTreeMap::new();
             for (name, out) in &drv.outputs {
-                match out.path(store_dir, &drv.name, name) {
+                let realised = keys
+                    .get(name)
+                    .and_then(|h| recorded.get(&(h.clone(), name.clone())))
+                    .and_then(|p| store_dir.parse_path(p).ok());
+                match out.path(store_dir, &drv.name, name).map(|p| p.or(realised)) {
                     Ok(p) => {
                         if let Some(p) = &p {
                             static_paths.push(p.clone());
@@ -202,17 +271,22 @@ where
                 }
             }
         };
-        for ((path, _sp, drv), outs) in parsed.into_iter().zip(outputs_of) {
+        for (((path, _sp, drv), outs), keys) in parsed.into_iter().zip(outputs_of).zip(keys_of) {
             if batch.broken.contains_key(&path) {
                 continue;
             }
-            // Floating outputs are never known valid here: the step is
-            // built (or resolved) and the store tells the truth then.
             let all_valid = !outs.is_empty()
                 && outs
                     .values()
                     .all(|p| p.as_ref().is_some_and(|p| valid_paths.contains(p)));
             if all_valid {
+                if !keys.is_empty() {
+                    let outputs = outs
+                        .iter()
+                        .filter_map(|(n, p)| p.as_ref().map(|p| (n.clone(), store_dir.print(p))))
+                        .collect();
+                    batch.realised.insert(path.clone(), outputs);
+                }
                 batch.valid.insert(path);
                 continue;
             }
@@ -234,12 +308,24 @@ where
                 input_drvs,
                 // Set by the loader, which asks `FailedPaths`.
                 known_failed: false,
+                needs_resolution: crate::ca::needs_resolution(&drv),
             };
+            // A recorded path that is not valid any more is built again.
             let outputs = outs
                 .into_iter()
-                .map(|(n, p)| (n, p.map(|p| store_dir.print(&p))))
+                .map(|(n, p)| {
+                    let known = p.filter(|p| !keys.contains_key(&n) || valid_paths.contains(p));
+                    (n, known.map(|p| store_dir.print(&p)))
+                })
                 .collect();
-            batch.drvs.insert(path, ClosureDrv { spec, outputs });
+            batch.drvs.insert(
+                path,
+                ClosureDrv {
+                    spec,
+                    outputs,
+                    keys,
+                },
+            );
         }
     }
     batch

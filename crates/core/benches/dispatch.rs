@@ -106,6 +106,7 @@ fn one_step_build(i: usize, jobsets: usize, rng: &mut Rng) -> Event {
             required_features: features.iter().map(|f| f.to_string()).collect(),
             input_drvs: Vec::new(),
             known_failed: false,
+            needs_resolution: false,
         }],
     }
 }
@@ -240,6 +241,7 @@ fn bytes_per_waiting_step(steps: usize) -> usize {
                 .map(|_| drv_path(usize::try_from(rng.next()).unwrap_or(0) % i))
                 .collect(),
             known_failed: false,
+            needs_resolution: false,
         })
         .collect();
     // One build on top of everything.

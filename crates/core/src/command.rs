@@ -42,6 +42,11 @@ pub enum Command {
         machine: MachineId,
         build: BuildId,
     },
+    /// Every dependency of the step is built, and its derivation needs
+    /// resolving: resolve it and answer with [`crate::Event::StepResolved`].
+    /// `build` is the build to record the resolution under (a
+    /// `BuildSteps` row with status 13).
+    Resolve { drv_path: DrvPath, build: BuildId },
     /// An attempt failed in a way worth retrying (or its machine went
     /// away); the step will be runnable again at `not_before`. `build` is
     /// the build the failed attempt was recorded under.
@@ -105,6 +110,8 @@ pub enum EventError {
     UnknownBuild(BuildId),
     #[error("{0}: no such connected machine")]
     UnknownMachine(MachineId),
+    #[error("resolving step {drv_path}: the step is not being resolved")]
+    StepNotResolving { drv_path: DrvPath },
     #[error("finishing step {drv_path} on {machine}: the step is not running there")]
     StepNotRunning {
         drv_path: DrvPath,

@@ -21,7 +21,8 @@
 //!
 //! The work is split by topic: `ingest.rs` adds builds, `dispatch.rs`
 //! moves steps through queues and slots, `outcome.rs` handles results,
-//! cancellation and freeing, `status.rs` reports.
+//! cancellation and freeing, `resolution.rs` puts resolved derivations in
+//! place of the steps that need them, `status.rs` reports.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};
@@ -69,6 +70,7 @@ pub(crate) struct Counts {
     pub runnable: usize,
     pub delayed: usize,
     pub running: usize,
+    pub resolving: usize,
     pub steps_done: u64,
     pub steps_failed: u64,
     pub steps_unsupported: u64,
@@ -86,6 +88,7 @@ impl Counts {
             Phase::Runnable { .. } => Some(&mut self.runnable),
             Phase::Delayed { .. } => Some(&mut self.delayed),
             Phase::Running { .. } => Some(&mut self.running),
+            Phase::Resolving => Some(&mut self.resolving),
             Phase::Finished => None,
         }
     }
@@ -167,6 +170,10 @@ impl<O: StepOrder> Core<O> {
             Event::MachineDetached { machine } => self.detach_machine(machine),
             Event::StepClaimed { drv_path, machine } => self.claim(drv_path, machine),
             Event::ClaimWithdrawn { drv_path } => self.withdraw_claim(&drv_path),
+            Event::StepResolved {
+                drv_path,
+                resolution,
+            } => self.step_resolved(&drv_path, resolution),
             Event::JobsetShares { jobset, shares } => self.shares.set(jobset, shares),
             Event::Tick => {}
         }

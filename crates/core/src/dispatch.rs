@@ -42,6 +42,10 @@ impl<O: StepOrder> Core<O> {
     /// Puts a step whose dependencies have all succeeded into its class's
     /// queue and wakes the machines that can build it.
     pub(crate) fn make_runnable(&mut self, step: &Arc<Step>) {
+        if step.state.lock().needs_resolution() {
+            self.start_resolution(step);
+            return;
+        }
         if !self.claims.is_empty() && self.take_claim(step) {
             return;
         }

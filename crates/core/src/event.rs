@@ -54,6 +54,12 @@ pub enum Event {
     },
     /// The driver gives up on a claim that was not used yet.
     ClaimWithdrawn { drv_path: DrvPath },
+    /// The driver resolved a step it was asked to with
+    /// [`crate::Command::Resolve`].
+    StepResolved {
+        drv_path: DrvPath,
+        resolution: Resolution,
+    },
     /// A builder reports the end of an attempt at a step it was given with
     /// [`crate::Command::Dispatch`].
     StepFinished {
@@ -103,6 +109,26 @@ pub struct StepSpec {
     /// this step finishes at once as a cached failure, and nothing is
     /// dispatched for it.
     pub known_failed: bool,
+    /// Its derivation must be resolved before it is built: some of its
+    /// inputs' paths are known only once they are built (content-addressed
+    /// inputs, or its own outputs are deferred). Once its dependencies are
+    /// built the core asks for [`crate::Command::Resolve`] instead of
+    /// dispatching it.
+    pub needs_resolution: bool,
+}
+
+/// How a step's resolution came out.
+#[derive(Clone, Debug)]
+pub enum Resolution {
+    /// Build this derivation (the resolved one, whose inputs are all plain
+    /// paths) in its place; the step completes as that one does. A step
+    /// that already exists for it is shared.
+    Step(StepSpec),
+    /// The resolved derivation's outputs are already valid: the step
+    /// succeeds at once (early cutoff).
+    Valid,
+    /// It cannot be resolved: the step fails for good with `failure`.
+    Failed(StepFailure),
 }
 
 /// A builder's capabilities.

@@ -14,6 +14,8 @@
 //! Invariants kept by the core, checked by `Core::check_invariants` in
 //! tests:
 //! - a step is `Waiting` iff it has unfinished dependencies;
+//! - a resolved step waits on exactly one dependency, the step of its
+//!   resolved derivation, and is never runnable;
 //! - `Step::state.priority` is the [`Priority::join`] over every unfinished
 //!   build that needs the step;
 //! - each step mutex is locked by one function at a time, never two step
@@ -49,13 +51,24 @@ pub(crate) struct StepState {
     /// the retry timers; other entries for it are stale.
     pub ticket: u64,
     /// Failed attempts so far (saturating; tries are capped far lower).
-    pub tries: u16,
+    pub tries: u8,
     /// The machine of the last failed attempt (its id, 0 for none; 16
     /// bits beside `tries`, so a step does not grow, and a machine with a
     /// larger id is never avoided): a retry goes elsewhere when another
     /// machine is free.
     pub failed_on: u16,
+    /// [`NEEDS_RESOLUTION`] and [`RESOLVED`], in the byte `tries` left
+    /// free, so a step does not grow.
+    flags: u8,
 }
+
+/// Its derivation has inputs whose paths are known only once built (see
+/// [`crate::StepSpec::needs_resolution`]): once its dependencies are built
+/// it is resolved, never dispatched. Set at creation.
+const NEEDS_RESOLUTION: u8 = 1;
+/// Resolved: its one dependency is the step of its resolved derivation,
+/// and it completes as that step does.
+const RESOLVED: u8 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Phase {
@@ -67,6 +80,9 @@ pub(crate) enum Phase {
     Delayed { until: Millis },
     /// Occupies a slot on `machine`, attempt recorded under `build`.
     Running { machine: MachineId, build: BuildId },
+    /// Its dependencies are built and the driver is resolving it
+    /// ([`crate::Command::Resolve`]).
+    Resolving,
     /// Built or failed for good; no longer in the index.
     Finished,
 }
@@ -85,12 +101,37 @@ impl Step {
                 ticket: 0,
                 tries: 0,
                 failed_on: 0,
+                flags: 0,
             }),
         }
     }
 }
 
 impl StepState {
+    pub fn needs_resolution(&self) -> bool {
+        self.flags & NEEDS_RESOLUTION != 0
+    }
+
+    pub fn set_needs_resolution(&mut self, value: bool) {
+        self.set_flag(NEEDS_RESOLUTION, value);
+    }
+
+    pub fn resolved(&self) -> bool {
+        self.flags & RESOLVED != 0
+    }
+
+    pub fn set_resolved(&mut self, value: bool) {
+        self.set_flag(RESOLVED, value);
+    }
+
+    fn set_flag(&mut self, flag: u8, value: bool) {
+        if value {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
+    }
+
     /// Adds a reverse dependency, dropping dead ones when the vector would
     /// grow, so the vector stays proportional to the live ones.
     pub fn add_rdep(&mut self, rdep: Weak<Step>) {
@@ -212,4 +253,14 @@ mod tests {
             std::mem::size_of::<Step>()
         );
     }
+}
+#[cfg(test)]
+#[test]
+fn tmp_sizes() {
+    eprintln!(
+        "state {} phase {} prio {}",
+        std::mem::size_of::<StepState>(),
+        std::mem::size_of::<Phase>(),
+        std::mem::size_of::<Priority>()
+    );
 }

@@ -121,7 +121,7 @@ impl<O: StepOrder> Core<O> {
     /// Creates the steps of `order` (dependencies first), the top-level
     /// step last. Only the top's future build will own the new steps: the
     /// caller must attach the top to a build before dropping the result.
-    fn create_steps(&mut self, order: &[&StepSpec]) -> Vec<Arc<Step>> {
+    pub(crate) fn create_steps(&mut self, order: &[&StepSpec]) -> Vec<Arc<Step>> {
         let mut created: Vec<Arc<Step>> = Vec::with_capacity(order.len());
         for spec in order {
             let (class, is_new) =
@@ -137,7 +137,11 @@ impl<O: StepOrder> Core<O> {
                 .collect();
             deps.sort_by_key(Arc::as_ptr);
             deps.dedup_by(|a, b| Arc::ptr_eq(a, b));
-            let step = Arc::new(Step::new(spec.drv_path.clone(), class, deps.clone()));
+            let mut step = Step::new(spec.drv_path.clone(), class, deps.clone());
+            step.state
+                .get_mut()
+                .set_needs_resolution(spec.needs_resolution);
+            let step = Arc::new(step);
             for dep in deps {
                 dep.state.lock().add_rdep(Arc::downgrade(&step));
             }

@@ -56,7 +56,7 @@ impl<O: StepOrder> Core<O> {
             .map(|step| Arc::as_ptr(&step))
             .collect();
         let retry_tickets: HashSet<u64> = self.retries.keys().map(|(_, ticket)| *ticket).collect();
-        let (mut waiting, mut runnable, mut delayed, mut running) = (0, 0, 0, 0);
+        let (mut waiting, mut runnable, mut delayed, mut running, mut resolving) = (0, 0, 0, 0, 0);
         for (ptr, step) in &live {
             let state = step.state.lock();
             let name = &step.drv_path;
@@ -102,7 +102,16 @@ impl<O: StepOrder> Core<O> {
                     // another build still needs the step): the attempt stays
                     // recorded under it.
                 }
+                Phase::Resolving => {
+                    resolving += 1;
+                    if !state.needs_resolution() {
+                        return Err(format!("{name}: resolving a step that needs no resolution"));
+                    }
+                }
                 Phase::Finished => return Err(format!("{name}: finished but still needed")),
+            }
+            if state.resolved() && state.deps.len() != 1 {
+                return Err(format!("{name}: resolved with {} deps", state.deps.len()));
             }
         }
         let counted = (
@@ -110,11 +119,12 @@ impl<O: StepOrder> Core<O> {
             self.counts.runnable,
             self.counts.delayed,
             self.counts.running,
+            self.counts.resolving,
         );
-        if counted != (waiting, runnable, delayed, running) {
+        if counted != (waiting, runnable, delayed, running, resolving) {
             return Err(format!(
                 "phase counters {counted:?}, actual {:?}",
-                (waiting, runnable, delayed, running)
+                (waiting, runnable, delayed, running, resolving)
             ));
         }
 

@@ -43,7 +43,8 @@
 //! interface), `order` (pluggable dispatch order), `graph` (steps and
 //! builds), `queue` (per-class runnable queues), `machine` (builders and
 //! slots), `core` (the state machine), with its behaviour split over
-//! `ingest`, `dispatch`, `outcome` and `resume` (detached machines,
+//! `ingest`, `dispatch`, `outcome`, `resolution` (content-addressed
+//! steps resolved into fresh ones) and `resume` (detached machines,
 //! attempts adopted after a restart), and `status` (reports).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -58,6 +59,7 @@ mod machine;
 mod order;
 mod outcome;
 mod queue;
+mod resolution;
 mod resume;
 pub mod shares;
 mod status;
@@ -73,7 +75,7 @@ mod tests;
 pub use crate::command::{BuildFinished, Command, DependentBuild, EventError};
 pub use crate::config::Config;
 pub use crate::core::Core;
-pub use crate::event::{BuildSpec, Event, MachineSpec, StepOutcome, StepSpec};
+pub use crate::event::{BuildSpec, Event, MachineSpec, Resolution, StepOutcome, StepSpec};
 pub use crate::order::{HydraKey, HydraOrder, Priority, StepOrder, StepView};
 pub use crate::status::{MachineStats, Stats};
 pub use crate::types::{BuildId, DrvPath, JobsetId, MachineId, Millis, Status, StepFailure};

@@ -6,8 +6,10 @@
 //! unfinished build that needs the failed step finishes with it; a build
 //! whose top-level derivation is not the failed one gets `DepFailed` when
 //! the step `Failed`, and the step's own status otherwise (timeouts,
-//! aborts and unsupported steps propagate as they are). The head of the
-//! group is the build the failed attempt was recorded under.
+//! aborts and unsupported steps propagate as they are). A build whose
+//! top-level step was resolved into the failed one counts as its own:
+//! it gets the step's status. The head of the group is the build the
+//! failed attempt was recorded under.
 //!
 //! Invariant: steps leave the core only through [`Core::release`], which
 //! keeps the index, the per-phase counters and the machine slots in step
@@ -55,13 +57,20 @@ impl<O: StepOrder> Core<O> {
             self.forget_build(build, &mut survivors);
         }
 
+        let mut completed = Vec::new();
         for parent in rdeps.iter().filter_map(Weak::upgrade) {
-            let now_runnable = {
+            let (now_runnable, resolved) = {
                 let mut state = parent.state.lock();
                 state.deps.retain(|dep| !Arc::ptr_eq(dep, &step));
-                state.deps.is_empty() && state.phase == Phase::Waiting
+                (
+                    state.deps.is_empty() && state.phase == Phase::Waiting,
+                    state.resolved(),
+                )
             };
-            if now_runnable {
+            if now_runnable && resolved {
+                // Its resolved derivation is built: so is it.
+                completed.push(parent);
+            } else if now_runnable {
                 self.make_runnable(&parent);
             }
         }
@@ -69,6 +78,9 @@ impl<O: StepOrder> Core<O> {
         // other step's priority changed; `survivors` holds at most `step`.
         survivors.clear();
         self.release(step, &mut survivors);
+        for original in completed {
+            self.step_succeeded(original);
+        }
     }
 
     /// An attempt failed: retry after a backoff if the failure allows it
@@ -144,7 +156,10 @@ impl<O: StepOrder> Core<O> {
             .or(direct_head)
             .or_else(|| builds.keys().next().copied());
         let status_of = |build: &Build| {
-            if status == Status::Failed && build.top.drv_path != step.drv_path {
+            if status == Status::Failed
+                && build.top.drv_path != step.drv_path
+                && !crate::resolution::resolves_to(&build.top, &step)
+            {
                 Status::DepFailed
             } else {
                 status
@@ -307,7 +322,7 @@ impl<O: StepOrder> Core<O> {
                         self.mark_dirty(machine);
                     }
                 }
-                Phase::Waiting | Phase::Delayed { .. } | Phase::Finished => {}
+                Phase::Waiting | Phase::Delayed { .. } | Phase::Resolving | Phase::Finished => {}
             }
             pending.append(&mut state.deps);
         }

@@ -30,6 +30,8 @@ pub(crate) struct Node {
     pub system: String,
     pub features: Vec<String>,
     pub inputs: Vec<String>,
+    /// Marked `!resolve`: resolved once its inputs are built.
+    pub needs_resolution: bool,
 }
 
 /// The store path of a simulated derivation.
@@ -47,8 +49,8 @@ fn short(text: &str) -> String {
 }
 
 impl Dag {
-    /// One node a line: `name: system [feature…] [<- input…]`. Blank lines
-    /// and `#` comments are skipped.
+    /// One node a line: `name: system [feature…] [!resolve] [<- input…]`.
+    /// Blank lines and `#` comments are skipped.
     pub fn parse(text: &str) -> Dag {
         let mut dag = Dag::default();
         for line in text.lines().map(str::trim) {
@@ -61,12 +63,14 @@ impl Dag {
             let (left, inputs) = rest.split_once("<-").unwrap_or((rest, ""));
             let mut words = left.split_whitespace();
             let system = words.next().expect("a DAG node needs a system").to_string();
+            let (marks, features): (Vec<&str>, Vec<&str>) = words.partition(|w| *w == "!resolve");
             dag.nodes.insert(
                 name.trim().to_string(),
                 Node {
                     system,
-                    features: words.map(str::to_string).collect(),
+                    features: features.into_iter().map(str::to_string).collect(),
                     inputs: inputs.split_whitespace().map(str::to_string).collect(),
+                    needs_resolution: !marks.is_empty(),
                 },
             );
         }
@@ -110,9 +114,23 @@ impl Dag {
                     required_features: node.features.clone(),
                     input_drvs: node.inputs.iter().map(|i| drv(i)).collect(),
                     known_failed: failed.contains(&name),
+                    needs_resolution: node.needs_resolution,
                 }
             })
             .collect()
+    }
+
+    /// The spec of a node on its own (a resolved derivation).
+    pub fn spec(&self, name: &str) -> StepSpec {
+        let node = &self.nodes[name];
+        StepSpec {
+            drv_path: drv(name),
+            system: node.system.clone(),
+            required_features: node.features.clone(),
+            input_drvs: node.inputs.iter().map(|i| drv(i)).collect(),
+            known_failed: false,
+            needs_resolution: node.needs_resolution,
+        }
     }
 }
 
@@ -149,6 +167,10 @@ pub(crate) struct Sim<O: StepOrder = crate::HydraOrder> {
     jobsets: BTreeMap<BuildId, JobsetId>,
     /// Steps waiting out a retry backoff, until when.
     delayed: BTreeMap<String, Millis>,
+    /// Steps the core asked to resolve, not answered yet.
+    pub resolving: BTreeSet<String>,
+    /// Each resolved step's resolved derivation.
+    pub resolved: BTreeMap<String, String>,
     /// Whether to check each dispatch against a model of Hydra's order
     /// (true for cores with [`crate::HydraOrder`]).
     pub check_hydra_order: bool,
@@ -182,6 +204,8 @@ impl<O: StepOrder> Sim<O> {
             priorities: BTreeMap::new(),
             jobsets: BTreeMap::new(),
             delayed: BTreeMap::new(),
+            resolving: BTreeSet::new(),
+            resolved: BTreeMap::new(),
             check_hydra_order: false,
             trace: Vec::new(),
         }
@@ -222,6 +246,8 @@ impl<O: StepOrder> Sim<O> {
     /// - `shares JOBSET N`
     /// - `ok DRV` / `fail DRV [STATUS] [retry]` (for the machine building it)
     /// - `report NAME DRV ok` (a result from a machine, believed or not)
+    /// - `resolved DRV -> DRV2` (build DRV2, a node of the DAG, in its
+    ///   place), `resolved DRV valid` (early cutoff), `resolved DRV fails`
     /// - `cancel #ID`, `bump #ID GLOBAL`
     /// - `advance SECONDS` (then a tick), `tick`
     pub fn act(&mut self, action: &str) {
@@ -308,6 +334,33 @@ impl<O: StepOrder> Sim<O> {
                     drv_path: drv(drv_name),
                     machine,
                     outcome: StepOutcome::Success,
+                });
+            }
+            ["resolved", drv_name, "->", to] => {
+                assert!(
+                    self.resolving.remove(*drv_name),
+                    "{drv_name} is not resolving"
+                );
+                self.resolved.insert(drv_name.to_string(), to.to_string());
+                let spec = self.dag.spec(to);
+                self.handle(Event::StepResolved {
+                    drv_path: drv(drv_name),
+                    resolution: crate::Resolution::Step(spec),
+                });
+            }
+            ["resolved", drv_name, "valid"] => {
+                self.resolving.remove(*drv_name);
+                self.valid.insert(drv_name.to_string());
+                self.handle(Event::StepResolved {
+                    drv_path: drv(drv_name),
+                    resolution: crate::Resolution::Valid,
+                });
+            }
+            ["resolved", drv_name, "fails"] => {
+                self.resolving.remove(*drv_name);
+                self.handle(Event::StepResolved {
+                    drv_path: drv(drv_name),
+                    resolution: crate::Resolution::Failed(StepFailure::Aborted),
                 });
             }
             ["cancel", id] => self.cancel(build(id)),
@@ -409,6 +462,14 @@ impl<O: StepOrder> Sim<O> {
             .unwrap_or_else(|| panic!("{drv_name} is not running"));
         if outcome == StepOutcome::Success {
             self.valid.insert(drv_name.to_string());
+            // What was resolved into it is built with it.
+            let originals: Vec<String> = self
+                .resolved
+                .iter()
+                .filter(|(_, to)| *to == drv_name)
+                .map(|(from, _)| from.clone())
+                .collect();
+            self.valid.extend(originals);
         }
         let machine = self.machines[&machine].id;
         self.handle(Event::StepFinished {
@@ -435,6 +496,16 @@ impl<O: StepOrder> Sim<O> {
         for command in commands {
             self.observe(command);
         }
+        // A step being resolved that no build needs any more is gone.
+        let resolving = std::mem::take(&mut self.resolving);
+        self.resolving = resolving
+            .into_iter()
+            .filter(|s| {
+                self.queued
+                    .values()
+                    .any(|top| self.closure_with_resolved(top).contains(s))
+            })
+            .collect();
         if let Err(broken) = self.core.check_invariants() {
             panic!("core invariant broken: {broken}");
         }
@@ -527,6 +598,25 @@ impl<O: StepOrder> Sim<O> {
                 let builds: Vec<String> = builds.iter().map(|b| b.to_string()).collect();
                 format!("unsupported {}: {}", name(&drv_path), builds.join(" "))
             }
+            Command::Resolve { drv_path, build } => {
+                let step = name(&drv_path);
+                assert!(
+                    self.dag.nodes[&step].needs_resolution,
+                    "{step} needs no resolution"
+                );
+                for input in &self.dag.nodes[&step].inputs {
+                    assert!(
+                        self.valid.contains(input),
+                        "{step} resolved before its input {input} was built"
+                    );
+                }
+                assert!(
+                    !self.resolving.contains(&step) || !self.resolved.contains_key(&step),
+                    "{step} resolved twice"
+                );
+                self.resolving.insert(step.clone());
+                format!("resolve {step} for {build}")
+            }
             Command::BuildFinished(finished) => self.check_finished(&finished),
             Command::EventRejected(error) => format!("rejected: {}", short(&error.to_string())),
         };
@@ -541,9 +631,21 @@ impl<O: StepOrder> Sim<O> {
         while let Some(name) = pending.pop() {
             if !self.valid.contains(&name) && seen.insert(name.clone()) {
                 pending.extend(self.dag.nodes[&name].inputs.iter().cloned());
+                pending.extend(self.resolved.get(&name).cloned());
             }
         }
         seen
+    }
+
+    /// `top`'s closure, with what its steps were resolved into.
+    fn closure_with_resolved(&self, top: &str) -> BTreeSet<String> {
+        let mut closure = self.dag.closure(top);
+        let resolved: Vec<String> = closure
+            .iter()
+            .filter_map(|n| self.resolved.get(n).cloned())
+            .collect();
+        closure.extend(resolved);
+        closure
     }
 
     /// The compatibility rule, modelled independently of the core.
@@ -585,6 +687,7 @@ impl<O: StepOrder> Sim<O> {
         for (other, &key) in &keys {
             let node = &self.dag.nodes[other];
             let runnable = other != step
+                && !node.needs_resolution
                 && !self.running.contains_key(other)
                 && node.inputs.iter().all(|i| self.valid.contains(i))
                 && self
@@ -641,8 +744,12 @@ impl<O: StepOrder> Sim<O> {
             .get(&build)
             .unwrap_or_else(|| panic!("{step} dispatched for finished {build}"));
         assert!(
-            self.dag.closure(top).contains(step),
+            self.closure_with_resolved(top).contains(step),
             "{build} does not need {step}"
+        );
+        assert!(
+            !self.dag.nodes[step].needs_resolution,
+            "{step} dispatched without being resolved"
         );
     }
 
@@ -672,7 +779,7 @@ impl<O: StepOrder> Sim<O> {
                 }
                 None => {}
                 Some(step) => assert!(
-                    self.dag.closure(&top).contains(&name(step)),
+                    self.closure_with_resolved(&top).contains(&name(step)),
                     "{id} failed by {} which it does not need",
                     name(step)
                 ),
@@ -711,6 +818,10 @@ impl<O: StepOrder> Sim<O> {
         for _ in 0..max_rounds {
             if self.queued.is_empty() {
                 return true;
+            }
+            if let Some(step) = self.resolving.iter().next().cloned() {
+                self.act(&format!("resolved {step} valid"));
+                continue;
             }
             match self.running.keys().next().cloned() {
                 Some(step) => self.finish(&step, StepOutcome::Success),

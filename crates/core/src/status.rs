@@ -19,6 +19,8 @@ pub struct Stats {
     pub steps_retry_pending: usize,
     /// Steps on a machine (`nrStepsBuilding`).
     pub steps_building: usize,
+    /// Steps whose derivations the driver is resolving.
+    pub steps_resolving: usize,
     /// Steps built successfully (`nrStepsDone`).
     pub steps_done: u64,
     /// Steps failed for good on a machine.
@@ -67,6 +69,7 @@ impl<O: StepOrder> Core<O> {
         let counts = &self.counts;
         Stats {
             steps_waiting: counts.waiting,
+            steps_resolving: counts.resolving,
             steps_runnable: counts.runnable,
             steps_retry_pending: counts.delayed,
             steps_building: counts.running,
@@ -118,6 +121,13 @@ impl<O: StepOrder> Core<O> {
     /// Whether the core holds a live step for `drv_path`.
     pub fn has_step(&self, drv_path: &str) -> bool {
         self.lookup(drv_path).is_some()
+    }
+
+    /// Whether the step of `drv_path` waits for its resolution
+    /// ([`crate::Command::Resolve`]).
+    pub fn is_resolving(&self, drv_path: &str) -> bool {
+        self.lookup(drv_path)
+            .is_some_and(|s| s.state.lock().phase == crate::graph::Phase::Resolving)
     }
 
     /// The unfinished builds that need the step of `drv_path` (directly or

@@ -62,6 +62,11 @@ pub const SLUICE_MIGRATIONS: &[Migration] = &[
         name: "0002_step_runs",
         sql: include_str!("../../../sql/sluice/0002_step_runs.sql"),
     },
+    Migration {
+        set: "sluice",
+        name: "0003_realisations",
+        sql: include_str!("../../../sql/sluice/0003_realisations.sql"),
+    },
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -66,6 +66,9 @@ pub fn describe_server(url: &str) -> String {
     }
 }
 
+/// How long any one statement may run (PostgreSQL's `statement_timeout`).
+pub const STATEMENT_TIMEOUT: &str = "60s";
+
 /// Parses a `postgres://` URL into connection options.
 pub fn connect_options(url: &str) -> Result<PgConnectOptions, ConnectError> {
     let bad = |reason: String| ConnectError::BadUrl {
@@ -80,7 +83,11 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, ConnectError> {
         )));
     }
     let options = PgConnectOptions::from_str(url).map_err(|e| bad(one_line(&e.to_string())))?;
-    Ok(options.log_statements(tracing::log::LevelFilter::Trace))
+    // No statement of ours may run away (a plan gone wrong scanning a
+    // whole table): each is cut off after a minute, and the error says so.
+    Ok(options
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .options([("statement_timeout", STATEMENT_TIMEOUT)]))
 }
 
 /// Opens one connection, failing within `timeout`.

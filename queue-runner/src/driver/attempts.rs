@@ -109,6 +109,34 @@ impl Driver {
             } else {
                 Vec::new()
             };
+            // What content-addressed outputs became, its own and those of
+            // the steps resolved into it: committed with its row.
+            let (mut realisations, resolved_from) = if report.status == 0 {
+                let into = self.resolutions.built(&a.drv_path, &report.outputs);
+                (into.realisations, into.originals)
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            if report.status == 0 {
+                if let Some(keys) = self.closure.get(&a.drv_path).map(|c| &c.keys) {
+                    realisations.extend(super::resolve::realisations_of(
+                        &a.drv_path,
+                        keys,
+                        &report.outputs,
+                    ));
+                }
+            }
+            for original in &resolved_from {
+                self.built_outputs.insert(
+                    original.clone(),
+                    BuiltStep {
+                        outputs: report.outputs.clone(),
+                        start_time: report.start_time,
+                        stop_time: report.stop_time,
+                    },
+                );
+            }
+            self.register_realisations(realisations.clone());
             self.send_write(WriteJob::FinishStep {
                 build: a.build,
                 stepnr,
@@ -116,6 +144,11 @@ impl Driver {
                 machine: a.machine_name.clone(),
                 report,
                 failed_paths,
+                realisations,
+                resolved_from: resolved_from
+                    .iter()
+                    .map(|d| d.as_str().to_owned())
+                    .collect(),
             });
         }
         let succeeded = outcome == StepOutcome::Success;
@@ -195,6 +228,8 @@ impl Driver {
                 run: None,
             },
             failed_paths: Vec::new(),
+            realisations: Vec::new(),
+            resolved_from: Vec::new(),
         });
     }
 

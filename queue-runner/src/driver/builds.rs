@@ -21,7 +21,10 @@ impl Driver {
                 build: build.clone(),
                 status: status.code(),
                 outputs: built.map(|b| b.outputs.clone()),
-                times: built.map(|b| (b.start_time, b.stop_time)),
+                // Outputs known before this run (recorded) carry no times.
+                times: built
+                    .filter(|b| b.start_time > 0)
+                    .map(|b| (b.start_time, b.stop_time)),
             });
         }
         if builds.is_empty() {
@@ -46,6 +49,7 @@ impl Driver {
     pub(super) fn prune(&mut self) {
         let core = &self.core;
         self.closure.retain(|drv, _| core.has_step(drv.as_str()));
+        self.resolutions.retain(|drv| core.has_step(drv.as_str()));
         if self.builds.is_empty() {
             self.built_outputs.clear();
         }

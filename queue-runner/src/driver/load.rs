@@ -81,6 +81,7 @@ impl Driver {
         self.loader.in_flight = true;
         let pool = self.pool.clone();
         let store = self.store.clone();
+        let hashes = self.hashes.clone();
         let me = self.me.clone();
         let after = self.loader.max_id;
         let limit = self.loader.batch;
@@ -94,7 +95,7 @@ impl Driver {
             .map(|b| b.0)
             .collect();
         tokio::spawn(async move {
-            let batch = load(pool, store, after, limit, restarted, held).await;
+            let batch = load(pool, store, hashes, after, limit, restarted, held).await;
             let _ = me.send(DriverEvent::Loaded(batch)).await;
         });
     }
@@ -141,6 +142,17 @@ impl Driver {
                         .entry(step.drv_path.clone())
                         .or_insert_with(|| d.clone());
                 }
+            }
+            // A build of a content-addressed derivation whose outputs are
+            // recorded finishes cached, with those paths.
+            if let Some(outputs) = batch.closure.realised.get(&build.drv_path) {
+                self.built_outputs
+                    .entry(DrvPath::from(build.drv_path.as_str()))
+                    .or_insert_with(|| super::BuiltStep {
+                        outputs: outputs.clone(),
+                        start_time: 0,
+                        stop_time: 0,
+                    });
             }
             let spec = BuildSpec {
                 id,
@@ -260,9 +272,11 @@ impl Driver {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn load(
     pool: sqlx::PgPool,
     store: crate::store::Store,
+    hashes: crate::ca::Hashes,
     after: i32,
     limit: i64,
     restarted: bool,
@@ -306,9 +320,26 @@ async fn load(
         let mut client = store.connect().await.map_err(|e| e.to_string())?;
         let tops: Vec<String> = batch.builds.iter().map(|b| b.drv_path.clone()).collect();
         let dir = store.store_dir().clone();
-        batch.closure = ingest::read_closures(&mut client, &dir, &tops, |p| async move {
-            tokio::fs::read(p).await
-        })
+        let lookup = |keys: Vec<(String, String)>| {
+            let pool = pool.clone();
+            async move {
+                let mut conn = pool
+                    .acquire()
+                    .await
+                    .map_err(|e| crate::db::describe_sqlx_error(&e))?;
+                crate::db::results::lookup_realisations(&mut conn, &keys)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        };
+        batch.closure = ingest::read_closures(
+            &mut client,
+            &dir,
+            &tops,
+            |p| async move { tokio::fs::read(p).await },
+            &hashes,
+            lookup,
+        )
         .await;
         drop(client);
         if let Some(error) = batch.closure.transient.take() {

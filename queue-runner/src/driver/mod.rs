@@ -11,7 +11,8 @@
 //! The room is split by concern: [`attempts`] (dispatch to result),
 //! [`machines`] (agents and the status snapshot), [`resume`] (leases of
 //! disconnected agents, attempts adopted after a restart), [`builds`] (finished
-//! builds), [`load`] (queued builds in), [`backlog`] (writes out, with
+//! builds), [`load`] (queued builds in), [`resolve`] (content-addressed
+//! steps resolved into fresh ones), [`backlog`] (writes out, with
 //! backpressure) and the [`writer`] task itself.
 //!
 //! Invariants: only this task touches the `Core`; the driver never awaits
@@ -28,6 +29,7 @@ mod load;
 mod machines;
 mod postprocess;
 mod prepare;
+mod resolve;
 mod resume;
 pub mod writer;
 
@@ -79,6 +81,14 @@ pub enum DriverEvent {
     BuildsWritten(Vec<BuildId>),
     /// Every jobset's scheduling shares, read after `jobset_shares_changed`.
     JobsetShares(Vec<(i32, u32)>),
+    /// A step's resolution is done (see [`resolve`]).
+    Resolved(Box<resolve::Resolved>),
+    /// A resolution that failed for want of the database or the store is
+    /// due again.
+    ResolveAgain {
+        drv_path: DrvPath,
+        build: BuildId,
+    },
     Shutdown,
 }
 
@@ -197,6 +207,10 @@ pub struct Driver {
     database: writer::DatabaseHealth,
     /// The scheduling shares the core was told, per jobset id.
     jobset_shares: HashMap<i32, u32>,
+    /// Steps resolved into derivations not built yet.
+    resolutions: resolve::Resolutions,
+    /// Hashes modulo of the derivations read so far (realisation keys).
+    hashes: crate::ca::Hashes,
     status: watch::Sender<StatusSnapshot>,
 }
 
@@ -258,6 +272,8 @@ impl Driver {
             counters: Counters::default(),
             database: writer::DatabaseHealth::Up,
             jobset_shares: HashMap::new(),
+            resolutions: Default::default(),
+            hashes: Default::default(),
             status,
         }
     }
@@ -372,6 +388,12 @@ impl Driver {
                     }
                 }
             }
+            DriverEvent::Resolved(resolved) => self.on_resolved(*resolved),
+            DriverEvent::ResolveAgain { drv_path, build } => {
+                if self.core.is_resolving(drv_path.as_str()) {
+                    self.resolve(drv_path, build);
+                }
+            }
             DriverEvent::Shutdown => {}
         }
     }
@@ -445,6 +467,7 @@ impl Driver {
                     });
                 }
             }
+            Command::Resolve { drv_path, build } => self.resolve(drv_path, build),
             Command::BuildFinished(finished) => self.build_finished(finished),
             Command::EventRejected(err) => tracing::warn!(%err, "event rejected by the core"),
         }

@@ -3,5 +3,6 @@
 mod lifetime;
 mod order;
 mod props;
+mod resolution;
 mod resume;
 mod scenarios;

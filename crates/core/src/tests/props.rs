@@ -49,12 +49,16 @@ fn dag() -> impl Strategy<Value = (Dag, BTreeSet<String>)> {
             };
             inputs.sort();
             inputs.dedup();
+            // Some steps with inputs are content-addressed: resolved once
+            // their inputs are built.
+            let needs_resolution = !inputs.is_empty() && i % 3 == 0;
             dag.nodes.insert(
                 name.clone(),
                 Node {
                     system: SYSTEMS[system].to_string(),
                     features: pick(features, &FEATURES),
                     inputs,
+                    needs_resolution,
                 },
             );
             if is_valid {

@@ -38,6 +38,7 @@ use crate::store_path::{
 };
 
 pub use aterm::ParseDerivationError;
+pub use hash_cache::{DrvHashCache, HashWithLoadError};
 pub use parsed::ParsedDerivation;
 
 /// How one output's path is determined.

@@ -24,7 +24,9 @@
 //!
 //! `steps` writes `BuildSteps` and `FailedPaths`; `builds` writes the
 //! result columns of `Builds` and its outputs, products and metrics;
-//! `attempts` our own `SluiceAttempts`, the attempt behind each busy step.
+//! `attempts` our own `SluiceAttempts`, the attempt behind each busy step;
+//! `realisations` our own `SluiceRealisations`, what content-addressed
+//! outputs became.
 
 use std::collections::BTreeMap;
 
@@ -35,10 +37,12 @@ use crate::nix_support::{BuildMetric, BuildProduct};
 
 mod attempts;
 mod builds;
+mod realisations;
 mod steps;
 
 pub use attempts::*;
 pub use builds::*;
+pub use realisations::*;
 pub use steps::*;
 
 /// Why a result was not recorded.

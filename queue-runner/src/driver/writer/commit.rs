@@ -41,6 +41,17 @@ pub(super) enum Commit {
         log: Option<PathBuf>,
         /// Its output paths, when it failed for good: into `FailedPaths`.
         failed_paths: Vec<String>,
+        realisations: Vec<results::Realisation>,
+        /// Derivations resolved into this step's: their status-13 rows
+        /// get its outputs.
+        resolved_from: Vec<String>,
+    },
+    RecordResolution {
+        row: StepRow,
+        resolved_drv: String,
+        realisations: Vec<results::Realisation>,
+        outputs: Vec<(String, String)>,
+        time: i64,
     },
     /// A finished step row of its own (unsupported).
     InsertStep { row: StepRow },
@@ -77,6 +88,7 @@ impl Commit {
             | Commit::InsertStep { row }
             | Commit::AbortBuild { row, .. } => row.build,
             Commit::Phase { build, .. } | Commit::FinishStep { build, .. } => *build,
+            Commit::RecordResolution { row, .. } => row.build,
             Commit::FinishBuilds { head, .. } => *head,
         }
     }
@@ -167,11 +179,29 @@ async fn write(conn: &mut PgConnection, commit: &Commit) -> Result<Committed, Co
             result,
             log,
             failed_paths,
+            realisations,
+            resolved_from,
         } => {
             results::finish_step(conn, *build, *stepnr, result).await?;
             results::forget_attempt(conn, *build, *stepnr).await?;
             results::insert_failed_paths(conn, failed_paths).await?;
+            results::record_realisations(conn, realisations).await?;
+            for original in resolved_from {
+                results::record_resolved_outputs(conn, original, &result.outputs).await?;
+            }
             notify::step_finished(conn, *build, *stepnr, log.as_deref()).await?;
+            Ok(None)
+        }
+        Commit::RecordResolution {
+            row,
+            resolved_drv,
+            realisations,
+            outputs,
+            time,
+        } => {
+            results::record_resolution(conn, row, resolved_drv, *time).await?;
+            results::record_realisations(conn, realisations).await?;
+            results::record_resolved_outputs(conn, &row.drv_path, outputs).await?;
             Ok(None)
         }
         Commit::InsertStep { row } => {

@@ -89,9 +89,29 @@ pub enum WriteJob {
         /// The step's output paths when it failed for good (status 1, 7,
         /// 10 or 11): recorded in `FailedPaths` with the row.
         failed_paths: Vec<String>,
+        /// What its content-addressed or deferred outputs (and those of
+        /// the steps resolved into it) became: in the same transaction.
+        realisations: Vec<results::Realisation>,
+        /// Derivations resolved into this one: their status-13 rows get
+        /// its outputs.
+        resolved_from: Vec<String>,
+    },
+    /// A step resolved into another derivation: its status-13 row under
+    /// `row.build` (unless one exists), and, when the resolved derivation
+    /// is already built, what the step's outputs became.
+    RecordResolution {
+        row: StepRow,
+        /// The resolved derivation's base name.
+        resolved_drv: String,
+        realisations: Vec<results::Realisation>,
+        /// The outputs, when already built (early cutoff).
+        outputs: Vec<(String, String)>,
+        time: i64,
     },
     /// Runs once the writes before it are committed.
     AfterCommit(OnCommit),
+    /// A finished row of its own (a step that could not be resolved).
+    InsertStep { row: StepRow },
     UnsupportedStep {
         build: BuildId,
         drv_path: String,
@@ -308,6 +328,8 @@ impl Writer {
                 machine,
                 report,
                 failed_paths,
+                realisations,
+                resolved_from,
             } => {
                 let result = results::StepResult {
                     status: status_from_code(report.status),
@@ -331,10 +353,29 @@ impl Writer {
                         result,
                         log,
                         failed_paths,
+                        realisations,
+                        resolved_from,
                     },
                     None,
                 )
             }
+            WriteJob::InsertStep { row } => (Commit::InsertStep { row }, None),
+            WriteJob::RecordResolution {
+                row,
+                resolved_drv,
+                realisations,
+                outputs,
+                time,
+            } => (
+                Commit::RecordResolution {
+                    row,
+                    resolved_drv,
+                    realisations,
+                    outputs,
+                    time,
+                },
+                None,
+            ),
             WriteJob::AfterCommit(OnCommit(run)) => {
                 // Writes run one at a time, in order: everything queued
                 // before this has committed (or been refused).

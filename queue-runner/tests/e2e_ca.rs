@@ -1,0 +1,304 @@
+//! Content-addressed derivations end to end: steps are resolved into fresh
+//! steps once their inputs are built, with the realisations recorded in
+//! the database; outputs match what a plain local Nix builds; two
+//! downstreams that resolve to one derivation build it once (early
+//! cutoff); a job set queued again finishes cached; the web UI's contract
+//! for status-13 rows holds. The real driver, two agents with stores of
+//! their own, real PostgreSQL, Nix with `ca-derivations`.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "e2e/harness.rs"]
+mod harness;
+
+use std::collections::BTreeMap;
+
+use harness::Deployment;
+use sluice_nix::derivation::placeholder::downstream_placeholder;
+use sluice_nix::derivation::Derivation;
+use sluice_nix::store_path::StoreDir;
+use sluice_test_support::nix::{realise_in, IsolatedStore};
+
+/// `ca` makes a floating content-addressed derivation.
+const PRELUDE: &str = r#"
+let
+  ca = attrs: mkDrv ({
+    __contentAddressed = true;
+    outputHashMode = "recursive";
+    outputHashAlgo = "sha256";
+    PATH = "/usr/bin:/bin";
+  } // attrs);
+in
+"#;
+
+const MIXED: &str = r#"rec {
+  root = ca { name = "root"; args = [ "-c" "echo root > $out" ]; };
+  mid = ca { name = "mid"; args = [ "-c" "cat ${root} > $out; echo mid >> $out" ]; };
+  top = ca { name = "top"; args = [ "-c" "cat ${mid} > $out; echo top >> $out" ]; };
+  failing = ca { name = "failing"; args = [ "-c" "exit 1" ]; };
+  afterFailing = ca { name = "after-failing"; args = [ "-c" "cat ${failing} > $out" ]; };
+  iaOnCa = mkDrv { name = "ia-on-ca"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "cat ${mid} > $out; echo ia >> $out" ]; };
+  multi = ca { name = "multi"; outputs = [ "out" "bin" "lib" ];
+    args = [ "-c" "mkdir -p $lib $bin; echo lib > $lib/l; ln -s $lib/l $bin/l; echo $bin > $out" ]; };
+  usesMulti = ca { name = "uses-multi"; args = [ "-c" "cat ${multi.bin}/l ${multi} > $out" ]; };
+  selfRef = ca { name = "self-ref"; args = [ "-c" "echo $out > $out" ]; };
+  marked = ca { name = "marked"; args = [ "-c" "mkdir -p $out/nix-support; touch $out/nix-support/failed" ]; };
+}"#;
+
+const JOBS: &[(&str, i32)] = &[
+    ("root", 0),
+    ("mid", 0),
+    ("top", 0),
+    ("failing", 1),
+    ("afterFailing", 2),
+    ("iaOnCa", 0),
+    ("multi", 0),
+    ("usesMulti", 0),
+    ("selfRef", 0),
+    ("marked", 6),
+];
+
+/// Every step row, for a failing assertion's message.
+async fn steps(d: &Deployment) -> String {
+    type Row = (i32, i32, String, Option<i32>, Option<String>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "select build, stepnr, drvPath, status, errorMsg from BuildSteps order by build, stepnr",
+    )
+    .fetch_all(&d.pool)
+    .await
+    .unwrap();
+    rows.iter()
+        .map(|r| format!("{r:?}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn expr(body: &str) -> String {
+    format!("{PRELUDE}{body}")
+}
+
+/// The output paths of `build`, by name.
+async fn outputs_of(d: &Deployment, build: i32) -> BTreeMap<String, Option<String>> {
+    sqlx::query_as::<_, (String, Option<String>)>(
+        "select name, path from BuildOutputs where build = $1",
+    )
+    .bind(build)
+    .fetch_all(&d.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
+/// Every file under `path`, read (symlinks not followed).
+fn contents(path: &std::path::Path, out: &mut Vec<(String, Vec<u8>)>) {
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            contents(&entry.unwrap().path(), out);
+        }
+    } else if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(path).unwrap();
+        out.push((
+            path.display().to_string(),
+            target.into_os_string().into_encoded_bytes(),
+        ));
+    } else {
+        out.push((path.display().to_string(), std::fs::read(path).unwrap()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mixed_ca_job_set_builds_what_plain_nix_builds_with_no_placeholder_left() {
+    let mut d = Deployment::start().await;
+    d.add_agent("a1", 2).await;
+    d.add_agent("a2", 2).await;
+    let attrs: Vec<&str> = JOBS.iter().map(|(a, _)| *a).collect();
+    let text = expr(MIXED);
+    let drvs = d.env.instantiate(&text, &attrs);
+    let jobs: Vec<(String, String)> = attrs
+        .iter()
+        .zip(&drvs)
+        .map(|(a, p)| (a.to_string(), p.clone()))
+        .collect();
+    let ids = d.submit(&jobs).await;
+    let statuses = d.wait_finished(&ids, 300).await;
+    for ((attr, expected), id) in JOBS.iter().zip(&ids) {
+        assert_eq!(
+            statuses[id],
+            *expected,
+            "{attr}: {statuses:?}\n{}",
+            steps(&d).await
+        );
+    }
+
+    // The same expression, built by plain Nix in a fresh store of its own.
+    let fresh = IsolatedStore::new();
+    let fresh_drvs = d.env.instantiate_in(&fresh, &text, &attrs);
+    let dir = StoreDir::default();
+    for (((attr, expected), id), drv) in JOBS.iter().zip(&ids).zip(&fresh_drvs) {
+        let outputs = outputs_of(&d, *id).await;
+        if *expected != 0 && *expected != 6 {
+            continue;
+        }
+        let plain = realise_in(&fresh, drv);
+        let ours: Vec<String> = outputs.values().map(|p| p.clone().unwrap()).collect();
+        let mut ours_sorted = ours.clone();
+        ours_sorted.sort();
+        let mut plain_sorted = plain.clone();
+        plain_sorted.sort();
+        assert_eq!(
+            ours_sorted, plain_sorted,
+            "{attr}: the paths plain Nix gives"
+        );
+        for path in &ours {
+            assert!(
+                std::path::Path::new(path).exists(),
+                "{attr}: {path} is in our store"
+            );
+        }
+    }
+
+    // No output of any build holds a placeholder of an input's output.
+    let mut placeholders = Vec::new();
+    for drv in &drvs {
+        let sp = dir.parse_path(drv).unwrap();
+        let parsed = Derivation::parse_drv_file(&dir, &sp, &std::fs::read(drv).unwrap()).unwrap();
+        for (input, outputs) in &parsed.input_drvs {
+            for output in outputs {
+                placeholders.push(downstream_placeholder(input, output));
+            }
+        }
+    }
+    assert!(!placeholders.is_empty());
+    for id in &ids {
+        for path in outputs_of(&d, *id).await.values().flatten() {
+            let mut files = Vec::new();
+            contents(std::path::Path::new(path), &mut files);
+            for (file, bytes) in files {
+                let text = String::from_utf8_lossy(&bytes);
+                for p in &placeholders {
+                    assert!(!text.contains(p.as_str()), "{file} holds placeholder {p}");
+                }
+            }
+        }
+    }
+
+    // The web UI's contract: a resolved step names its resolved derivation
+    // by base name, and that derivation's own row has the full path.
+    let resolved: Vec<(i32, String, Option<String>)> =
+        sqlx::query_as("select build, drvPath, resolvedDrvPath from BuildSteps where status = 13")
+            .fetch_all(&d.pool)
+            .await
+            .unwrap();
+    assert!(!resolved.is_empty(), "CA on CA is resolved");
+    for (build, original, base) in &resolved {
+        let base = base.clone().unwrap();
+        assert!(!base.contains('/') && base.ends_with(".drv"), "{base}");
+        let (rows,): (i64,) =
+            sqlx::query_as("select count(*) from BuildSteps where drvPath = $1 and status = 0")
+                .bind(format!("/nix/store/{base}"))
+                .fetch_one(&d.pool)
+                .await
+                .unwrap();
+        let (failed,): (i64,) =
+            sqlx::query_as("select count(*) from BuildSteps where drvPath = $1 and status <> 0")
+                .bind(format!("/nix/store/{base}"))
+                .fetch_one(&d.pool)
+                .await
+                .unwrap();
+        assert!(
+            rows == 1 || failed > 0,
+            "build {build}: {original} resolved to {base}, built {rows} times"
+        );
+    }
+    d.stop().await;
+}
+
+const CUTOFF: &str = r#"rec {
+  up1 = ca { name = "up"; unused = "one"; args = [ "-c" "echo same > $out" ]; };
+  up2 = ca { name = "up"; unused = "two"; args = [ "-c" "echo same > $out" ]; };
+  down1 = ca { name = "down"; args = [ "-c" "cat ${up1} > $out" ]; };
+  down2 = ca { name = "down"; args = [ "-c" "cat ${up2} > $out" ]; };
+}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_downstreams_that_resolve_alike_build_once_and_share_the_output() {
+    let mut d = Deployment::start().await;
+    d.add_agent("a1", 2).await;
+    let text = expr(CUTOFF);
+    let ids = d
+        .submit_attrs(&text, &["up1", "up2", "down1", "down2"])
+        .await;
+    let statuses = d.wait_finished(&ids, 180).await;
+    assert!(
+        statuses.values().all(|s| *s == 0),
+        "{statuses:?}\n{}",
+        steps(&d).await
+    );
+    let out = |id: i32| {
+        let d = &d;
+        async move { outputs_of(d, id).await["out"].clone().unwrap() }
+    };
+    assert_eq!(
+        out(ids[0]).await,
+        out(ids[1]).await,
+        "identical upstream outputs"
+    );
+    assert_eq!(
+        out(ids[2]).await,
+        out(ids[3]).await,
+        "one downstream output"
+    );
+    let resolved: Vec<(i32, Option<String>)> = sqlx::query_as(
+        "select build, resolvedDrvPath from BuildSteps where status = 13 and build = any($1) order by build",
+    )
+    .bind(&ids[2..])
+    .fetch_all(&d.pool)
+    .await
+    .unwrap();
+    assert_eq!(resolved.len(), 2, "{resolved:?}");
+    assert_eq!(
+        resolved[0].1, resolved[1].1,
+        "both resolve to one derivation"
+    );
+    let base = resolved[0].1.clone().unwrap();
+    let (built,): (i64,) =
+        sqlx::query_as("select count(*) from BuildSteps where drvPath = $1 and status = 0")
+            .bind(format!("/nix/store/{base}"))
+            .fetch_one(&d.pool)
+            .await
+            .unwrap();
+    assert_eq!(built, 1, "the resolved derivation is built once");
+
+    // Queued again, everything is known: cached, nothing dispatched.
+    let (steps_before,): (i64,) = sqlx::query_as("select count(*) from BuildSteps")
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
+    let again = d
+        .submit_attrs(&text, &["up1", "up2", "down1", "down2"])
+        .await;
+    let statuses = d.wait_finished(&again, 60).await;
+    assert!(statuses.values().all(|s| *s == 0), "{statuses:?}");
+    let cached: Vec<(i32, i32)> =
+        sqlx::query_as("select id, isCachedBuild from Builds where id = any($1)")
+            .bind(&again)
+            .fetch_all(&d.pool)
+            .await
+            .unwrap();
+    assert!(cached.iter().all(|(_, c)| *c == 1), "{cached:?}");
+    let (steps_after,): (i64,) = sqlx::query_as("select count(*) from BuildSteps")
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        steps_before, steps_after,
+        "nothing was dispatched or resolved"
+    );
+    for (first, second) in ids.iter().zip(&again) {
+        assert_eq!(out(*first).await, out(*second).await);
+    }
+    d.stop().await;
+}

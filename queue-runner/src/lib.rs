@@ -11,6 +11,7 @@ pub mod config;
 pub mod db;
 pub mod driver;
 pub mod embedded;
+pub mod failpoint;
 pub mod grpc;
 pub mod http;
 pub mod ingest;

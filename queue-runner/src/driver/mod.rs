@@ -29,7 +29,7 @@ mod load;
 mod machines;
 mod postprocess;
 mod prepare;
-mod resolve;
+pub mod resolve;
 mod resume;
 pub mod writer;
 

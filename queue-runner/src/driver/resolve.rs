@@ -154,6 +154,7 @@ impl Driver {
             store: self.store.clone(),
             hashes: self.hashes.clone(),
             gc_roots: self.config.data_dir.join("gcroots"),
+            round_trips: Default::default(),
         };
         let me = self.me.clone();
         // The realisations of its inputs were queued for the writer just
@@ -239,6 +240,12 @@ impl Driver {
                     outputs: Vec::new(),
                     time,
                 });
+                const FAILPOINT: &str = "abort-after-resolution";
+                if crate::failpoint::armed(FAILPOINT) {
+                    self.send_write(WriteJob::AfterCommit(super::writer::OnCommit(Box::new(
+                        || crate::failpoint::abort(FAILPOINT),
+                    ))));
+                }
                 self.resolutions
                     .into
                     .entry(resolved_path.clone())
@@ -348,6 +355,53 @@ struct Job {
     store: Store,
     hashes: Hashes,
     gc_roots: std::path::PathBuf,
+    /// Database round trips made so far.
+    round_trips: std::sync::atomic::AtomicU32,
+}
+
+/// What one resolution found (see [`resolve_derivation`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolutionSummary {
+    /// The resolved derivation, written to the store, when it must be
+    /// built; `None` when its outputs are known already (early cutoff).
+    pub resolved: Option<String>,
+    /// The database round trips it took.
+    pub db_round_trips: u32,
+}
+
+/// Resolves `drv_path` exactly as the driver does for a step, without
+/// recording the resolution in the database: for benches and tests.
+pub async fn resolve_derivation(
+    pool: &sqlx::PgPool,
+    store: &Store,
+    hashes: &Hashes,
+    drv_path: &str,
+    gc_roots: &std::path::Path,
+) -> Result<ResolutionSummary, String> {
+    let job = Job {
+        drv_path: DrvPath::from(drv_path),
+        build: BuildId(0),
+        keys: BTreeMap::new(),
+        pool: pool.clone(),
+        store: store.clone(),
+        hashes: hashes.clone(),
+        gc_roots: gc_roots.to_path_buf(),
+        round_trips: Default::default(),
+    };
+    let outcome = resolve_step(&job).await;
+    let db_round_trips = job.round_trips.load(std::sync::atomic::Ordering::Relaxed);
+    match outcome {
+        Ok(Outcome::Build { resolved, .. }) => Ok(ResolutionSummary {
+            resolved: Some(resolved.spec.drv_path.as_str().to_owned()),
+            db_round_trips,
+        }),
+        Ok(Outcome::Built { .. }) => Ok(ResolutionSummary {
+            resolved: None,
+            db_round_trips,
+        }),
+        Ok(Outcome::Impossible(e) | Outcome::Transient(e))
+        | Err(Stop::Impossible(e) | Stop::Transient(e)) => Err(e),
+    }
 }
 
 /// Why a resolution stopped.
@@ -431,7 +485,7 @@ async fn resolve_step(job: &Job) -> Result<Outcome, Stop> {
             }
         }
     }
-    let recorded = lookup(&job.pool, &wanted).await?;
+    let recorded = lookup(job, &wanted).await?;
     for ((hash, output), (input, _)) in wanted.iter().zip(&wanted_for) {
         let Some(path) = recorded.get(&(hash.clone(), output.clone())) else {
             return Err(Stop::Impossible(format!(
@@ -464,7 +518,7 @@ async fn resolve_step(job: &Job) -> Result<Outcome, Stop> {
         BTreeMap::new()
     };
     let wanted: Vec<(String, String)> = keys.iter().map(|(o, h)| (h.clone(), o.clone())).collect();
-    let recorded = lookup(&job.pool, &wanted).await?;
+    let recorded = lookup(job, &wanted).await?;
     let mut outputs: BTreeMap<String, Option<String>> = BTreeMap::new();
     for (name, out) in &resolved_drv.outputs {
         let fixed = out
@@ -512,13 +566,16 @@ async fn resolve_step(job: &Job) -> Result<Outcome, Stop> {
 }
 
 async fn lookup(
-    pool: &sqlx::PgPool,
+    job: &Job,
     keys: &[(String, String)],
 ) -> Result<HashMap<(String, String), String>, Stop> {
     if keys.is_empty() {
         return Ok(HashMap::new());
     }
-    let mut conn = pool
+    job.round_trips
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut conn = job
+        .pool
         .acquire()
         .await
         .map_err(|e| Stop::Transient(crate::db::describe_sqlx_error(&e)))?;

@@ -196,8 +196,19 @@ pub fn serve(data_dir: &Path, token_file: &Path) -> Proc {
 /// [`serve`] with more arguments (`--grpc-listen` among them: it has no
 /// default here); the HTTP port is the kernel's pick.
 pub fn serve_with(data_dir: &Path, token_file: &Path, args: &[&str]) -> Proc {
+    serve_with_env(data_dir, token_file, args, &[])
+}
+
+/// [`serve_with`], with environment variables set.
+pub fn serve_with_env(
+    data_dir: &Path,
+    token_file: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     Proc::spawn(
         Command::new(QUEUE_RUNNER)
+            .envs(env.iter().copied())
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)

@@ -1,0 +1,125 @@
+//! The queue runner stopped dead right after it committed a step's
+//! resolution, before the resolved derivation was dispatched (the
+//! `abort-after-resolution` failpoint), and started again: the real
+//! executables on the embedded PostgreSQL, one builder agent. The restart
+//! derives the same resolution again from the database and the store, and
+//! records it once.
+
+#![allow(clippy::unwrap_used)]
+
+mod cli;
+
+use std::time::Duration;
+
+use cli::*;
+use nix::sys::signal::Signal;
+use sluice_test_support::nix::NixEnv;
+
+const TOKEN: &str = "cli-ca-restart-token-0123456789abcdef";
+const UP: Duration = Duration::from_secs(120);
+
+const JOBS: &str = r#"
+let
+  ca = attrs: mkDrv ({
+    __contentAddressed = true;
+    outputHashMode = "recursive";
+    outputHashAlgo = "sha256";
+    PATH = "/usr/bin:/bin";
+  } // attrs);
+in rec {
+  root = ca { name = "root"; args = [ "-c" "echo root > $out" ]; };
+  down = ca { name = "down"; args = [ "-c" "cat ${root} > $out; echo down >> $out" ]; };
+}"#;
+
+async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_runner_stopped_right_after_a_resolution_carries_on_without_duplicates() {
+    let dir = data_dir();
+    let _leftovers = StopLeftovers(dir.path().to_path_buf());
+    let tokens = token_file(dir.path(), TOKEN);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--grpc-listen", listen.as_str(), "--retry-interval-s", "1"];
+
+    let mut first = serve_with_env(
+        dir.path(),
+        &tokens,
+        &args,
+        &[("SLUICE_FAILPOINTS", "abort-after-resolution")],
+    );
+    first.expect_line("queue runner up", UP);
+    let _agent = agent_proc(port, &tokens, "local", 2, &[]);
+    first.expect_line("agent connected", Duration::from_secs(30));
+    let env = NixEnv::new();
+    let expr = env.write_expr(JOBS);
+    submit_jobs(dir.path(), &expr, &["root", "down"]);
+    let status = first.wait_exit(Duration::from_secs(120));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the failpoint stopped it: {status:?}\n{}",
+        first.output()
+    );
+    assert!(first.output().contains("failpoint abort-after-resolution"));
+
+    let pool = embedded_pool(dir.path()).await;
+    let resolved: Vec<(i32, String, String)> =
+        sqlx::query_as("select build, drvPath, resolvedDrvPath from BuildSteps where status = 13")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        resolved.len(),
+        1,
+        "the resolution was committed: {resolved:?}"
+    );
+    let resolved_drv = format!("/nix/store/{}", resolved[0].2);
+    let rows_of_resolved =
+        format!("select count(*) from BuildSteps where drvPath = '{resolved_drv}'");
+    assert_eq!(
+        count(&pool, &rows_of_resolved).await,
+        0,
+        "not dispatched yet"
+    );
+
+    let mut second = serve_with(dir.path(), &tokens, &args);
+    second.expect_line("queue runner up", UP);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while count(&pool, "select count(*) from Builds where finished = 0").await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "builds never finished:\n{}",
+            second.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_settled(&pool, &second.output()).await;
+    // One status-13 row per build and original derivation, and one
+    // successful row of the resolved derivation.
+    let per_build: Vec<(i32, String, i64)> = sqlx::query_as(
+        "select build, drvPath, count(*) from BuildSteps where status = 13 group by 1, 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(per_build.iter().all(|(_, _, n)| *n == 1), "{per_build:?}");
+    assert_eq!(
+        sqlx::query_as::<_, (Option<i32>,)>(&format!(
+            "select status from BuildSteps where drvPath = '{resolved_drv}'"
+        ))
+        .fetch_all(&pool)
+        .await
+        .unwrap(),
+        [(Some(0),)],
+        "{}",
+        second.output()
+    );
+    pool.close().await;
+    second.signal(Signal::SIGTERM);
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(60)).unwrap().code(),
+        Some(0)
+    );
+}

@@ -272,6 +272,47 @@ async fn two_downstreams_that_resolve_alike_build_once_and_share_the_output() {
             .unwrap();
     assert_eq!(built, 1, "the resolved derivation is built once");
 
+    // Both the resolved rows and the resolved derivation's row carry the
+    // outputs.
+    let unknown: i64 = sqlx::query_scalar(
+        "select count(*) from BuildSteps s join BuildStepOutputs o using (build, stepnr)
+         where s.status in (0, 13) and s.build = any($1) and o.path is null",
+    )
+    .bind(&ids)
+    .fetch_one(&d.pool)
+    .await
+    .unwrap();
+    assert_eq!(unknown, 0, "{}", steps(&d).await);
+
+    // The queue runner's own store knows what each output became.
+    let recorded: Vec<(String, String, String)> =
+        sqlx::query_as("select drvHash, outputName, outPath from SluiceRealisations")
+            .fetch_all(&d.pool)
+            .await
+            .unwrap();
+    assert!(recorded.len() >= 3, "{recorded:?}");
+    let mut store = sluice_nix::daemon::DaemonClient::connect(&d.host_daemon.socket_path())
+        .await
+        .unwrap();
+    let dir = StoreDir::default();
+    for (hash, output, path) in &recorded {
+        let id = sluice_nix::daemon::DrvOutput::ByHash {
+            drv_hash: sluice_nix::hash::Hash::parse_prefixed(hash).unwrap(),
+            output: output.clone(),
+        };
+        let mut known = None;
+        // Registered in the background, just after the commit.
+        for _ in 0..50 {
+            known = store.query_realisation(&id).await.unwrap();
+            if known.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let known = known.unwrap_or_else(|| panic!("{hash}!{output} is not in the store"));
+        assert_eq!(dir.print(&known.out_path), *path);
+    }
+
     // Queued again, everything is known: cached, nothing dispatched.
     let (steps_before,): (i64,) = sqlx::query_as("select count(*) from BuildSteps")
         .fetch_one(&d.pool)

@@ -271,6 +271,12 @@ async fn two_downstreams_that_resolve_alike_build_once_and_share_the_output() {
             .await
             .unwrap();
     assert_eq!(built, 1, "the resolved derivation is built once");
+    // It stays rooted, so a garbage collection keeps it while it waits.
+    let root = d.data_dir.path().join("gcroots").join(&base);
+    assert_eq!(
+        std::fs::read_link(&root).unwrap(),
+        std::path::PathBuf::from(format!("/nix/store/{base}"))
+    );
 
     // Both the resolved rows and the resolved derivation's row carry the
     // outputs.
@@ -341,5 +347,32 @@ async fn two_downstreams_that_resolve_alike_build_once_and_share_the_output() {
     for (first, second) in ids.iter().zip(&again) {
         assert_eq!(out(*first).await, out(*second).await);
     }
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_whose_input_output_was_never_recorded_cannot_be_resolved_and_says_which() {
+    use sluice_queue_runner::grpc::{LocalStore, StoreConnection};
+    let d = Deployment::start().await;
+    let drvs = d.env.instantiate(&expr(MIXED), &["mid"]);
+    let store = sluice_queue_runner::store::Store::new(LocalStore::new(
+        StoreConnection::Socket(d.host_daemon.socket_path()),
+        2,
+    ));
+    let error = sluice_queue_runner::driver::resolve::resolve_derivation(
+        &d.pool,
+        &store,
+        &Default::default(),
+        &drvs[0],
+        d.data_dir.path(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        error.contains("output 'out' of input")
+            && error.contains("-root-")
+            && error.contains("never recorded as built"),
+        "{error}"
+    );
     d.stop().await;
 }

@@ -406,3 +406,16 @@ async fn a_wrong_password_is_one_line_naming_server_and_cause() {
     );
     assert!(!msg.contains("wrong@"), "{msg}");
 }
+
+#[tokio::test]
+async fn every_connection_of_ours_runs_with_a_statement_timeout() {
+    let pg = TestPg::start();
+    let pool = sluice_queue_runner::db::pool(&pg.url(), 2, std::time::Duration::from_secs(30))
+        .await
+        .expect("pool");
+    let timeout: String = sqlx::query_scalar("show statement_timeout")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(timeout, "1min");
+}

@@ -416,6 +416,6 @@ async fn every_connection_of_ours_runs_with_a_statement_timeout() {
     let timeout: String = sqlx::query_scalar("show statement_timeout")
         .fetch_one(&pool)
         .await
-        .unwrap();
+        .expect("shows the setting");
     assert_eq!(timeout, "1min");
 }

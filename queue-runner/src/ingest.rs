@@ -40,6 +40,8 @@ pub enum IngestError {
     Parse { path: String, cause: String },
     #[error("derivation {path} depends on itself (a dependency cycle); Nix cannot build it")]
     Cycle { path: String },
+    #[error("derivation {path} cannot be built here: {cause}")]
+    Unsupported { path: String, cause: String },
 }
 
 /// One derivation of a closure, with what the driver needs besides the
@@ -75,6 +77,27 @@ pub struct BatchClosure {
 }
 
 impl BatchClosure {
+    /// Marks every derivation whose outputs are known only once built as
+    /// unbuildable here, for `cause`.
+    pub fn refuse_content_addressed(&mut self, cause: &str) {
+        let dynamic: Vec<String> = self
+            .drvs
+            .iter()
+            .filter(|(_, d)| !d.keys.is_empty())
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in dynamic {
+            self.drvs.remove(&path);
+            self.broken.insert(
+                path.clone(),
+                IngestError::Unsupported {
+                    path,
+                    cause: cause.to_owned(),
+                },
+            );
+        }
+    }
+
     /// The steps one build needs: the part of the batch closure reachable
     /// from `top`. `Err` if a reachable derivation is broken.
     pub fn steps_for(&self, top: &str) -> Result<Vec<StepSpec>, IngestError> {

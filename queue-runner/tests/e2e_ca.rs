@@ -376,3 +376,68 @@ async fn a_step_whose_input_output_was_never_recorded_cannot_be_resolved_and_say
     );
     d.stop().await;
 }
+
+/// A `nix-daemon` on the host store without `ca-derivations`, killed on
+/// drop.
+struct DaemonWithoutCa {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl DaemonWithoutCa {
+    fn start() -> DaemonWithoutCa {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("socket");
+        let child = std::process::Command::new("nix-daemon")
+            .env(
+                "NIX_CONFIG",
+                "build-users-group =\nsandbox = false\nsubstituters =\n",
+            )
+            .env("NIX_REMOTE", "local")
+            .env("NIX_DAEMON_SOCKET_PATH", &socket)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        DaemonWithoutCa { child, dir }
+    }
+
+    fn socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("socket")
+    }
+}
+
+impl Drop for DaemonWithoutCa {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_runner_whose_nix_lacks_ca_derivations_aborts_ca_builds_and_says_why() {
+    let daemon = DaemonWithoutCa::start();
+    let socket = daemon.socket();
+    let mut d = Deployment::start_with(|c| c.store_socket = Some(socket)).await;
+    d.add_agent("a1", 2).await;
+    let ids = d.submit_attrs(&expr(MIXED), &["mid"]).await;
+    let statuses = d.wait_finished(&ids, 60).await;
+    assert_eq!(statuses[&ids[0]], 3, "{}", steps(&d).await);
+    let (error,): (Option<String>,) =
+        sqlx::query_as("select errorMsg from BuildSteps where build = $1")
+            .bind(ids[0])
+            .fetch_one(&d.pool)
+            .await
+            .unwrap();
+    let error = error.unwrap_or_default();
+    assert!(
+        error.contains("experimental-features = ca-derivations"),
+        "{error}"
+    );
+    d.stop().await;
+}

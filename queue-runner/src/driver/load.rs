@@ -341,6 +341,11 @@ async fn load(
             lookup,
         )
         .await;
+        if batch.closure.drvs.values().any(|d| !d.keys.is_empty()) {
+            if let Err(cause) = supports_content_addressed(&store, &mut client).await {
+                batch.closure.refuse_content_addressed(&cause);
+            }
+        }
         drop(client);
         if let Some(error) = batch.closure.transient.take() {
             // Nothing of this batch is used; the load is retried.
@@ -353,6 +358,50 @@ async fn load(
         batch.error = Some(e);
     }
     batch
+}
+
+/// Whether the queue runner's store can hold realisations (Nix's
+/// experimental feature `ca-derivations`): asked with a realisation query,
+/// which a daemon without the feature refuses (Nix 2.8 by dropping the
+/// connection, while a fresh one still answers). The error says what to
+/// do.
+async fn supports_content_addressed(
+    store: &crate::store::Store,
+    client: &mut sluice_nix::daemon::DaemonClient,
+) -> Result<(), String> {
+    use sluice_nix::daemon::{ClientError, DrvOutput};
+    let probe = DrvOutput::ByHash {
+        drv_hash: sluice_nix::hash::Hash::sha256(b"sluice: does this store know realisations?"),
+        output: "out".to_owned(),
+    };
+    let refused = |e: &dyn std::fmt::Display| {
+        format!(
+            "the queue runner's Nix store does not take content-addressed outputs \
+             (enable the experimental feature with `experimental-features = ca-derivations` \
+             in its nix.conf): {e}"
+        )
+    };
+    match client.query_realisation(&probe).await {
+        Ok(_) => Ok(()),
+        Err(e @ ClientError::Remote { .. }) => Err(refused(&e)),
+        Err(e @ (ClientError::Disconnected { .. } | ClientError::Closed { .. })) => {
+            let alive = match store.connect().await {
+                Ok(mut fresh) => fresh
+                    .query_valid_paths(std::iter::empty(), false)
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            };
+            if alive {
+                Err(refused(&e))
+            } else {
+                // The daemon itself is gone: the load fails elsewhere.
+                Ok(())
+            }
+        }
+        // Anything else is the connection's trouble, not an answer.
+        Err(_) => Ok(()),
+    }
 }
 
 /// Marks the derivations of `closure` with an output in `FailedPaths`

@@ -303,6 +303,7 @@ impl Driver {
             max_log_bytes: self.config.max_log_bytes,
             max_output_bytes: self.config.max_output_bytes,
             timeouts: self.step_limits(&drv_path, build),
+            resolutions: self.resolution_rows_for(&drv_path, a.stepnr.is_some()),
         };
         let writer = self.writer.clone();
         let store = self.store.clone();

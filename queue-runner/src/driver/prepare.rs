@@ -36,6 +36,9 @@ pub struct Preparation {
     pub max_output_bytes: u64,
     /// (max silent time, timeout) in seconds, from the build.
     pub timeouts: (u32, u32),
+    /// Steps resolved into this derivation, whose status-13 rows are
+    /// created with this attempt's row.
+    pub resolutions: Vec<super::writer::ResolutionRow>,
 }
 
 pub async fn run(
@@ -86,6 +89,7 @@ async fn create_row(job: &Preparation, writer: &mpsc::Sender<WriteJob>) -> Resul
         outputs: job.outputs.clone(),
         start_time: job.started_unix,
         first_for_build: job.first_for_build,
+        resolutions: job.resolutions.clone(),
         reply,
     };
     if writer.send(create).await.is_err() {

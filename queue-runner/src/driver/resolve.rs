@@ -32,7 +32,7 @@ use sluice_nix::derivation::resolve::resolve;
 use sluice_nix::derivation::Derivation;
 use sluice_nix::store_path::{StoreDir, StorePath};
 
-use super::writer::WriteJob;
+use super::writer::{ResolutionRow, WriteJob};
 use super::{unix_now, Driver, DriverEvent};
 use crate::ca::Hashes;
 use crate::db::results::{Realisation, StepKind, StepPhase, StepRow, StepState};
@@ -55,6 +55,9 @@ struct Original {
 #[derive(Debug, Default)]
 pub(super) struct Resolutions {
     into: HashMap<DrvPath, Vec<Original>>,
+    /// Status-13 rows waiting for the first row of the new step they were
+    /// resolved into, to be created in its transaction.
+    rows: HashMap<DrvPath, Vec<ResolutionRow>>,
 }
 
 /// What a resolution task found.
@@ -116,6 +119,7 @@ impl Resolutions {
     /// Forgets resolutions into derivations the core no longer holds.
     pub(super) fn retain(&mut self, live: impl Fn(&DrvPath) -> bool) {
         self.into.retain(|resolved, _| live(resolved));
+        self.rows.retain(|resolved, _| live(resolved));
     }
 }
 
@@ -139,6 +143,30 @@ pub(super) fn realisations_of(
 }
 
 impl Driver {
+    /// The status-13 rows to create with the first row of `resolved`'s
+    /// step. An attempt that has its row already (adopted) gets none: they
+    /// are written on their own.
+    pub(super) fn resolution_rows_for(
+        &mut self,
+        resolved: &DrvPath,
+        has_row: bool,
+    ) -> Vec<ResolutionRow> {
+        let rows = self.resolutions.rows.remove(resolved).unwrap_or_default();
+        if !has_row {
+            return rows;
+        }
+        for r in rows {
+            self.send_write(WriteJob::RecordResolution {
+                row: r.row,
+                resolved_drv: r.resolved_drv,
+                realisations: Vec::new(),
+                outputs: Vec::new(),
+                time: r.time,
+            });
+        }
+        Vec::new()
+    }
+
     /// Starts resolving `drv_path` (the core's `Command::Resolve`).
     pub(super) fn resolve(&mut self, drv_path: DrvPath, build: BuildId) {
         let keys = self
@@ -231,20 +259,29 @@ impl Driver {
                 system,
             } => {
                 let resolved_path = resolved.spec.drv_path.clone();
-                let base = base_name(resolved_path.as_str());
-                tracing::info!(drv = %drv_path, resolved = %resolved_path, "resolved");
-                self.send_write(WriteJob::RecordResolution {
+                let row = ResolutionRow {
                     row: resolution_row(build, &drv_path, &system, &original_keys, &[]),
-                    realisations: Vec::new(),
-                    resolved_drv: base,
-                    outputs: Vec::new(),
+                    resolved_drv: base_name(resolved_path.as_str()),
                     time,
-                });
-                const FAILPOINT: &str = "abort-after-resolution";
-                if crate::failpoint::armed(FAILPOINT) {
-                    self.send_write(WriteJob::AfterCommit(super::writer::OnCommit(Box::new(
-                        || crate::failpoint::abort(FAILPOINT),
-                    ))));
+                };
+                tracing::info!(drv = %drv_path, resolved = %resolved_path, "resolved");
+                if self.core.has_step(resolved_path.as_str()) {
+                    // Shared with a step that exists (it may have its
+                    // row already): recorded now.
+                    self.send_write(WriteJob::RecordResolution {
+                        row: row.row,
+                        resolved_drv: row.resolved_drv,
+                        realisations: Vec::new(),
+                        outputs: Vec::new(),
+                        time,
+                    });
+                } else {
+                    // A new step: recorded with its first row.
+                    self.resolutions
+                        .rows
+                        .entry(resolved_path.clone())
+                        .or_default()
+                        .push(row);
                 }
                 self.resolutions
                     .into

@@ -27,6 +27,9 @@ pub(super) enum Commit {
         row: StepRow,
         first_for_build: bool,
         attempt: uuid::Uuid,
+        /// Steps resolved into this derivation: their status-13 rows, in
+        /// the same transaction as its row.
+        resolutions: Vec<super::ResolutionRow>,
     },
     Phase {
         build: i32,
@@ -144,8 +147,12 @@ async fn write(conn: &mut PgConnection, commit: &Commit) -> Result<Committed, Co
             row,
             first_for_build,
             attempt,
+            resolutions,
         } => {
             let stepnr = results::create_step(conn, row).await?;
+            for r in resolutions {
+                results::record_resolution(conn, &r.row, &r.resolved_drv, r.time).await?;
+            }
             results::record_attempt(
                 conn,
                 &results::AttemptRow {

@@ -50,6 +50,17 @@ pub struct FinishedBuild {
     pub times: Option<(i64, i64)>,
 }
 
+/// A step resolved into the derivation whose row is being created: its
+/// status-13 row, written in the same transaction.
+#[derive(Debug, Clone)]
+pub struct ResolutionRow {
+    pub row: StepRow,
+    /// The resolved derivation's base name.
+    pub resolved_drv: String,
+    /// When it was resolved (unix seconds).
+    pub time: i64,
+}
+
 /// Something to run once every write queued before it has committed
 /// (an agent's result acknowledged, say). Dropped unrun only if the
 /// writer stops first.
@@ -73,6 +84,8 @@ pub enum WriteJob {
         outputs: BTreeMap<String, Option<String>>,
         start_time: i64,
         first_for_build: bool,
+        /// Steps resolved into this derivation, recorded with its row.
+        resolutions: Vec<ResolutionRow>,
         reply: oneshot::Sender<Result<i32, String>>,
     },
     Phase {
@@ -207,6 +220,12 @@ impl Writer {
             match result {
                 Ok(answer) => {
                     self.database_up();
+                    const FAILPOINT: &str = "abort-after-resolution";
+                    if matches!(&commit, Commit::CreateStep { resolutions, .. } if !resolutions.is_empty())
+                        && crate::failpoint::armed(FAILPOINT)
+                    {
+                        crate::failpoint::abort(FAILPOINT);
+                    }
                     break Ok(answer);
                 }
                 Err(e) if e.is_transient() => {
@@ -282,6 +301,7 @@ impl Writer {
                 outputs,
                 start_time,
                 first_for_build,
+                resolutions,
                 reply,
             } => {
                 let row = StepRow {
@@ -302,6 +322,7 @@ impl Writer {
                         row,
                         first_for_build,
                         attempt: attempt.0,
+                        resolutions,
                     },
                     Some(reply),
                 )

@@ -381,16 +381,15 @@ impl IsolatedStore {
     /// [`IsolatedStore::start_daemon`] with the daemon of `version`.
     pub fn start_daemon_version(&self, version: NixVersion) -> NixDaemon {
         version.require_or_panic();
+        // Always by Nix 2.8, for Nix 2.8 commands (the tests' own) to open
+        // the store while a Nix 2.26 daemon serves it: Nix 2.26 creates a
+        // store without the `ca-schema` file, and Nix 2.8 (with
+        // ca-derivations) then waits for the store's big lock exclusively
+        // to migrate, while every 2.26 worker holds it shared.
+        run(self.command("nix-store").arg("--init"));
         match version {
-            NixVersion::Nix2_8 => {
-                run(self.command("nix-store").arg("--init"));
-                NixDaemon::start_with(self)
-            }
-            NixVersion::Nix2_26 => {
-                let nix = self.nix_226();
-                run(nix.command("nix-store").arg("--init"));
-                NixDaemon::start_with(&nix)
-            }
+            NixVersion::Nix2_8 => NixDaemon::start_with(self),
+            NixVersion::Nix2_26 => NixDaemon::start_with(&self.nix_226()),
         }
     }
 

@@ -30,8 +30,8 @@ if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
     echo "install-nix-2.26: $root has no nix-bin $want; run this script as root on Debian or Ubuntu to set it up" >&2
     exit 1
 fi
-if [[ -e $root ]]; then
-    echo "install-nix-2.26: $root exists but has no nix-bin $want (found: '$(installed_version "$root")'); remove it and rerun" >&2
+if [[ -e $root ]] && ! rmdir "$root" 2>/dev/null; then
+    echo "install-nix-2.26: $root exists, is not empty, and has no nix-bin $want (found: '$(installed_version "$root")'); remove it and rerun" >&2
     exit 1
 fi
 

@@ -80,9 +80,6 @@ pub enum NixVersion {
 }
 
 impl NixVersion {
-    /// Both, oldest first.
-    pub const ALL: [NixVersion; 2] = [NixVersion::Nix2_8, NixVersion::Nix2_26];
-
     /// The worker protocol its daemon speaks, `(major, minor)`.
     pub fn protocol(self) -> (u8, u8) {
         match self {
@@ -396,20 +393,6 @@ impl IsolatedStore {
     /// Nix 2.26's commands on this store.
     pub fn nix_226(&self) -> Nix226Store {
         Nix226Store::on(self.root())
-    }
-
-    /// Commands of `version` on this store.
-    pub fn commands(&self, version: NixVersion) -> Box<dyn NixCommands + '_> {
-        match version {
-            NixVersion::Nix2_8 => Box::new(self),
-            NixVersion::Nix2_26 => Box::new(self.nix_226()),
-        }
-    }
-}
-
-impl<T: NixCommands + ?Sized> NixCommands for &T {
-    fn command(&self, program: &str) -> Command {
-        (**self).command(program)
     }
 }
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Sluice's build and tests need and the machine lacks:
-# Nix (Debian's nix-bin, 2.8 or newer), the PostgreSQL server binaries,
-# and the rustfmt and clippy components. Installs only as root on
-# Debian/Ubuntu; elsewhere it says what is missing and fails.
+# Nix (Debian's nix-bin, 2.8 or newer), Nix 2.26 in a Debian trixie chroot
+# (scripts/install-nix-2.26.sh), the PostgreSQL server binaries, and the
+# rustfmt and clippy components. Installs only as root on Debian/Ubuntu;
+# elsewhere it says what is missing and fails.
 set -euo pipefail
 
 missing=()
@@ -22,6 +23,9 @@ if ((${#missing[@]})); then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# The tests also run against Nix 2.26 (protocol 1.38).
+"$(dirname "$0")/install-nix-2.26.sh"
 
 if command -v rustup >/dev/null 2>&1; then
     for c in rustfmt clippy; do

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one test command: installs what is missing, then runs formatting and
 # lint checks and every test of the workspace against a real PostgreSQL and
-# a real Nix. Tests that use mount namespaces (isolated builder stores)
-# need root.
+# a real Nix (the system's, and Nix 2.26 in the chroot that install-deps.sh
+# sets up). Tests that use mount namespaces (isolated builder stores, the
+# Nix 2.26 chroot) need root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

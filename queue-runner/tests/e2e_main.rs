@@ -1,6 +1,8 @@
 //! The main path, end to end: a jobset of 35 builds over a DAG with
 //! diamonds and shared dependencies, built by two agents with stores of
-//! their own, recorded the way Hydra's web UI reads it.
+//! their own, recorded the way Hydra's web UI reads it. Run with every
+//! store on Nix 2.8, with the agents' stores on Nix 2.26, and with the
+//! queue runner's store on Nix 2.26.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +12,7 @@ mod harness;
 use std::collections::{BTreeMap, BTreeSet};
 
 use harness::Deployment;
-use sluice_test_support::nix::{run, NixCommands};
+use sluice_test_support::nix::{run, NixCommands, NixVersion};
 
 /// 5 leaves, 10 middles each on two leaves, 20 tops each on two middles.
 fn dag_expr() -> String {
@@ -58,11 +60,15 @@ fn nar_hash(store: &dyn NixCommands, path: &str) -> String {
     v[0]["narHash"].as_str().unwrap().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_agents_build_a_jobset_of_35_builds_once_each() {
-    let mut d = Deployment::start().await;
-    d.add_agent("agent-a", 2).await;
-    d.add_agent("agent-b", 2).await;
+/// Builds the jobset with the queue runner's store on `queue_runner` and
+/// both agents' stores on `agents`, and checks what is recorded.
+async fn two_agents_build_a_jobset_of_35_builds_once_each(
+    queue_runner: NixVersion,
+    agents: NixVersion,
+) {
+    let mut d = Deployment::start_on(queue_runner, |_| {}).await;
+    d.add_agent_on("agent-a", 2, agents).await;
+    d.add_agent_on("agent-b", 2, agents).await;
     let names = names();
     let attrs: Vec<&str> = names.iter().map(String::as_str).collect();
     let drvs = d.env.instantiate(&dag_expr(), &attrs);
@@ -176,4 +182,19 @@ async fn two_agents_build_a_jobset_of_35_builds_once_each() {
     let metrics = harness::http_get(d.bound.http, "/metrics").await.unwrap();
     assert!(metrics.contains("sluice_builds_done_total 35"), "{metrics}");
     d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_agents_build_a_jobset_of_35_builds_once_each_on_nix_2_8() {
+    two_agents_build_a_jobset_of_35_builds_once_each(NixVersion::Nix2_8, NixVersion::Nix2_8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_on_nix_2_26_build_a_jobset_of_35_builds_once_each() {
+    two_agents_build_a_jobset_of_35_builds_once_each(NixVersion::Nix2_8, NixVersion::Nix2_26).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queue_runner_on_nix_2_26_gets_a_jobset_of_35_builds_built_once_each() {
+    two_agents_build_a_jobset_of_35_builds_once_each(NixVersion::Nix2_26, NixVersion::Nix2_8).await;
 }

@@ -2,8 +2,8 @@
 //! `nix-support` products, metrics and release name, status 6 for a
 //! `failed` marker, failures and dependency failures, logs at the
 //! contract's path, the notifications, a cached build, the report
-//! `submit --wait` prints for failed builds, and each run's exit status
-//! and phase timings in `SluiceStepRuns`.
+//! `submit --wait` prints for failed builds (built on Nix 2.8 and 2.26),
+//! and each run's exit status and phase timings in `SluiceStepRuns`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,6 +13,7 @@ mod harness;
 use std::time::Duration;
 
 use harness::Deployment;
+use sluice_test_support::nix::NixVersion;
 use sqlx::postgres::PgListener;
 
 const JOBS: &str = r#"
@@ -272,10 +273,11 @@ rec {
 }
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn wait_reports_the_failed_step_its_log_path_and_last_lines() {
+/// The report for a failure on an agent whose store is on `nix`: Nix 2.8
+/// and 2.26 word a builder's failure differently.
+async fn wait_reports_the_failed_step_its_log_path_and_last_lines(nix: NixVersion) {
     let mut d = Deployment::start().await;
-    d.add_agent("agent", 2).await;
+    d.add_agent_on("agent", 2, nix).await;
     let drvs = d.env.instantiate(FAILING, &["chatty", "needsChatty"]);
     let ids = d
         .submit(&[
@@ -397,6 +399,16 @@ async fn wait_reports_the_failed_step_its_log_path_and_last_lines() {
         "{report}"
     );
     d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wait_reports_the_failed_step_its_log_path_and_last_lines_on_nix_2_8() {
+    wait_reports_the_failed_step_its_log_path_and_last_lines(NixVersion::Nix2_8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wait_reports_the_failed_step_its_log_path_and_last_lines_on_nix_2_26() {
+    wait_reports_the_failed_step_its_log_path_and_last_lines(NixVersion::Nix2_26).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,7 +1,8 @@
-//! The daemon client against real Nix daemons (Nix 2.8, protocol 1.34):
-//! handshake, queries, NAR export and import into an empty isolated store,
-//! text paths, builds by path, GC roots, the stdio transport, and
-//! cancellation by dropping a request.
+//! The daemon client against real Nix daemons, Nix 2.8 (protocol 1.34)
+//! and Nix 2.26 (protocol 1.38): handshake, queries, NAR export and import
+//! into an empty isolated store, text paths, builds by path, GC roots, the
+//! stdio transport, and cancellation by dropping a request. Each test is a
+//! function of the version, run once for each.
 
 mod daemon_common;
 
@@ -9,28 +10,37 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use daemon_common::{
-    connect, eventually, export_nar, process_gone, read_drv, spawn_stdio, store_path,
+    connect, eventually, export_nar, process_gone, protocol, read_drv, spawn_stdio, spawn_stdio_on,
+    store_path,
 };
 use sluice_nix::daemon::{
-    BuildMode, BuildStatus, ClientError, DaemonClient, DerivedPath, OutputsSpec, PathInfo,
-    ProtocolVersion,
+    BuildMode, BuildStatus, ClientError, DaemonClient, DerivedPath, OutputsSpec, PathInfo, Trust,
 };
 use sluice_nix::derivation::DerivationOutput;
 use sluice_nix::hash::Hash;
 use sluice_nix::store_path::StoreDir;
-use sluice_test_support::nix::{run, IsolatedStore, NixCommands, NixDaemon, NixEnv};
+use sluice_test_support::nix::{
+    run, IsolatedStore, Nix226Store, NixCommands, NixDaemon, NixEnv, NixVersion,
+};
 
-#[tokio::test]
-async fn handshake_and_queries_against_nix_2_8() {
+async fn handshake_and_queries(version: NixVersion) {
     let env = NixEnv::new();
-    let daemon = NixDaemon::start();
+    let daemon = NixDaemon::start_version(version);
     let mut client = connect(&daemon).await;
     let info = client.info().clone();
-    assert_eq!(info.version, ProtocolVersion::new(1, 34));
-    assert_eq!(info.daemon_version, ProtocolVersion::new(1, 34));
-    assert_eq!(info.nix_version.as_deref(), Some("2.8.0"));
-    assert!(info.features.is_empty());
-    assert_eq!(info.trust, None, "protocol 1.34 does not say");
+    assert_eq!(info.version, protocol(version));
+    assert_eq!(info.daemon_version, protocol(version));
+    let nix_version = info.nix_version.as_deref().expect("1.33+ sends it");
+    assert!(
+        nix_version.starts_with(&format!("{}.", version.release())),
+        "{version} says it is {nix_version}"
+    );
+    assert!(info.features.is_empty(), "{:?}", info.features);
+    match version {
+        NixVersion::Nix2_8 => assert_eq!(info.trust, None, "protocol 1.34 does not say"),
+        // Root is trusted.
+        NixVersion::Nix2_26 => assert_eq!(info.trust, Some(Trust::Trusted)),
+    }
     assert!(!client.realisations_by_path());
 
     let drv = env.instantiate(
@@ -74,6 +84,16 @@ async fn handshake_and_queries_against_nix_2_8() {
     assert!(info.references.is_empty());
 }
 
+#[tokio::test]
+async fn handshake_and_queries_against_nix_2_8() {
+    handshake_and_queries(NixVersion::Nix2_8).await;
+}
+
+#[tokio::test]
+async fn handshake_and_queries_against_nix_2_26() {
+    handshake_and_queries(NixVersion::Nix2_26).await;
+}
+
 /// Builds `a` (no references) and `b` (referring to `a`) in the host store.
 fn two_paths(env: &NixEnv) -> (String, String) {
     let drvs = env.instantiate(
@@ -88,12 +108,11 @@ fn two_paths(env: &NixEnv) -> (String, String) {
     (a, b)
 }
 
-#[tokio::test]
-async fn nar_imported_into_an_empty_store_is_valid_there() {
+async fn nar_imported_into_an_empty_store_is_valid_there(version: NixVersion) {
     let env = NixEnv::new();
     let (a, b) = two_paths(&env);
     let (a, b) = (store_path(&a), store_path(&b));
-    let host = NixDaemon::start();
+    let host = NixDaemon::start_version(version);
     let mut host_client = connect(&host).await;
     let info_a = host_client
         .query_path_info(&a)
@@ -116,7 +135,7 @@ async fn nar_imported_into_an_empty_store_is_valid_there() {
     assert_eq!(nar_b.len() as u64, info_b.nar_size);
 
     let store = IsolatedStore::new();
-    let daemon = store.start_daemon();
+    let daemon = store.start_daemon_version(version);
     let mut client = connect(&daemon).await;
     assert!(!client.is_valid_path(&a).await.expect("isValidPath"));
 
@@ -168,8 +187,17 @@ async fn nar_imported_into_an_empty_store_is_valid_there() {
 }
 
 #[tokio::test]
-async fn nar_of_an_invalid_path_is_an_error() {
-    let daemon = NixDaemon::start();
+async fn nar_imported_into_an_empty_store_is_valid_there_on_nix_2_8() {
+    nar_imported_into_an_empty_store_is_valid_there(NixVersion::Nix2_8).await;
+}
+
+#[tokio::test]
+async fn nar_imported_into_an_empty_store_is_valid_there_on_nix_2_26() {
+    nar_imported_into_an_empty_store_is_valid_there(NixVersion::Nix2_26).await;
+}
+
+async fn nar_of_an_invalid_path_is_an_error(version: NixVersion) {
+    let daemon = NixDaemon::start_version(version);
     let mut client = connect(&daemon).await;
     let missing = store_path("/nix/store/00000000000000000000000000000000-sluice-missing");
     let mut sink = Vec::new();
@@ -182,7 +210,16 @@ async fn nar_of_an_invalid_path_is_an_error() {
 }
 
 #[tokio::test]
-async fn text_paths_and_builds_by_path_in_an_isolated_store() {
+async fn nar_of_an_invalid_path_is_an_error_on_nix_2_8() {
+    nar_of_an_invalid_path_is_an_error(NixVersion::Nix2_8).await;
+}
+
+#[tokio::test]
+async fn nar_of_an_invalid_path_is_an_error_on_nix_2_26() {
+    nar_of_an_invalid_path_is_an_error(NixVersion::Nix2_26).await;
+}
+
+async fn text_paths_and_builds_by_path_in_an_isolated_store(version: NixVersion) {
     let env = NixEnv::new();
     let drvs = env.instantiate(
         r#"{
@@ -192,7 +229,7 @@ async fn text_paths_and_builds_by_path_in_an_isolated_store() {
         &["ok", "bad"],
     );
     let store = IsolatedStore::new();
-    let daemon = store.start_daemon();
+    let daemon = store.start_daemon_version(version);
     let mut client = connect(&daemon).await;
 
     let mut added = Vec::new();
@@ -288,23 +325,50 @@ async fn text_paths_and_builds_by_path_in_an_isolated_store() {
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
         .any(|target| target == link);
     assert!(registered, "the indirect root points at our link");
-    let err = client
-        .add_perm_root(out, &env.dir().join("perm"))
-        .await
-        .expect_err("AddPermRoot needs 1.37");
-    assert!(matches!(err, ClientError::Unsupported { .. }), "{err:?}");
-    assert!(
-        client.is_open(),
-        "refusing locally does not close the connection"
-    );
+    let perm = env.dir().join("perm");
+    match version {
+        NixVersion::Nix2_8 => {
+            let err = client
+                .add_perm_root(out, &perm)
+                .await
+                .expect_err("AddPermRoot needs 1.37");
+            assert!(matches!(err, ClientError::Unsupported { .. }), "{err:?}");
+            assert!(
+                client.is_open(),
+                "refusing locally does not close the connection"
+            );
+        }
+        NixVersion::Nix2_26 => {
+            let root = client.add_perm_root(out, &perm).await.expect("addPermRoot");
+            assert_eq!(std::path::Path::new(&root), perm);
+            assert_eq!(
+                std::fs::read_link(&perm).expect("the root is a symlink"),
+                std::path::Path::new(&StoreDir::default().print(out))
+            );
+            let registered = std::fs::read_dir(&auto)
+                .expect("gcroots/auto exists")
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .any(|target| target == perm);
+            assert!(registered, "the permanent root is registered");
+        }
+    }
 }
 
 #[tokio::test]
-async fn stdio_transport_serves_the_store() {
+async fn text_paths_and_builds_by_path_in_an_isolated_store_on_nix_2_8() {
+    text_paths_and_builds_by_path_in_an_isolated_store(NixVersion::Nix2_8).await;
+}
+
+#[tokio::test]
+async fn text_paths_and_builds_by_path_in_an_isolated_store_on_nix_2_26() {
+    text_paths_and_builds_by_path_in_an_isolated_store(NixVersion::Nix2_26).await;
+}
+
+async fn stdio_transport_serves_the_store(version: NixVersion) {
     let env = NixEnv::new();
     let store = IsolatedStore::new();
-    let mut client = spawn_stdio(&store).await;
-    assert_eq!(client.version(), ProtocolVersion::new(1, 34));
+    let mut client = spawn_stdio_on(&store, version).await;
+    assert_eq!(client.version(), protocol(version));
     let info = client
         .add_text_to_store(
             &format!("hello-{}", env.nonce()),
@@ -324,7 +388,16 @@ async fn stdio_transport_serves_the_store() {
 }
 
 #[tokio::test]
-async fn dropping_a_build_request_cancels_the_build() {
+async fn stdio_transport_serves_the_store_on_nix_2_8() {
+    stdio_transport_serves_the_store(NixVersion::Nix2_8).await;
+}
+
+#[tokio::test]
+async fn stdio_transport_serves_the_store_on_nix_2_26() {
+    stdio_transport_serves_the_store(NixVersion::Nix2_26).await;
+}
+
+async fn dropping_a_build_request_cancels_the_build(version: NixVersion) {
     let env = NixEnv::new();
     let pid_file = env.dir().join("builder.pid");
     let expr = format!(
@@ -339,11 +412,14 @@ async fn dropping_a_build_request_cancels_the_build() {
         let _ = std::fs::remove_file(&pid_file);
         let daemon;
         let mut client: DaemonClient = if transport == "socket" {
-            daemon = Some(NixDaemon::start());
+            daemon = Some(NixDaemon::start_version(version));
             connect(daemon.as_ref().expect("daemon")).await
         } else {
             daemon = None;
-            spawn_stdio(&env).await
+            match version {
+                NixVersion::Nix2_8 => spawn_stdio(&env).await,
+                NixVersion::Nix2_26 => spawn_stdio(&Nix226Store::host()).await,
+            }
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         client.log_to(tx);
@@ -384,4 +460,14 @@ async fn dropping_a_build_request_cancels_the_build() {
         );
         drop(daemon);
     }
+}
+
+#[tokio::test]
+async fn dropping_a_build_request_cancels_the_build_on_nix_2_8() {
+    dropping_a_build_request_cancels_the_build(NixVersion::Nix2_8).await;
+}
+
+#[tokio::test]
+async fn dropping_a_build_request_cancels_the_build_on_nix_2_26() {
+    dropping_a_build_request_cancels_the_build(NixVersion::Nix2_26).await;
 }

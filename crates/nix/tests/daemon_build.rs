@@ -1,7 +1,8 @@
-//! `BuildDerivation` against real Nix daemons (Nix 2.8, protocol 1.34):
-//! outputs come back, failures and timeouts carry their status, log lines
-//! arrive while the build runs, and content-addressed builds give
-//! realisations that can be queried and registered.
+//! `BuildDerivation` against real Nix daemons, Nix 2.8 (protocol 1.34) and
+//! Nix 2.26 (protocol 1.38): outputs come back, failures and timeouts carry
+//! their status, log lines arrive while the build runs, and
+//! content-addressed builds give realisations that can be queried and
+//! registered. Each test is a function of the version, run once for each.
 
 mod daemon_common;
 
@@ -17,7 +18,7 @@ use sluice_nix::derivation::{BasicDerivation, DerivationOutput};
 use sluice_nix::hash::Hash;
 use sluice_nix::nar;
 use sluice_nix::store_path::{StoreDir, StorePath};
-use sluice_test_support::nix::{run, IsolatedStore, NixCommands, NixDaemon, NixEnv};
+use sluice_test_support::nix::{run, IsolatedStore, NixCommands, NixDaemon, NixEnv, NixVersion};
 
 /// Instantiates `{ drv = mkDrv { name = …; args = [ "-c" script ]; } }` and
 /// returns its path and basic derivation.
@@ -41,8 +42,7 @@ async fn build(
         .expect("buildDerivation answers")
 }
 
-#[tokio::test]
-async fn built_outputs_come_back_from_an_empty_store() {
+async fn built_outputs_come_back_from_an_empty_store(version: NixVersion) {
     let env = NixEnv::new();
     let expr = r#"{ drv = mkDrv {
       name = "two-outputs";
@@ -52,7 +52,7 @@ async fn built_outputs_come_back_from_an_empty_store() {
     let (drv_path, drv) = read_drv(&env.instantiate(expr, &["drv"])[0]);
     let drv = drv.into_basic().0;
     let store = IsolatedStore::new();
-    let daemon = store.start_daemon();
+    let daemon = store.start_daemon_version(version);
     let mut client = connect(&daemon).await;
 
     let started = std::time::SystemTime::now()
@@ -68,7 +68,13 @@ async fn built_outputs_come_back_from_an_empty_store() {
         result.start_time >= started && result.stop_time >= result.start_time,
         "{result:?}"
     );
-    assert_eq!(result.cpu_user, None, "protocol 1.34 has no CPU times");
+    // Protocol 1.34 has no CPU times; 1.37+ has optional ones, which Nix
+    // measures only when it runs builds in cgroups (`use-cgroups`, off here).
+    assert_eq!(
+        (result.cpu_user, result.cpu_system),
+        (None, None),
+        "{result:?}"
+    );
 
     let expected: BTreeMap<String, StorePath> = drv
         .outputs
@@ -105,12 +111,11 @@ async fn built_outputs_come_back_from_an_empty_store() {
     assert_eq!(dev.trim(), StoreDir::default().print(out));
 }
 
-#[tokio::test]
-async fn a_failing_build_reports_its_status_and_message() {
+async fn a_failing_build_reports_its_status_and_message(version: NixVersion) {
     let env = NixEnv::new();
     let (drv_path, drv) = drv_for(&env, "fails", "echo about to fail; exit 3");
     let store = IsolatedStore::new();
-    let daemon = store.start_daemon();
+    let daemon = store.start_daemon_version(version);
     let mut client = connect(&daemon).await;
     let result = build(&mut client, &drv_path, &drv).await;
     assert_eq!(result.status, BuildStatus::PermanentFailure, "{result:?}");
@@ -125,11 +130,10 @@ async fn a_failing_build_reports_its_status_and_message() {
     assert!(!client.is_valid_path(&drv_path).await.expect("still usable"));
 }
 
-#[tokio::test]
-async fn build_limits_set_through_options_give_their_statuses() {
+async fn build_limits_set_through_options_give_their_statuses(version: NixVersion) {
     let env = NixEnv::new();
     let store = IsolatedStore::new();
-    let daemon = store.start_daemon();
+    let daemon = store.start_daemon_version(version);
     let mut client = connect(&daemon).await;
 
     let (silent, silent_drv) = drv_for(&env, "silent", "echo going quiet; sleep 30; touch $out");
@@ -185,8 +189,7 @@ async fn build_limits_set_through_options_give_their_statuses() {
     assert_eq!(result.status, BuildStatus::LogLimitExceeded, "{result:?}");
 }
 
-#[tokio::test]
-async fn log_lines_arrive_while_the_build_runs() {
+async fn log_lines_arrive_while_the_build_runs(version: NixVersion) {
     let env = NixEnv::new();
     let (drv_path, drv) = drv_for(
         &env,
@@ -194,7 +197,7 @@ async fn log_lines_arrive_while_the_build_runs() {
         "echo first line; sleep 2; echo second line; touch $out",
     );
     let store = IsolatedStore::new();
-    let daemon = store.start_daemon();
+    let daemon = store.start_daemon_version(version);
     let mut client = connect(&daemon).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<LogEvent>();
     client.log_to(tx);
@@ -242,8 +245,7 @@ const CA_EXPR: &str = r#"{ ca = mkDrv {
   args = [ "-c" "echo ${nonce} > $out" ];
 }; }"#;
 
-#[tokio::test]
-async fn content_addressed_builds_and_realisations() {
+async fn content_addressed_builds_and_realisations(version: NixVersion) {
     let env = NixEnv::new();
     let drv = env.instantiate(CA_EXPR, &["ca"]).remove(0);
     let (drv_path, parsed) = read_drv(&drv);
@@ -251,12 +253,15 @@ async fn content_addressed_builds_and_realisations() {
 
     // Built through BuildDerivation in an empty store.
     let store = IsolatedStore::new();
-    let daemon = store.start_daemon();
+    let daemon = store.start_daemon_version(version);
     let mut client = connect(&daemon).await;
     let result = build(&mut client, &drv_path, &basic).await;
     assert_eq!(result.status, BuildStatus::Built, "{result:?}");
     let built = &result.built_outputs["out"];
-    let legacy_id = built.legacy_id.clone().expect("1.34 sends realisation ids");
+    let legacy_id = built
+        .legacy_id
+        .clone()
+        .expect("realisation ids come without the path feature");
 
     // Nix builds it to the same path, with the same realisation id.
     let host_out = store_path(&env.realise(&drv)[0]);
@@ -278,7 +283,7 @@ async fn content_addressed_builds_and_realisations() {
     assert_eq!(id.legacy_id().as_deref(), Some(legacy_id.as_str()));
 
     // Queried from the host daemon, which registered it when building.
-    let host = NixDaemon::start();
+    let host = NixDaemon::start_version(version);
     let mut host_client = connect(&host).await;
     let real = host_client
         .query_realisation(&id)
@@ -303,7 +308,7 @@ async fn content_addressed_builds_and_realisations() {
     };
     assert!(
         host_client.query_realisation(&by_path).await.is_err(),
-        "1.34 has no path ids"
+        "no path ids without realisation-with-path-not-hash"
     );
     assert!(host_client.is_open());
 
@@ -315,7 +320,7 @@ async fn content_addressed_builds_and_realisations() {
         .expect("valid");
     let bytes = export_nar(&mut host_client, &host_out).await;
     let other = IsolatedStore::new();
-    let other_daemon = other.start_daemon();
+    let other_daemon = other.start_daemon_version(version);
     let mut other_client = connect(&other_daemon).await;
     assert_eq!(
         other_client.query_realisation(&id).await.expect("query"),
@@ -341,4 +346,54 @@ async fn content_addressed_builds_and_realisations() {
         .expect("query")
         .expect("registered");
     assert_eq!(back, realisation);
+}
+
+#[tokio::test]
+async fn built_outputs_come_back_from_an_empty_store_on_nix_2_8() {
+    built_outputs_come_back_from_an_empty_store(NixVersion::Nix2_8).await;
+}
+
+#[tokio::test]
+async fn built_outputs_come_back_from_an_empty_store_on_nix_2_26() {
+    built_outputs_come_back_from_an_empty_store(NixVersion::Nix2_26).await;
+}
+
+#[tokio::test]
+async fn a_failing_build_reports_its_status_and_message_on_nix_2_8() {
+    a_failing_build_reports_its_status_and_message(NixVersion::Nix2_8).await;
+}
+
+#[tokio::test]
+async fn a_failing_build_reports_its_status_and_message_on_nix_2_26() {
+    a_failing_build_reports_its_status_and_message(NixVersion::Nix2_26).await;
+}
+
+#[tokio::test]
+async fn build_limits_set_through_options_give_their_statuses_on_nix_2_8() {
+    build_limits_set_through_options_give_their_statuses(NixVersion::Nix2_8).await;
+}
+
+#[tokio::test]
+async fn build_limits_set_through_options_give_their_statuses_on_nix_2_26() {
+    build_limits_set_through_options_give_their_statuses(NixVersion::Nix2_26).await;
+}
+
+#[tokio::test]
+async fn log_lines_arrive_while_the_build_runs_on_nix_2_8() {
+    log_lines_arrive_while_the_build_runs(NixVersion::Nix2_8).await;
+}
+
+#[tokio::test]
+async fn log_lines_arrive_while_the_build_runs_on_nix_2_26() {
+    log_lines_arrive_while_the_build_runs(NixVersion::Nix2_26).await;
+}
+
+#[tokio::test]
+async fn content_addressed_builds_and_realisations_on_nix_2_8() {
+    content_addressed_builds_and_realisations(NixVersion::Nix2_8).await;
+}
+
+#[tokio::test]
+async fn content_addressed_builds_and_realisations_on_nix_2_26() {
+    content_addressed_builds_and_realisations(NixVersion::Nix2_26).await;
 }

@@ -1,7 +1,8 @@
-//! The client against a scripted peer, for what the Nix 2.8 on this
-//! machine cannot show: the 1.38 handshake with its feature exchange,
-//! realisations by `.drv` path, refusal of old or foreign peers, and what
-//! happens when the data to upload fails half-way. The script's bytes follow
+//! The client against a scripted peer, for what the real Nix 2.8 and 2.26
+//! daemons of the other tests cannot show: a feature actually negotiated
+//! in the 1.38 handshake, realisations by `.drv` path, protocol 1.35,
+//! refusal of old or foreign peers, and what happens when the data to
+//! upload fails half-way. The script's bytes follow
 //! Nix's sources (`worker-protocol-connection.cc`, `daemon.cc`); it checks
 //! what the client sends byte for byte.
 

@@ -14,6 +14,15 @@
 //! print an error each time a client closes a connection early (as the
 //! readiness check does), which is expected. The log is shown when the
 //! daemon does not come up, and when it is dropped by a failing test.
+//!
+//! Two Nix versions ([`NixVersion`]): the system's (Nix 2.8, protocol
+//! 1.34, on `PATH`) and Nix 2.26 (protocol 1.38), Debian trixie's `nix-bin`
+//! in a chroot that `scripts/install-nix-2.26.sh` sets up at
+//! [`trixie_root`]. Both serve the same stores: a Nix 2.26 command runs in
+//! a private mount namespace in which the store directory is bind-mounted
+//! over the chroot's `/nix` ([`Nix226Store`]), so paths, sockets and files
+//! are the same inside and outside. Daemons of either version come from
+//! [`NixDaemon::start_version`] and [`IsolatedStore::start_daemon_version`].
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -58,6 +67,122 @@ fn require_nix_or_panic() {
     if let Err(e) = require_nix() {
         panic!("test harness: {e}");
     }
+}
+
+/// A Nix release the tests run against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NixVersion {
+    /// The system's Nix (Debian 12's `nix-bin`, 2.8.0, protocol 1.34).
+    Nix2_8,
+    /// Debian trixie's `nix-bin` (2.26.x, protocol 1.38) in the chroot at
+    /// [`trixie_root`].
+    Nix2_26,
+}
+
+impl NixVersion {
+    /// The worker protocol its daemon speaks, `(major, minor)`.
+    pub fn protocol(self) -> (u8, u8) {
+        match self {
+            NixVersion::Nix2_8 => (1, 34),
+            NixVersion::Nix2_26 => (1, 38),
+        }
+    }
+
+    /// The prefix of the version its daemon reports (`2.8.0`, `2.26.3`).
+    pub fn release(self) -> &'static str {
+        match self {
+            NixVersion::Nix2_8 => "2.8",
+            NixVersion::Nix2_26 => "2.26",
+        }
+    }
+
+    /// Checks that this version is installed, and says how to get it if not.
+    pub fn require(self) -> Result<(), String> {
+        match self {
+            NixVersion::Nix2_8 => require_nix(),
+            NixVersion::Nix2_26 => require_nix_2_26(),
+        }
+    }
+
+    fn require_or_panic(self) {
+        if let Err(e) = self.require() {
+            panic!("test harness: {e}");
+        }
+    }
+}
+
+impl std::fmt::Display for NixVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Nix {}", self.release())
+    }
+}
+
+/// The variable that moves the Nix 2.26 chroot away from [`TRIXIE_ROOT`].
+pub const TRIXIE_ROOT_VAR: &str = "SLUICE_TRIXIE_ROOT";
+
+/// Where `scripts/install-nix-2.26.sh` puts the Debian trixie chroot.
+pub const TRIXIE_ROOT: &str = "/srv/trixie";
+
+/// The chroot with Nix 2.26: `$SLUICE_TRIXIE_ROOT`, or `/srv/trixie`.
+pub fn trixie_root() -> PathBuf {
+    std::env::var_os(TRIXIE_ROOT_VAR)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(TRIXIE_ROOT))
+}
+
+/// Checks that the Nix 2.26 chroot is set up, and says how to set it up if
+/// not.
+pub fn require_nix_2_26() -> Result<(), String> {
+    require_nix_2_26_in(&trixie_root())
+}
+
+/// [`require_nix_2_26`] for the chroot at `root`.
+pub fn require_nix_2_26_in(root: &Path) -> Result<(), String> {
+    let how = format!(
+        "set it up with `scripts/install-nix-2.26.sh` as root (it debootstraps Debian trixie \
+         into {TRIXIE_ROOT} or ${TRIXIE_ROOT_VAR} and installs its nix-bin; about a minute), \
+         or run the README's test command, which does"
+    );
+    let version = installed_nix_bin(root).map_err(|e| {
+        format!(
+            "Nix 2.26 is not set up: {e} (the chroot is {}); {how}",
+            root.display()
+        )
+    })?;
+    if !version.starts_with("2.26.") {
+        return Err(format!(
+            "Nix 2.26 is not set up: the chroot {} has nix-bin {version}, not 2.26; \
+             remove it and {how}",
+            root.display()
+        ));
+    }
+    for dir in ["nix", "proc", "dev", "tmp"] {
+        if !root.join(dir).is_dir() {
+            return Err(format!(
+                "Nix 2.26 is not set up: the chroot {} has no /{dir}; {how}",
+                root.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The version of `nix-bin` that dpkg installed in the chroot at `root`.
+fn installed_nix_bin(root: &Path) -> Result<String, String> {
+    if !root.join("usr/bin/nix-daemon").is_file() {
+        return Err("there is no usr/bin/nix-daemon in it".into());
+    }
+    let status_file = root.join("var/lib/dpkg/status");
+    let status = std::fs::read_to_string(&status_file)
+        .map_err(|e| format!("cannot read {}: {e}", status_file.display()))?;
+    status
+        .split("\n\n")
+        .find(|stanza| stanza.lines().any(|l| l == "Package: nix-bin"))
+        .filter(|stanza| stanza.lines().any(|l| l == "Status: install ok installed"))
+        .and_then(|stanza| stanza.lines().find_map(|l| l.strip_prefix("Version: ")))
+        .map(str::to_owned)
+        .ok_or_else(|| "dpkg has no nix-bin installed in it".into())
 }
 
 /// Something that can start Nix commands against some store: the host's
@@ -242,8 +367,90 @@ impl IsolatedStore {
     /// workers race to create its directories and symlinks, and one of
     /// them dies with "File exists", resetting its client's connection.
     pub fn start_daemon(&self) -> NixDaemon {
+        self.start_daemon_version(NixVersion::Nix2_8)
+    }
+
+    /// [`IsolatedStore::start_daemon`] with Nix 2.26's daemon.
+    pub fn start_daemon_226(&self) -> NixDaemon {
+        self.start_daemon_version(NixVersion::Nix2_26)
+    }
+
+    /// [`IsolatedStore::start_daemon`] with the daemon of `version`.
+    pub fn start_daemon_version(&self, version: NixVersion) -> NixDaemon {
+        version.require_or_panic();
+        // Always by Nix 2.8, for Nix 2.8 commands (the tests' own) to open
+        // the store while a Nix 2.26 daemon serves it: Nix 2.26 creates a
+        // store without the `ca-schema` file, and Nix 2.8 (with
+        // ca-derivations) then waits for the store's big lock exclusively
+        // to migrate, while every 2.26 worker holds it shared.
         run(self.command("nix-store").arg("--init"));
-        NixDaemon::start_with(self)
+        match version {
+            NixVersion::Nix2_8 => NixDaemon::start_with(self),
+            NixVersion::Nix2_26 => NixDaemon::start_with(&self.nix_226()),
+        }
+    }
+
+    /// Nix 2.26's commands on this store.
+    pub fn nix_226(&self) -> Nix226Store {
+        Nix226Store::on(self.root())
+    }
+}
+
+/// Nix 2.26's commands on a store: each runs in a private mount namespace
+/// in which the store directory is bind-mounted over the chroot's `/nix`,
+/// with `/proc`, `/dev` (recursively: builds need `/dev/pts`) and the
+/// system's temp directory bound at the same paths inside, then is
+/// `chroot`ed into [`trixie_root`]. Sockets and scratch files in temp
+/// directories are therefore at the same paths on both sides, and so are
+/// store paths. Needs root.
+#[derive(Debug, Clone)]
+pub struct Nix226Store {
+    store: PathBuf,
+    root: PathBuf,
+}
+
+impl Nix226Store {
+    /// Nix 2.26 on the host's store, `/nix`.
+    pub fn host() -> Nix226Store {
+        Nix226Store::on(PathBuf::from("/nix"))
+    }
+
+    /// Nix 2.26 on the store whose `/nix` is the directory `store`.
+    pub fn on(store: PathBuf) -> Nix226Store {
+        NixVersion::Nix2_26.require_or_panic();
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "test harness: Nix 2.26 runs in a chroot, which needs root (mount namespaces and bind mounts)"
+        );
+        Nix226Store {
+            store,
+            root: trixie_root(),
+        }
+    }
+}
+
+/// Mounts what a Nix 2.26 command needs into the chroot `$0`, then runs
+/// `$2...` in it. `$1` is the store directory, `$TMPDIR_OUTSIDE` the
+/// temp directory to show at the same path.
+const CHROOT_SCRIPT: &str = r#"root=$0 store=$1; shift
+mkdir -p "$root$TMPDIR_OUTSIDE" &&
+mount --bind "$store" "$root/nix" &&
+mount --bind /proc "$root/proc" &&
+mount --rbind /dev "$root/dev" &&
+mount --bind "$TMPDIR_OUTSIDE" "$root$TMPDIR_OUTSIDE" &&
+unset TMPDIR_OUTSIDE &&
+exec chroot "$root" "$@""#;
+
+impl NixCommands for Nix226Store {
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = configured("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(CHROOT_SCRIPT)
+            .arg(&self.root)
+            .arg(&self.store)
+            .arg(program)
+            .env("TMPDIR_OUTSIDE", std::env::temp_dir());
+        cmd
     }
 }
 
@@ -275,8 +482,21 @@ const LOG_LINES_SHOWN: usize = 50;
 impl NixDaemon {
     /// A daemon serving the host's store.
     pub fn start() -> NixDaemon {
-        require_nix_or_panic();
-        Self::start_with(&HostStore)
+        Self::start_version(NixVersion::Nix2_8)
+    }
+
+    /// A Nix 2.26 daemon serving the host's store. Needs root.
+    pub fn start_226() -> NixDaemon {
+        Self::start_version(NixVersion::Nix2_26)
+    }
+
+    /// A daemon of `version` serving the host's store.
+    pub fn start_version(version: NixVersion) -> NixDaemon {
+        version.require_or_panic();
+        match version {
+            NixVersion::Nix2_8 => Self::start_with(&HostStore),
+            NixVersion::Nix2_26 => Self::start_with(&Nix226Store::host()),
+        }
     }
 
     fn start_with(store: &dyn NixCommands) -> NixDaemon {

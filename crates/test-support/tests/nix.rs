@@ -1,9 +1,12 @@
-//! The Nix helpers: unique derivations, a private daemon, isolated stores.
+//! The Nix helpers: unique derivations, private daemons of Nix 2.8 and
+//! 2.26, isolated stores.
 
 use std::path::Path;
 use std::time::Duration;
 
-use sluice_test_support::nix::{realise_in, run, IsolatedStore, NixCommands, NixDaemon, NixEnv};
+use sluice_test_support::nix::{
+    realise_in, run, IsolatedStore, Nix226Store, NixCommands, NixDaemon, NixEnv, NixVersion,
+};
 
 const HELLO: &str =
     r#"{ hello = mkDrv { name = "hello"; args = [ "-c" "echo hello > $out" ]; }; }"#;
@@ -46,11 +49,11 @@ fn isolated_store_starts_empty_and_keeps_its_builds() {
     );
 }
 
-#[test]
-fn private_daemon_serves_the_host_store() {
+/// A daemon of `version` on the host's store builds, and reports itself.
+fn private_daemon_serves_the_host_store(version: NixVersion) {
     let env = NixEnv::new();
     let drv = env.instantiate(HELLO, &["hello"]).remove(0);
-    let daemon = NixDaemon::start();
+    let daemon = NixDaemon::start_version(version);
     let out =
         run(env
             .command("nix-store")
@@ -71,10 +74,19 @@ fn private_daemon_serves_the_host_store() {
 }
 
 #[test]
-fn daemon_in_isolated_store_serves_only_that_store() {
+fn private_daemon_serves_the_host_store_on_nix_2_8() {
+    private_daemon_serves_the_host_store(NixVersion::Nix2_8);
+}
+
+#[test]
+fn private_daemon_serves_the_host_store_on_nix_2_26() {
+    private_daemon_serves_the_host_store(NixVersion::Nix2_26);
+}
+
+fn daemon_in_isolated_store_serves_only_that_store(version: NixVersion) {
     let env = NixEnv::new();
     let store = IsolatedStore::new();
-    let daemon = store.start_daemon();
+    let daemon = store.start_daemon_version(version);
     // A path of the host's store is unknown to the isolated daemon.
     let host_drv = env.instantiate(HELLO, &["hello"]).remove(0);
     let status = env
@@ -99,6 +111,37 @@ fn daemon_in_isolated_store_serves_only_that_store() {
 }
 
 #[test]
+fn daemon_in_isolated_store_serves_only_that_store_on_nix_2_8() {
+    daemon_in_isolated_store_serves_only_that_store(NixVersion::Nix2_8);
+}
+
+#[test]
+fn daemon_in_isolated_store_serves_only_that_store_on_nix_2_26() {
+    daemon_in_isolated_store_serves_only_that_store(NixVersion::Nix2_26);
+}
+
+#[test]
+fn nix_2_26_commands_build_in_an_isolated_store() {
+    let env = NixEnv::new();
+    let store = IsolatedStore::new();
+    let nix = store.nix_226();
+    let version = run(nix.command("nix-store").arg("--version"));
+    assert!(version.contains("2.26."), "{version}");
+    let drv = env.instantiate_in(&nix, HELLO, &["hello"]).remove(0);
+    assert!(store.host_path(&drv).is_file(), "the .drv is in the store");
+    let out = realise_in(&nix, &drv).remove(0);
+    assert_eq!(
+        std::fs::read_to_string(store.host_path(&out)).expect("output in the isolated store"),
+        "hello\n"
+    );
+    // Nix 2.8 reads what Nix 2.26 wrote.
+    run(store.command("nix-store").args(["--check-validity", &out]));
+    let on_host = Nix226Store::host();
+    let host_version = run(on_host.command("nix-store").arg("--version"));
+    assert_eq!(host_version, version);
+}
+
+#[test]
 fn missing_nix_says_what_is_missing_and_how_to_get_it() {
     let empty = tempfile::tempdir().expect("tempdir");
     let err = sluice_test_support::nix::require_nix_on(Some(empty.path().as_os_str()))
@@ -108,5 +151,19 @@ fn missing_nix_says_what_is_missing_and_how_to_get_it() {
     assert!(
         sluice_test_support::nix::require_nix().is_ok(),
         "Nix is installed here"
+    );
+}
+
+#[test]
+fn missing_nix_2_26_says_how_to_set_it_up() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    let err = sluice_test_support::nix::require_nix_2_26_in(empty.path())
+        .expect_err("no Nix 2.26 in an empty directory");
+    assert!(err.contains("Nix 2.26 is not set up"), "{err}");
+    assert!(err.contains("scripts/install-nix-2.26.sh"), "{err}");
+    assert!(err.contains("SLUICE_TRIXIE_ROOT"), "{err}");
+    assert!(
+        sluice_test_support::nix::require_nix_2_26().is_ok(),
+        "the test command sets Nix 2.26 up"
     );
 }

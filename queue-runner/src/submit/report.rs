@@ -123,24 +123,45 @@ pub(super) fn printable(text: &str) -> String {
 }
 
 /// The lines of a step's error message worth showing next to the log:
-/// without the "last N log lines:" excerpt and the "For full logs, run
-/// 'nix log …'" hint that Nix appends to a builder failure (the report
-/// shows the log itself, which `nix log` could not find), and without
-/// escape sequences.
+/// without the "last N log lines:" excerpt and the hint to run `nix log`
+/// that Nix appends to a builder failure (the report shows the log itself,
+/// which `nix log` could not find), and without escape sequences.
+///
+/// Nix 2.8 ends the message with `For full logs, run 'nix log <drv>'.`,
+/// Nix 2.26 with `For full logs, run:` and the command indented on the
+/// next line (`nix-store -l` instead of `nix log` without the `nix-command`
+/// feature). Either way the line before the excerpt ends with `;`, which
+/// goes too.
 fn error_lines(error_msg: &str) -> Vec<String> {
     let mut lines: Vec<String> = Vec::new();
     let mut in_excerpt = false;
+    let mut command_follows = false;
     for raw in error_msg.trim().lines() {
         let line = printable(raw);
         let trimmed = line.trim();
+        if command_follows {
+            command_follows = false;
+            if trimmed.starts_with("nix log ") || trimmed.starts_with("nix-store -l ") {
+                continue;
+            }
+        }
         if trimmed.starts_with("last ") && trimmed.ends_with(" log lines:") {
             in_excerpt = true;
+            if let Some(before) = lines.last_mut() {
+                if let Some(cut) = before.strip_suffix(';') {
+                    *before = cut.to_string();
+                }
+            }
             continue;
         }
         if in_excerpt && trimmed.starts_with('>') {
             continue;
         }
         in_excerpt = false;
+        if trimmed == "For full logs, run:" {
+            command_follows = true;
+            continue;
+        }
         if trimmed.starts_with("For full logs, run ") || trimmed.is_empty() {
             continue;
         }
@@ -410,6 +431,29 @@ mod tests {
         assert_eq!(
             error_lines(msg),
             vec!["builder for '/nix/store/x-a.drv' failed with exit code 2".to_string()]
+        );
+        // As Nix 2.26 reports it: the command on a line of its own.
+        let msg = "\u{1b}[0mbuilder for '\u{1b}[35;1m/nix/store/x-a.drv\u{1b}[0m' failed with exit code 1;\n\
+                   last 2 log lines:\n\
+                   > one\n\
+                   > two\n\
+                   For full logs, run:\n  \u{1b}[1mnix log /nix/store/x-a.drv\u{1b}[0m";
+        assert_eq!(
+            error_lines(msg),
+            vec!["builder for '/nix/store/x-a.drv' failed with exit code 1".to_string()]
+        );
+        // Without the nix-command feature, and with more after the hint.
+        let msg = "builder for '/nix/store/x-a.drv' failed with exit code 1;\n\
+                   last 1 log lines:\n\
+                   > one\n\
+                   For full logs, run:\n  nix-store -l /nix/store/x-a.drv\n\
+                   and something else";
+        assert_eq!(
+            error_lines(msg),
+            vec![
+                "builder for '/nix/store/x-a.drv' failed with exit code 1".to_string(),
+                "and something else".to_string()
+            ]
         );
         assert_eq!(error_lines(""), Vec::<String>::new());
         let long = "y".repeat(MAX_LINE_CHARS + 5);

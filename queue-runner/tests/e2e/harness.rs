@@ -1,7 +1,9 @@
 //! A whole deployment in one test: a throwaway PostgreSQL, the queue
 //! runner (`service::run_with`, real gRPC and HTTP on loopback) on the
 //! host's Nix store through a private daemon, and builder agents, each with
-//! an isolated store of its own and its own daemon.
+//! an isolated store of its own and its own daemon. Each daemon is Nix 2.8
+//! unless the test asks for Nix 2.26 ([`Deployment::start_on`],
+//! [`Deployment::add_agent_on`]).
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use sluice_queue_runner::config::ServeConfig;
 use sluice_queue_runner::service::{self, Bound};
-use sluice_test_support::nix::{IsolatedStore, NixDaemon, NixEnv};
+use sluice_test_support::nix::{IsolatedStore, NixDaemon, NixEnv, NixVersion};
 use sluice_test_support::pg::TestPg;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -50,9 +52,15 @@ impl Deployment {
     /// [`Deployment::start`] with the queue runner's settings changed by
     /// `adjust` first.
     pub async fn start_with(adjust: impl FnOnce(&mut ServeConfig)) -> Deployment {
+        Self::start_on(NixVersion::Nix2_8, adjust).await
+    }
+
+    /// [`Deployment::start_with`], with the queue runner's store served by
+    /// a daemon of `nix`.
+    pub async fn start_on(nix: NixVersion, adjust: impl FnOnce(&mut ServeConfig)) -> Deployment {
         let pg = TestPg::start();
         let env = NixEnv::new();
-        let host_daemon = NixDaemon::start();
+        let host_daemon = NixDaemon::start_version(nix);
         let data_dir = tempfile::tempdir().unwrap();
         let token_file = data_dir.path().join("tokens");
         std::fs::write(&token_file, format!("agents:{TOKEN}\n")).unwrap();
@@ -116,6 +124,13 @@ impl Deployment {
         self.add_agent_via(name, max_jobs, url).await;
     }
 
+    /// [`Deployment::add_agent`], with its store served by a daemon of `nix`.
+    pub async fn add_agent_on(&mut self, name: &str, max_jobs: u32, nix: NixVersion) {
+        let url = format!("http://{}", self.bound.grpc);
+        self.add_agent_with_nix(name, max_jobs, url, nix, |_, _| {})
+            .await;
+    }
+
     /// [`Deployment::add_agent`], dialling the queue runner at `url` (a
     /// proxy, say).
     pub async fn add_agent_via(&mut self, name: &str, max_jobs: u32, url: String) {
@@ -131,8 +146,22 @@ impl Deployment {
         url: String,
         adjust: impl FnOnce(&mut sluice_builder_agent::AgentConfig, &IsolatedStore),
     ) {
+        self.add_agent_with_nix(name, max_jobs, url, NixVersion::Nix2_8, adjust)
+            .await;
+    }
+
+    /// [`Deployment::add_agent_with`], with the agent's store served by a
+    /// daemon of `nix`.
+    pub async fn add_agent_with_nix(
+        &mut self,
+        name: &str,
+        max_jobs: u32,
+        url: String,
+        nix: NixVersion,
+        adjust: impl FnOnce(&mut sluice_builder_agent::AgentConfig, &IsolatedStore),
+    ) {
         let store = IsolatedStore::new();
-        let daemon = store.start_daemon();
+        let daemon = store.start_daemon_version(nix);
         let config = sluice_builder_agent::AgentConfig {
             queue_runner: url,
             token: TOKEN.to_owned(),

@@ -13,8 +13,9 @@
 //!   2.24 (1.38: feature exchange), 2.34 (1.38 without the feature) and
 //!   2.35/master (the feature); decoders were run over Nix's own
 //!   characterization data for build results, path infos and realisations
-//!   (1.28–1.38). The tests cover these versions with a scripted peer only:
-//!   no newer Nix is installable here.
+//!   (1.28–1.38). 1.38 without the feature: every operation above against a
+//!   real Nix 2.26 daemon in the tests (socket and stdio), as for 1.34.
+//!   1.35–1.37 and the feature: a scripted peer only.
 //!
 //! | operation | code | notes |
 //! |---|---|---|

@@ -5,10 +5,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use sluice_nix::daemon::ProtocolVersion;
 use sluice_nix::daemon::{ClientError, DaemonClient};
 use sluice_nix::derivation::Derivation;
 use sluice_nix::store_path::{StoreDir, StorePath};
-use sluice_test_support::nix::{NixCommands, NixDaemon};
+use sluice_test_support::nix::{IsolatedStore, NixCommands, NixDaemon, NixVersion};
 
 pub fn store_path(full: &str) -> StorePath {
     StoreDir::default()
@@ -44,6 +45,20 @@ pub async fn spawn_stdio(store: &dyn NixCommands) -> DaemonClient {
     DaemonClient::spawn(tokio::process::Command::from(cmd))
         .await
         .expect("starting nix-daemon --stdio")
+}
+
+/// A client on `nix-daemon --stdio` of `version` for the isolated `store`.
+pub async fn spawn_stdio_on(store: &IsolatedStore, version: NixVersion) -> DaemonClient {
+    match version {
+        NixVersion::Nix2_8 => spawn_stdio(store).await,
+        NixVersion::Nix2_26 => spawn_stdio(&store.nix_226()).await,
+    }
+}
+
+/// The protocol version a client negotiates with `version`'s daemon.
+pub fn protocol(version: NixVersion) -> ProtocolVersion {
+    let (major, minor) = version.protocol();
+    ProtocolVersion::new(major, minor)
 }
 
 /// Reads and parses a `.drv` file of the host store.

@@ -9,7 +9,12 @@
 //! Invariants: every derivation written through [`NixEnv::instantiate`]
 //! carries the environment's nonce in its name, so two test runs (or two
 //! tests) never share a `.drv` or an output path; every spawned daemon is
-//! killed with its whole process group on drop. A daemon's stderr goes to
+//! killed with its whole process group on drop, and so is every process in
+//! its mount namespace when it has one of its own (an isolated store's, or
+//! Nix 2.26's): a daemon's per-connection workers start sessions of their
+//! own, leaving its process group, and one that outlives its store (a
+//! temp dir, deleted after the test) can spin forever on the vanished
+//! database. A daemon's stderr goes to
 //! a log file next to its socket, not to the test's output: its workers
 //! print an error each time a client closes a connection early (as the
 //! readiness check does), which is expected. The log is shown when the
@@ -471,6 +476,8 @@ impl NixCommands for IsolatedStore {
 pub struct NixDaemon {
     child: Child,
     dir: tempfile::TempDir,
+    /// The daemon's mount namespace, if not the test's own.
+    mount_ns: Option<PathBuf>,
 }
 
 /// The name of a daemon's log file, next to its socket.
@@ -521,7 +528,11 @@ impl NixDaemon {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("test harness: cannot start nix-daemon: {e}"));
-        let mut daemon = NixDaemon { child, dir };
+        let mut daemon = NixDaemon {
+            child,
+            dir,
+            mount_ns: None,
+        };
         // The socket file appears just before the daemon listens on it:
         // wait until a connection is accepted, not until the file exists.
         let up = crate::wait_until(Duration::from_secs(30), || {
@@ -534,7 +545,15 @@ impl NixDaemon {
             socket.display(),
             daemon.log()
         );
+        // Accepting connections, the daemon is past its `unshare`.
+        daemon.mount_ns = mount_namespace(&daemon.child.id().to_string())
+            .filter(|ns| mount_namespace("self").as_ref() != Some(ns));
         daemon
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The Unix socket the daemon listens on.
@@ -566,6 +585,9 @@ impl Drop for NixDaemon {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
         let _ = self.child.wait();
+        if let Some(ns) = &self.mount_ns {
+            kill_mount_namespace(ns);
+        }
         if std::thread::panicking() {
             // The test failed: what the daemon said may tell why. Printed
             // from the test's thread, so the test's output shows it.
@@ -579,6 +601,38 @@ impl Drop for NixDaemon {
                 shown.join("\n")
             );
         }
+    }
+}
+
+/// The mount namespace of process `pid` (`self` for ours), as the kernel
+/// names it (`mnt:[4026531840]`); `None` once it has exited.
+fn mount_namespace(pid: &str) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()
+}
+
+/// Kills every process in the mount namespace `ns` (never ours), and
+/// returns once none is left, or after 10 s.
+fn kill_mount_namespace(ns: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut found = false;
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if mount_namespace(&pid.to_string()).as_deref() == Some(ns) {
+                found = true;
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        if !found || std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -120,6 +120,49 @@ fn daemon_in_isolated_store_serves_only_that_store_on_nix_2_26() {
     daemon_in_isolated_store_serves_only_that_store(NixVersion::Nix2_26);
 }
 
+/// The processes in the mount namespace `ns`.
+fn processes_in(ns: &Path) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+                .ok()
+                .as_deref()
+                == Some(ns)
+        })
+        .collect()
+}
+
+/// A daemon's workers start sessions of their own, outside its process
+/// group: dropping the daemon still ends them, even one whose client is
+/// still connected.
+fn daemon_workers_end_with_the_daemon(version: NixVersion) {
+    let store = IsolatedStore::new();
+    let daemon = store.start_daemon_version(version);
+    let ns = std::fs::read_link(format!("/proc/{}/ns/mnt", daemon.pid()))
+        .expect("the daemon's namespace");
+    let _client = std::os::unix::net::UnixStream::connect(daemon.socket_path()).expect("connect");
+    assert!(
+        sluice_test_support::wait_until(Duration::from_secs(10), || processes_in(&ns).len() >= 2),
+        "a worker serves the connection: {:?}",
+        processes_in(&ns)
+    );
+    drop(daemon);
+    assert_eq!(processes_in(&ns), Vec::<i32>::new(), "left behind");
+}
+
+#[test]
+fn daemon_workers_end_with_the_daemon_on_nix_2_8() {
+    daemon_workers_end_with_the_daemon(NixVersion::Nix2_8);
+}
+
+#[test]
+fn daemon_workers_end_with_the_daemon_on_nix_2_26() {
+    daemon_workers_end_with_the_daemon(NixVersion::Nix2_26);
+}
+
 #[test]
 fn nix_2_26_commands_build_in_an_isolated_store() {
     let env = NixEnv::new();

@@ -35,8 +35,10 @@ pub struct Deployment {
 
 pub struct Agent {
     pub name: String,
-    pub store: IsolatedStore,
+    /// Before `store`: fields drop in order, and the daemon must be gone
+    /// before its store's directory is deleted.
     pub daemon: NixDaemon,
+    pub store: IsolatedStore,
     /// Starts a drain (as SIGTERM does).
     stop: Option<oneshot::Sender<()>>,
     /// Stops the running steps (as a second SIGTERM does).

@@ -477,11 +477,12 @@ fn millis(d: Duration) -> u64 {
 
 /// How the builder ended, from Nix's message about a failed build: its
 /// exit code ("… failed with exit code 2") or the signal that killed it
-/// ("… failed due to signal 9 (Killed)"). `None` when the message says
-/// neither.
+/// ("… failed due to signal 9 (Killed)"). Nix's own sentence comes first,
+/// before any excerpt of the build's log (which may say anything), so the
+/// first match counts. `None` when the message says neither.
 fn exit_status(message: &str) -> Option<(Option<i32>, Option<i32>)> {
     let number_after = |marker: &str| -> Option<i32> {
-        let (_, rest) = message.rsplit_once(marker)?;
+        let (_, rest) = message.split_once(marker)?;
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
         digits.parse().ok()
     };
@@ -568,6 +569,11 @@ mod tests {
         // Nix 2.26 puts it on a line of its own, with the log after it.
         assert_eq!(
             exit_status("Cannot build '/nix/store/x-a.drv'.\n       Reason: builder failed with exit code 42.\n       Last 1 log lines:"),
+            Some((Some(42), None))
+        );
+        // A log excerpt saying the same words does not count.
+        assert_eq!(
+            exit_status("builder for '/nix/store/x-a.drv' failed with exit code 42;\nlast 1 log lines:\n> failed with exit code 7"),
             Some((Some(42), None))
         );
         assert_eq!(exit_status(""), None);

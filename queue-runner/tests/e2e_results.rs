@@ -412,14 +412,24 @@ async fn wait_reports_the_failed_step_its_log_path_and_last_lines_on_nix_2_26() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn each_run_records_the_builders_exit_status_and_its_phase_timings() {
+async fn each_run_records_the_builders_exit_status_and_its_phase_timings_on_nix_2_8() {
+    each_run_records_the_builders_exit_status_and_its_phase_timings(NixVersion::Nix2_8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_run_records_the_builders_exit_status_and_its_phase_timings_on_nix_2_26() {
+    each_run_records_the_builders_exit_status_and_its_phase_timings(NixVersion::Nix2_26).await;
+}
+
+async fn each_run_records_the_builders_exit_status_and_its_phase_timings(nix: NixVersion) {
     let mut d = Deployment::start().await;
-    d.add_agent("a1", 3).await;
+    d.add_agent_on("a1", 3, nix).await;
     let jobs = r#"
 {
   ok = mkDrv { name = "ok"; PATH = "/usr/bin:/bin";
     args = [ "-c" "sleep 1; head -c 4000000 /dev/zero > $out" ]; };
-  exits = mkDrv { name = "exits"; args = [ "-c" "exit 42" ]; };
+  exits = mkDrv { name = "exits"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "echo this line says it failed with exit code 7; exit 42" ]; };
   killed = mkDrv { name = "killed"; PATH = "/usr/bin:/bin"; args = [ "-c" "kill -9 $$" ]; };
 }"#;
     let ids = d.submit_attrs(jobs, &["ok", "exits", "killed"]).await;

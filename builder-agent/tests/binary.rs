@@ -75,6 +75,27 @@ impl Child {
     }
 }
 
+impl Child {
+    /// The agent binary dialling `runner`, with `args` after the address
+    /// and token, its stderr in `dir`.
+    fn agent(runner: &Runner, dir: &std::path::Path, args: &[&std::ffi::OsStr]) -> Child {
+        let stderr = dir.join("agent.stderr");
+        Child {
+            process: Command::new(AGENT)
+                .arg("--queue-runner")
+                .arg(runner.url())
+                .arg("--token-file")
+                .arg(&runner.token_file)
+                .args(args)
+                .stdin(Stdio::null())
+                .stderr(std::fs::File::create(&stderr).expect("creates the agent's log"))
+                .spawn()
+                .expect("starts the agent"),
+            stderr,
+        }
+    }
+}
+
 impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.process.kill();
@@ -97,23 +118,23 @@ async fn the_binary_builds_an_assignment_and_survives_a_restart() {
     let store = IsolatedStore::new();
     let daemon = store.start_daemon();
     let logs = tempfile::tempdir().expect("tempdir");
-    let stderr = logs.path().join("agent.stderr");
-    let agent = Child {
-        process: Command::new(AGENT)
-            .arg("--queue-runner")
-            .arg(runner.url())
-            .arg("--token-file")
-            .arg(&runner.token_file)
-            .arg("--store-socket")
-            .arg(daemon.socket_path())
-            .args(["--name", "binary-agent", "--max-jobs", "2"])
-            .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "500"])
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("creates the agent's log"))
-            .spawn()
-            .expect("starts the agent"),
-        stderr,
-    };
+    let socket = daemon.socket_path();
+    let agent = Child::agent(
+        &runner,
+        logs.path(),
+        &[
+            "--store-socket".as_ref(),
+            socket.as_os_str(),
+            "--name".as_ref(),
+            "binary-agent".as_ref(),
+            "--max-jobs".as_ref(),
+            "2".as_ref(),
+            "--reconnect-min-ms".as_ref(),
+            "100".as_ref(),
+            "--reconnect-max-ms".as_ref(),
+            "500".as_ref(),
+        ],
+    );
     let (_, info, _) = runner.connected().await;
     assert_eq!(info.name, "binary-agent");
     // The default systems: the local Nix's and `builtin`.
@@ -152,22 +173,18 @@ async fn without_cgroups_the_agent_says_so_once_and_pins_by_affinity() {
     let mut runner = Runner::start().await;
     let empty = tempfile::tempdir().expect("tempdir");
     let logs = tempfile::tempdir().expect("tempdir");
-    let stderr = logs.path().join("agent.stderr");
-    let agent = Child {
-        process: Command::new(AGENT)
-            .arg("--queue-runner")
-            .arg(runner.url())
-            .arg("--token-file")
-            .arg(&runner.token_file)
-            .arg("--cgroup-root")
-            .arg(empty.path())
-            .args(["--name", "no-cgroups", "--reconnect-min-ms", "100"])
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("creates the agent's log"))
-            .spawn()
-            .expect("starts the agent"),
-        stderr,
-    };
+    let agent = Child::agent(
+        &runner,
+        logs.path(),
+        &[
+            "--cgroup-root".as_ref(),
+            empty.path().as_os_str(),
+            "--name".as_ref(),
+            "no-cgroups".as_ref(),
+            "--reconnect-min-ms".as_ref(),
+            "100".as_ref(),
+        ],
+    );
     runner.connected().await;
     // Reconnecting does not say it again.
     runner.restart().await;

@@ -32,10 +32,6 @@ in rec {
   down = ca { name = "down"; args = [ "-c" "cat ${root} > $out; echo down >> $out" ]; };
 }"#;
 
-async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_runner_stopped_right_after_a_resolution_carries_on_without_duplicates() {
     let dir = data_dir();
@@ -94,15 +90,7 @@ async fn a_queue_runner_stopped_right_after_a_resolution_carries_on_without_dupl
 
     let mut second = serve_with(dir.path(), &tokens, &args);
     second.expect_line("queue runner up", UP);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while count(&pool, "select count(*) from Builds where finished = 0").await > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "builds never finished:\n{}",
-            second.output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_all_finished(&pool, &second).await;
     assert_settled(&pool, &second.output()).await;
     // One status-13 row per build and original derivation, and one
     // successful row of the resolved derivation (the attempt the stop cut

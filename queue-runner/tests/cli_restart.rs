@@ -36,10 +36,6 @@ fn serve_on(data_dir: &std::path::Path, tokens: &std::path::Path, port: u16) -> 
     )
 }
 
-async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
-}
-
 /// A queue runner on its embedded PostgreSQL with one agent, building
 /// `jobs` of `expr` until every `.drv` matching `busy_like` is building.
 struct Farm {
@@ -92,24 +88,6 @@ async fn farm_building(expr_text: &str, jobs: &[&str], busy_like: &str, busy: i6
         first,
         _agent: agent,
         pool,
-    }
-}
-
-/// Waits until every build finished; returns the second queue runner's
-/// output so far.
-async fn wait_all_finished(pool: &sqlx::PgPool, runner: &Proc) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let unfinished = count(pool, "select count(*) from Builds where finished = 0").await;
-        if unfinished == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{unfinished} builds never finished:\n{}",
-            runner.output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

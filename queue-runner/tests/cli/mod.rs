@@ -324,3 +324,26 @@ pub async fn embedded_pool(data_dir: &Path) -> sqlx::PgPool {
         .await
         .unwrap()
 }
+
+/// The single number `sql` selects.
+pub async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// Waits up to two minutes until every build finished; `runner`'s output
+/// is shown if they do not.
+pub async fn wait_all_finished(pool: &sqlx::PgPool, runner: &Proc) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let unfinished = count(pool, "select count(*) from Builds where finished = 0").await;
+        if unfinished == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{unfinished} builds never finished:\n{}",
+            runner.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -129,10 +129,14 @@ fn a_stale_lock_file_of_a_dead_server_is_removed() {
     for pid in &pids {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGKILL).unwrap();
     }
+    // Gone for good: its command line empties while it is still exiting.
     assert!(sluice_test_support::wait_until(
         Duration::from_secs(30),
-        || postmasters_of(dir.path()).is_empty()
+        || pids
+            .iter()
+            .all(|pid| !sluice_pg_embed::postmaster::is_alive(*pid))
     ));
+    assert!(postmasters_of(dir.path()).is_empty());
     assert!(dir.path().join("postgres/postmaster.pid").exists());
 
     let mut next = serve(dir.path(), &tokens);

@@ -43,6 +43,10 @@ pub enum PgError {
     )]
     BinariesNotFound { searched: String },
     #[error(
+        "the PostgreSQL server (pid {pid}) an earlier run left running exited while it was adopted"
+    )]
+    AdoptedServerExited { pid: i32 },
+    #[error(
         "PostgreSQL refuses to run as root and user `{user}` does not exist; \
          create it with `useradd --system --no-create-home {user}` or choose another user"
     )]
@@ -304,6 +308,21 @@ impl PgServer {
     /// Initialises the cluster if needed and starts the server, waiting
     /// until it accepts connections.
     pub fn start(config: &PgConfig) -> Result<PgServer, PgError> {
+        match Self::start_once(config) {
+            // The server we adopted was on its way out (killed an instant
+            // before, still exiting): its lock is stale now; start afresh.
+            Err(PgError::AdoptedServerExited { pid }) => {
+                tracing::warn!(
+                    pid,
+                    "the PostgreSQL server an earlier run left was exiting; starting a new one"
+                );
+                Self::start_once(config)
+            }
+            other => other,
+        }
+    }
+
+    fn start_once(config: &PgConfig) -> Result<PgServer, PgError> {
         let bin_dir = match &config.bin_dir {
             Some(d) if d.join("initdb").is_file() && d.join("postgres").is_file() => d.clone(),
             Some(d) => {
@@ -378,8 +397,13 @@ impl PgServer {
                         bin_dir,
                         owner,
                     };
-                    server.wait_ready(config.ready_timeout, &log_path)?;
-                    return Ok(server);
+                    return match server.wait_ready(config.ready_timeout, &log_path) {
+                        Ok(()) => Ok(server),
+                        Err(_) if !postmaster::is_alive(pid) => {
+                            Err(PgError::AdoptedServerExited { pid })
+                        }
+                        Err(e) => Err(e),
+                    };
                 }
             },
         }

@@ -94,3 +94,39 @@ fn missing_user_says_how_to_create_it() {
     let err = PgServer::start(&config).expect_err("user is missing");
     assert!(err.to_string().contains("useradd"), "{err}");
 }
+
+#[test]
+fn a_server_that_exits_while_it_is_adopted_is_replaced_by_a_fresh_one() {
+    let dir = tempfile::Builder::new()
+        .prefix("sluice-pg-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    sluice_pg_embed::make_traversable(dir.path()).expect("traversable");
+    let user = std::env::var("SLUICE_TEST_PG_USER").unwrap_or_else(|_| "nobody".into());
+    let mut config = PgConfig::new(dir.path().join("data"), dir.path().join("sock"));
+    config.run_as = sluice_pg_embed::RunAs::Existing(user);
+    config.unsafe_fast = true;
+    config.existing = sluice_pg_embed::ExistingServer::Adopt;
+    // A cluster, stopped cleanly.
+    let mut first = PgServer::start(&config).expect("starts");
+    first.stop();
+    // Its lock file now names a "postgres" on its way out (a server
+    // killed an instant ago): alive when the next start looks, gone soon.
+    let fake = dir.path().join("postgres");
+    std::fs::copy("/bin/sleep", &fake).expect("copies sleep");
+    let mut dying = std::process::Command::new(&fake)
+        .arg("1")
+        .spawn()
+        .expect("runs");
+    let lock = dir.path().join("data/postmaster.pid");
+    std::fs::write(
+        &lock,
+        format!("{}\n{}\n", dying.id(), dir.path().join("data").display()),
+    )
+    .expect("writes the lock");
+    let mut server = PgServer::start(&config).expect("a fresh server replaces the one that exited");
+    assert!(!server.was_adopted());
+    let _ = dying.wait();
+    server.create_database("after").expect("serves");
+    server.stop();
+}

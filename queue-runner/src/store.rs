@@ -7,7 +7,7 @@
 //! Invariant: a closure is returned in dependency order: every path comes
 //! after the paths it references (self-references aside).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use sluice_nix::daemon::{ClientError, DaemonClient, PathInfo};
 
@@ -91,14 +91,12 @@ fn query_err(op: &'static str, path: &StorePath, dir: &StoreDir, e: ClientError)
 }
 
 /// The basic derivation an agent builds: `drv` with each used output of
-/// its input derivations added to the input sources.
-///
-/// `realised` gives output paths that are known only after a build
-/// (floating content-addressed inputs); static paths are computed.
+/// its input derivations added to the input sources. Every input output's
+/// path must be static: a derivation with content-addressed inputs is
+/// resolved first (`driver::resolve`), and one that was not is refused.
 pub async fn basic_derivation(
     store: &Store,
     drv: &Derivation,
-    realised: &HashMap<(String, String), String>,
 ) -> Result<BasicDerivation, StoreError> {
     let dir = store.store_dir();
     let (mut basic, input_drvs) = drv.clone().into_basic();
@@ -106,7 +104,7 @@ pub async fn basic_derivation(
         let input_str = dir.print(&input);
         let input_drv = store.read_derivation(&input_str).await?;
         for name in outputs {
-            let known = input_drv
+            let path = input_drv
                 .outputs
                 .get(&name)
                 .map(|o| o.path(dir, &input_drv.name, &name))
@@ -115,22 +113,13 @@ pub async fn basic_derivation(
                     drv: input_str.clone(),
                     cause: e.to_string(),
                 })?
-                .flatten();
-            let path = match known {
-                Some(p) => p,
-                None => {
-                    let Some(p) = realised.get(&(input_str.clone(), name.clone())) else {
-                        return Err(StoreError::Derivation {
-                            drv: input_str.clone(),
-                            cause: format!("the path of output {name} is not known yet"),
-                        });
-                    };
-                    dir.parse_path(p).map_err(|e| StoreError::Derivation {
-                        drv: input_str.clone(),
-                        cause: e.to_string(),
-                    })?
-                }
-            };
+                .flatten()
+                .ok_or_else(|| StoreError::Derivation {
+                    drv: input_str.clone(),
+                    cause: format!(
+                        "the path of output {name} is known only once built: the derivation using it must be resolved first"
+                    ),
+                })?;
             basic.input_srcs.insert(path);
         }
     }

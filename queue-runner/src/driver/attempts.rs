@@ -163,15 +163,8 @@ impl Driver {
         }
         if succeeded {
             // The builds this step finished were recorded by the call
-            // above; only a floating output's path is needed later (by
-            // dependents, to resolve their inputs).
-            let floating = self
-                .closure
-                .get(&a.drv_path)
-                .is_some_and(|c| c.outputs.values().any(Option::is_none));
-            if !floating {
-                self.built_outputs.remove(&a.drv_path);
-            }
+            // above; dependents read its outputs from the database.
+            self.built_outputs.remove(&a.drv_path);
             self.closure.remove(&a.drv_path);
         }
         if let Some(committed) = committed {
@@ -299,7 +292,6 @@ impl Driver {
             first_for_build,
             started_unix: a.started_unix,
             existing_row: a.stepnr,
-            realised: self.realised_inputs(&drv_path),
             max_log_bytes: self.config.max_log_bytes,
             max_output_bytes: self.config.max_output_bytes,
             timeouts: self.step_limits(&drv_path, build),
@@ -326,23 +318,6 @@ impl Driver {
             .map(|b| (b.max_silent_s, b.timeout_s))
             .reduce(|(s1, t1), (s2, t2)| (s1.max(s2), t1.max(t2)))
             .unwrap_or((3600, 36000))
-    }
-
-    /// Output paths built by this run for the input derivations of
-    /// `drv_path`: what a floating content-addressed input resolves to.
-    pub(super) fn realised_inputs(&self, drv_path: &DrvPath) -> HashMap<(String, String), String> {
-        let mut out = HashMap::new();
-        let Some(step) = self.closure.get(drv_path) else {
-            return out;
-        };
-        for input in &step.spec.input_drvs {
-            if let Some(built) = self.built_outputs.get(input) {
-                for (name, path) in &built.outputs {
-                    out.insert((input.as_str().to_string(), name.clone()), path.clone());
-                }
-            }
-        }
-        out
     }
 
     pub(super) fn on_prepared(

@@ -187,8 +187,8 @@ pub struct Driver {
     ended_before_row: HashMap<AttemptId, (Attempt, i32, String)>,
     builds: HashMap<BuildId, Arc<QueuedBuild>>,
     closure: HashMap<DrvPath, ClosureDrv>,
-    /// Output paths and times of steps that succeeded, for the builds they
-    /// finish and for floating content-addressed inputs of later steps.
+    /// Output paths and times of steps that succeeded (or whose outputs a
+    /// resolution or a load found recorded), for the builds they finish.
     built_outputs: HashMap<DrvPath, BuiltStep>,
     started_builds: HashSet<BuildId>,
     /// Builds finished here whose rows a load may not see yet: `false`

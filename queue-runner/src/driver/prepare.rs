@@ -7,7 +7,7 @@
 //! [`DriverEvent::Prepared`] for its attempt, carrying the assignment (or
 //! why there is none); the driver sends it on.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use sluice_core::{BuildId, MachineId};
 use tokio::sync::{mpsc, oneshot};
@@ -31,7 +31,6 @@ pub struct Preparation {
     pub started_unix: i64,
     /// The row of an attempt adopted after a restart: none is created.
     pub existing_row: Option<i32>,
-    pub realised: HashMap<(String, String), String>,
     pub max_log_bytes: u64,
     pub max_output_bytes: u64,
     /// (max silent time, timeout) in seconds, from the build.
@@ -106,7 +105,7 @@ async fn assignment(job: &Preparation, store: &Store) -> Result<Assignment, Stri
         .read_derivation(&job.drv_path)
         .await
         .map_err(|e| e.to_string())?;
-    let basic = store::basic_derivation(store, &drv, &job.realised)
+    let basic = store::basic_derivation(store, &drv)
         .await
         .map_err(|e| e.to_string())?;
     let dir = store.store_dir().clone();

@@ -7,7 +7,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -256,7 +256,7 @@ pub async fn assignment(store: &LocalStore, drv_path: &str, attempt: AttemptId) 
     let runner_store = Store::new(store.clone());
     let dir = runner_store.store_dir().clone();
     let drv = runner_store.read_derivation(drv_path.trim()).await.unwrap();
-    let basic = sluice_queue_runner::store::basic_derivation(&runner_store, &drv, &HashMap::new())
+    let basic = sluice_queue_runner::store::basic_derivation(&runner_store, &drv)
         .await
         .unwrap();
     let inputs = closure(store, &basic.input_srcs).await;

@@ -461,6 +461,57 @@ mod tests {
         assert!(why.contains(&root.path().display().to_string()), "{why}");
     }
 
+    /// An agent killed with steps running (kill -9: no drop ran) leaves
+    /// their cgroups, and whatever still runs in them; the next agent on
+    /// the machine empties and removes them when it starts.
+    #[test]
+    fn cgroups_an_agent_killed_mid_step_left_are_emptied_by_the_next_one() {
+        let root = Path::new("/sys/fs/cgroup");
+        // A pid that is gone: an agent that died.
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        // Its parent and step cgroups, made as the dead agent made them.
+        let own = Cgroups::setup(root, Path::new("/proc"))
+            .expect("this machine has a cpuset controller (see test-environment.md)");
+        let own_dir = own.dir().parent().unwrap().to_path_buf();
+        let hierarchy = own.hierarchy();
+        drop(own);
+        let parent = own_dir.join(format!("sluice-{dead}-0"));
+        make_dir(hierarchy, &own_dir, &parent).unwrap();
+        let step_dir = parent.join("step-0");
+        make_dir(hierarchy, &parent, &step_dir).unwrap();
+        let step = StepCgroup::at(step_dir.clone()).unwrap();
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("1000");
+        // SAFETY: as in `nix_store::connect`.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, step.enter_fn());
+        }
+        let mut orphan = cmd.spawn().unwrap();
+        // The dead agent never dropped its cgroup.
+        std::mem::forget(step);
+        assert_eq!(pids(&step_dir), [i32::try_from(orphan.id()).unwrap()]);
+
+        let next = Cgroups::setup(root, Path::new("/proc")).unwrap();
+        let status = orphan.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "the orphan was killed"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while parent.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} is still there",
+                parent.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(next);
+    }
+
     /// This machine's own cgroups (cgroup v1 cpuset, or v2 with it):
     /// a process placed in a step's cgroup runs on its CPU, and a child
     /// that left its process group is killed with the cgroup.

@@ -19,18 +19,17 @@ use sluice_test_support::nix::NixEnv;
 const TOKEN: &str = "cli-ca-restart-token-0123456789abcdef";
 const UP: Duration = Duration::from_secs(120);
 
-const JOBS: &str = r#"
-let
-  ca = attrs: mkDrv ({
-    __contentAddressed = true;
-    outputHashMode = "recursive";
-    outputHashAlgo = "sha256";
-    PATH = "/usr/bin:/bin";
-  } // attrs);
-in rec {
+/// `root`, and `down` using it, both content-addressed.
+fn jobs() -> String {
+    format!(
+        "{}{}",
+        include_str!("nix/ca-prelude.nix"),
+        r#"rec {
   root = ca { name = "root"; args = [ "-c" "echo root > $out" ]; };
   down = ca { name = "down"; args = [ "-c" "cat ${root} > $out; echo down >> $out" ]; };
-}"#;
+}"#
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_runner_stopped_right_after_a_resolution_carries_on_without_duplicates() {
@@ -58,7 +57,7 @@ async fn a_queue_runner_stopped_right_after_a_resolution_carries_on_without_dupl
     let _agent = agent_proc(port, &tokens, "local", 2, &[]);
     first.expect_line("agent connected", Duration::from_secs(30));
     let env = NixEnv::new();
-    let expr = env.write_expr(JOBS);
+    let expr = env.write_expr(&jobs());
     submit_jobs(dir.path(), &expr, &["root", "down"]);
     let status = first.wait_exit(Duration::from_secs(120));
     assert!(

@@ -20,16 +20,7 @@ use sluice_nix::store_path::StoreDir;
 use sluice_test_support::nix::{realise_in, IsolatedStore};
 
 /// `ca` makes a floating content-addressed derivation.
-const PRELUDE: &str = r#"
-let
-  ca = attrs: mkDrv ({
-    __contentAddressed = true;
-    outputHashMode = "recursive";
-    outputHashAlgo = "sha256";
-    PATH = "/usr/bin:/bin";
-  } // attrs);
-in
-"#;
+const PRELUDE: &str = include_str!("nix/ca-prelude.nix");
 
 const MIXED: &str = r#"rec {
   root = ca { name = "root"; args = [ "-c" "echo root > $out" ]; };

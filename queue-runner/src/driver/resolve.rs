@@ -156,15 +156,24 @@ impl Driver {
             return rows;
         }
         for r in rows {
-            self.send_write(WriteJob::RecordResolution {
-                row: r.row,
-                resolved_drv: r.resolved_drv,
-                realisations: Vec::new(),
-                outputs: Vec::new(),
-                time: r.time,
-            });
+            self.record_resolution(r, Vec::new(), Vec::new());
         }
         Vec::new()
+    }
+
+    /// Records a resolution on its own, with what its outputs became when
+    /// they are known.
+    fn record_resolution(
+        &mut self,
+        resolution: ResolutionRow,
+        realisations: Vec<Realisation>,
+        outputs: Vec<(String, String)>,
+    ) {
+        self.send_write(WriteJob::RecordResolution {
+            resolution,
+            realisations,
+            outputs,
+        });
     }
 
     /// Starts resolving `drv_path` (the core's `Command::Resolve`).
@@ -235,14 +244,17 @@ impl Driver {
                 system,
             } => {
                 tracing::info!(drv = %drv_path, resolved = %resolved_drv, "resolved to a derivation already built");
-                self.send_write(WriteJob::RecordResolution {
-                    row: resolution_row(build, &drv_path, &system, &original_keys, &outputs),
-                    realisations: realisations_of(&drv_path, &original_keys, &outputs),
-                    resolved_drv,
-                    outputs: outputs.clone(),
-                    time,
-                });
-                self.register_realisations(realisations_of(&drv_path, &original_keys, &outputs));
+                let realisations = realisations_of(&drv_path, &original_keys, &outputs);
+                self.record_resolution(
+                    ResolutionRow {
+                        row: resolution_row(build, &drv_path, &system, &original_keys, &outputs),
+                        resolved_drv,
+                        time,
+                    },
+                    realisations.clone(),
+                    outputs.clone(),
+                );
+                self.register_realisations(realisations);
                 self.built_outputs.insert(
                     drv_path.clone(),
                     super::BuiltStep {
@@ -268,13 +280,7 @@ impl Driver {
                 if self.core.has_step(resolved_path.as_str()) {
                     // Shared with a step that exists (it may have its
                     // row already): recorded now.
-                    self.send_write(WriteJob::RecordResolution {
-                        row: row.row,
-                        resolved_drv: row.resolved_drv,
-                        realisations: Vec::new(),
-                        outputs: Vec::new(),
-                        time,
-                    });
+                    self.record_resolution(row, Vec::new(), Vec::new());
                 } else {
                     // A new step: recorded with its first row.
                     self.resolutions

@@ -50,11 +50,9 @@ pub(super) enum Commit {
         resolved_from: Vec<String>,
     },
     RecordResolution {
-        row: StepRow,
-        resolved_drv: String,
+        resolution: super::ResolutionRow,
         realisations: Vec<results::Realisation>,
         outputs: Vec<(String, String)>,
-        time: i64,
     },
     /// A finished step row of its own (unsupported).
     InsertStep { row: StepRow },
@@ -91,7 +89,7 @@ impl Commit {
             | Commit::InsertStep { row }
             | Commit::AbortBuild { row, .. } => row.build,
             Commit::Phase { build, .. } | Commit::FinishStep { build, .. } => *build,
-            Commit::RecordResolution { row, .. } => row.build,
+            Commit::RecordResolution { resolution, .. } => resolution.row.build,
             Commit::FinishBuilds { head, .. } => *head,
         }
     }
@@ -200,15 +198,13 @@ async fn write(conn: &mut PgConnection, commit: &Commit) -> Result<Committed, Co
             Ok(None)
         }
         Commit::RecordResolution {
-            row,
-            resolved_drv,
+            resolution: r,
             realisations,
             outputs,
-            time,
         } => {
-            results::record_resolution(conn, row, resolved_drv, *time).await?;
+            results::record_resolution(conn, &r.row, &r.resolved_drv, r.time).await?;
             results::record_realisations(conn, realisations).await?;
-            results::record_resolved_outputs(conn, &row.drv_path, outputs).await?;
+            results::record_resolved_outputs(conn, &r.row.drv_path, outputs).await?;
             Ok(None)
         }
         Commit::InsertStep { row } => {

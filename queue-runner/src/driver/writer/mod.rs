@@ -113,13 +113,10 @@ pub enum WriteJob {
     /// `row.build` (unless one exists), and, when the resolved derivation
     /// is already built, what the step's outputs became.
     RecordResolution {
-        row: StepRow,
-        /// The resolved derivation's base name.
-        resolved_drv: String,
+        resolution: ResolutionRow,
         realisations: Vec<results::Realisation>,
         /// The outputs, when already built (early cutoff).
         outputs: Vec<(String, String)>,
-        time: i64,
     },
     /// Runs once the writes before it are committed.
     AfterCommit(OnCommit),
@@ -382,18 +379,14 @@ impl Writer {
             }
             WriteJob::InsertStep { row } => (Commit::InsertStep { row }, None),
             WriteJob::RecordResolution {
-                row,
-                resolved_drv,
+                resolution,
                 realisations,
                 outputs,
-                time,
             } => (
                 Commit::RecordResolution {
-                    row,
-                    resolved_drv,
+                    resolution,
                     realisations,
                     outputs,
-                    time,
                 },
                 None,
             ),

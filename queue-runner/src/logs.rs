@@ -169,12 +169,18 @@ impl LogWriter {
 
     /// Flushes and closes the file; returns its path, for `step_finished`.
     pub async fn finish(mut self) -> Result<PathBuf, LogError> {
+        self.flush().await?;
+        Ok(self.path)
+    }
+
+    /// Waits until everything appended so far is in the file (a tokio
+    /// file's writes complete in the background).
+    pub async fn flush(&mut self) -> Result<(), LogError> {
         self.file.flush().await.map_err(|source| LogError::Io {
             path: self.path.clone(),
             what: "flushing",
             source,
-        })?;
-        Ok(self.path)
+        })
     }
 }
 

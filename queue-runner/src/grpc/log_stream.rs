@@ -71,7 +71,11 @@ pub(crate) async fn receive(
             )))
         }
     };
-    let result = copy(&mut writer, first, &mut inbound, attempt).await;
+    let mut result = copy(&mut writer, first, &mut inbound, attempt).await;
+    // What the ack counts is in the file before the agent hears of it.
+    if let Err(e) = writer.flush().await {
+        result = result.and(Err(log_status(e)));
+    }
     if let Some(orphan) = shared.attempts.put_log(attempt, writer) {
         orphan.finish().await.map_err(log_status)?;
     }

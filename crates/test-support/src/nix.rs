@@ -478,10 +478,6 @@ pub struct NixDaemon {
     dir: tempfile::TempDir,
     /// The daemon's mount namespace, if not the test's own.
     mount_ns: Option<PathBuf>,
-    /// An open handle on that namespace: while it is open the kernel
-    /// keeps the namespace, so its number is never given to another
-    /// test's namespace while the drop kills by number.
-    _mount_ns_hold: Option<std::fs::File>,
 }
 
 /// The name of a daemon's log file, next to its socket.
@@ -536,7 +532,6 @@ impl NixDaemon {
             child,
             dir,
             mount_ns: None,
-            _mount_ns_hold: None,
         };
         // The socket file appears just before the daemon listens on it:
         // wait until a connection is accepted, not until the file exists.
@@ -551,13 +546,8 @@ impl NixDaemon {
             daemon.log()
         );
         // Accepting connections, the daemon is past its `unshare`.
-        let pid = daemon.child.id();
-        daemon._mount_ns_hold = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok();
-        daemon.mount_ns = mount_namespace(&pid.to_string())
+        daemon.mount_ns = mount_namespace(&daemon.child.id().to_string())
             .filter(|ns| mount_namespace("self").as_ref() != Some(ns));
-        if daemon.mount_ns.is_none() {
-            daemon._mount_ns_hold = None;
-        }
         daemon
     }
 

@@ -581,12 +581,15 @@ impl NixDaemon {
 
 impl Drop for NixDaemon {
     fn drop(&mut self) {
+        // Who is in the namespace, taken while the daemon keeps it alive
+        // (so its number still names it, and no other test's).
+        let in_namespace = self.mount_ns.as_deref().map(processes_in);
         if let Ok(pid) = i32::try_from(self.child.id()) {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
         let _ = self.child.wait();
-        if let Some(ns) = &self.mount_ns {
-            kill_mount_namespace(ns);
+        if let (Some(ns), Some(ours)) = (&self.mount_ns, in_namespace) {
+            kill_mount_namespace(ns, ours);
         }
         if std::thread::panicking() {
             // The test failed: what the daemon said may tell why. Printed
@@ -610,21 +613,29 @@ fn mount_namespace(pid: &str) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()
 }
 
-/// Kills every process in the mount namespace `ns` (never ours), and
-/// returns once none is left, or after 10 s.
-fn kill_mount_namespace(ns: &Path) {
+/// The processes in mount namespace `ns`.
+fn processes_in(ns: &Path) -> std::collections::HashSet<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| mount_namespace(&pid.to_string()).as_deref() == Some(ns))
+        .collect()
+}
+
+/// Kills `ours`, the processes that were in the mount namespace `ns`, and
+/// any process they start there; returns once none is left, or after
+/// 10 s. Once they are all gone the kernel may give the namespace's number
+/// to another test's new namespace, whose processes (not started by ours)
+/// are spared.
+fn kill_mount_namespace(ns: &Path, mut ours: std::collections::HashSet<i32>) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let mut found = false;
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            if mount_namespace(&pid.to_string()).as_deref() == Some(ns) {
+        for pid in processes_in(ns) {
+            if ours.contains(&pid) || parent_of(pid).is_some_and(|p| ours.contains(&p)) {
+                ours.insert(pid);
                 found = true;
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
@@ -634,6 +645,13 @@ fn kill_mount_namespace(ns: &Path) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The parent of process `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 struct HostStore;

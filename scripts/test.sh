@@ -8,6 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
+# Incremental caches only pay off across edits; a test run does not edit, and
+# they would double the target directory on a disk that CI shares.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+df -h . | sed 's/^/disk: /'
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The command-line tests run both executables, whichever package's tests

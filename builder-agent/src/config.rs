@@ -62,6 +62,14 @@ pub struct Cli {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_jobs: Option<u32>,
 
+    /// Steps to take ahead of the free slots, so a slot that frees starts
+    /// its next step without waiting for the queue runner (at most
+    /// --max-jobs; 0: none) [default: --max-jobs, one per slot]. The
+    /// queue runner sends them only while no other agent that could build
+    /// them has a slot idle
+    #[arg(long, value_name = "N")]
+    pub prefetch: Option<u32>,
+
     /// Pin each step's whole process tree to a slot of the machine (its
     /// CPU affinity and NIX_BUILD_CORES). Builds that a daemon given with
     /// --store-socket runs are not its children and keep the daemon's CPUs
@@ -167,6 +175,8 @@ pub struct AgentConfig {
     pub features: Vec<String>,
     pub mandatory_features: Vec<String>,
     pub max_jobs: u32,
+    /// Steps taken ahead of the free slots (at most `max_jobs`).
+    pub prefetch: u32,
     /// The slots steps are pinned to; `None`: no pinning.
     pub slots: Option<crate::topology::Layout>,
     pub speed_factor: f32,
@@ -283,6 +293,7 @@ impl Cli {
             features: self.features,
             mandatory_features: self.mandatory_features,
             max_jobs,
+            prefetch: self.prefetch.unwrap_or(max_jobs).min(max_jobs),
             slots,
             speed_factor: self.speed_factor,
             store: match self.store_socket {

@@ -27,7 +27,7 @@ use sluice_nix::store_path::{StoreDir, StorePath};
 use sluice_proto::v1 as pb;
 use thiserror::Error;
 
-use crate::link::{worth_retrying, Link, SlotGuard};
+use crate::link::{worth_retrying, Link, Slots};
 use crate::nix_store::{Placement, StoreConn};
 use crate::session::SessionCtx;
 use crate::{logs, nix_store, transfer};
@@ -127,7 +127,9 @@ enum Reported {
 }
 
 async fn report(ctx: &SessionCtx, step: &str, mut result: pb::StepResult) -> Reported {
-    result.failure = failure_kind(result.status).into();
+    if result.failure == i32::from(pb::FailureKind::Unspecified) {
+        result.failure = failure_kind(result.status).into();
+    }
     result.session_id = ctx.id.clone();
     let status = result.status;
     match ctx.client.clone().report_result(result).await {
@@ -160,9 +162,12 @@ pub(crate) async fn report_aborted(ctx: &SessionCtx, step: &str, why: String) {
     }
 }
 
-/// Reports an assignment the agent will not run.
+/// Gives back an assignment the agent will not run (it never started):
+/// the queue runner assigns it again at once, and it costs no try.
 pub(crate) async fn refuse(ctx: Arc<SessionCtx>, step: String, why: &'static str) {
-    match report(&ctx, &step, result(&step, ABORTED, why.to_owned())).await {
+    let mut refusal = result(&step, ABORTED, why.to_owned());
+    refusal.failure = pb::FailureKind::Refused.into();
+    match report(&ctx, &step, refusal).await {
         Reported::Done => {}
         Reported::Again(e) | Reported::Refused(e) => {
             tracing::warn!(step, "refusing the step failed: {e}")
@@ -179,11 +184,19 @@ struct Outcome {
     uploads: Option<(BTreeMap<String, PathInfo>, StoreConn)>,
 }
 
-/// Runs an assignment and delivers its result; `slot` is released when
-/// the build is over, before the delivery.
-pub(crate) async fn run(mut link: Link, assignment: pb::Assignment, slot: SlotGuard) {
+/// Runs an assignment once one of `slots` is free, and delivers its
+/// result; the slot is released when the build is over, before the
+/// delivery. If the agent drains before a slot frees, the step is given
+/// back unstarted.
+pub(crate) async fn run(mut link: Link, assignment: pb::Assignment, slots: Arc<Slots>) {
     let step = assignment.step_id.clone();
     tracing::info!(step, drv = assignment.drv_path, "step assigned");
+    let Some(slot) = slots.acquire().await else {
+        tracing::info!(step, "the agent drains before the step started; giving it back");
+        let ctx = link.session().await;
+        refuse(ctx, step, "the agent is draining").await;
+        return;
+    };
     let outcome = match build(&mut link, &assignment, slot.placement()).await {
         Ok(outcome) => outcome,
         Err(e) => {

@@ -78,7 +78,7 @@ pub async fn run_until(
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     // Jobs outlive sessions; they are dropped (their builds stopped) only
     // when the agent stops.
-    let mut jobs = link::Jobs::new(config.slots.clone(), step_cgroups(&config));
+    let mut jobs = link::Jobs::new(config.max_jobs, config.slots.clone(), step_cgroups(&config));
     let (link, _) = tokio::sync::watch::channel(None);
     let (draining, draining_rx) = tokio::sync::watch::channel(false);
     let mut deadline: Option<tokio::time::Instant> = None;

@@ -13,11 +13,11 @@
 //! holds a slot only while it builds.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::{AbortHandle, JoinSet};
 use tonic::{Code, Status};
 
@@ -82,61 +82,154 @@ pub(crate) struct Jobs {
     pub(crate) set: JoinSet<()>,
     running: HashMap<String, AbortHandle>,
     by_task: HashMap<tokio::task::Id, String>,
-    /// Jobs still building (holding a slot). A job that only delivers its
-    /// result holds none: the queue runner frees the slot when the result
-    /// reaches it, before it is committed and acknowledged.
-    building: Arc<AtomicUsize>,
+    slots: Arc<Slots>,
+}
+
+/// The machine's job slots, shared by the jobs. A job waits here for a
+/// slot (the queue runner may assign steps ahead of the free slots, see
+/// `pb::RegisterRequest::prefetch`) and holds it only while it builds: a
+/// job that only delivers its result holds none, since the queue runner
+/// frees the slot when the result reaches it.
+pub(crate) struct Slots {
+    max_jobs: usize,
+    /// Jobs building (holding a slot).
+    building: AtomicUsize,
     /// The slots of the machine steps are pinned to, if they are.
-    table: Option<Arc<parking_lot::Mutex<SlotTable>>>,
+    table: Option<parking_lot::Mutex<SlotTable>>,
     /// Where each step's cgroup is made, if cgroups are used.
     cgroups: Option<Arc<Cgroups>>,
+    /// Set once the agent drains: jobs still waiting give their step back.
+    draining: AtomicBool,
+    /// Wakes the waiting jobs when a slot frees or the agent drains.
+    changed: Notify,
+}
+
+impl Slots {
+    /// Waits for a free slot: with pinning, one on the least-loaded NUMA
+    /// node. `None` once the agent drains: the step never started.
+    pub(crate) async fn acquire(self: &Arc<Self>) -> Option<SlotGuard> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.draining.load(Ordering::SeqCst) {
+                return None;
+            }
+            if let Some(slot) = self.try_take() {
+                return Some(slot);
+            }
+            changed.await;
+        }
+    }
+
+    fn try_take(self: &Arc<Self>) -> Option<SlotGuard> {
+        // Only this function takes slots, and only under the table's lock
+        // or this compare-exchange: two jobs never get the same one.
+        let mut n = self.building.load(Ordering::SeqCst);
+        loop {
+            if n >= self.max_jobs {
+                return None;
+            }
+            match self
+                .building
+                .compare_exchange(n, n + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break,
+                Err(now) => n = now,
+            }
+        }
+        let pinned = match &self.table {
+            Some(table) => {
+                let mut t = table.lock();
+                let taken = t
+                    .take()
+                    .and_then(|index| match t.slot(index).cloned() {
+                        Some(slot) => Some((index, slot)),
+                        None => {
+                            t.release(index);
+                            None
+                        }
+                    });
+                match taken {
+                    Some(taken) => Some(taken),
+                    None => {
+                        drop(t);
+                        self.building.fetch_sub(1, Ordering::SeqCst);
+                        return None;
+                    }
+                }
+            }
+            None => None,
+        };
+        Some(SlotGuard {
+            slots: self.clone(),
+            pinned,
+        })
+    }
+
+    /// Jobs waiting for a slot give their steps back from now on.
+    pub(crate) fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
 }
 
 /// A job's claim on a slot, released when dropped.
 pub(crate) struct SlotGuard {
-    building: Arc<AtomicUsize>,
-    /// The pinned slot, with the table to give it back to.
-    pinned: Option<(usize, Slot, Arc<parking_lot::Mutex<SlotTable>>)>,
-    cgroups: Option<Arc<Cgroups>>,
+    slots: Arc<Slots>,
+    /// The pinned slot: its index in the table, and what it is.
+    pinned: Option<(usize, Slot)>,
 }
 
 impl SlotGuard {
     /// Where the job's step runs: its slot's CPUs and memory nodes, if it
     /// is pinned, and in a cgroup of its own, if cgroups are used.
     pub(crate) fn placement(&self) -> Placement<'_> {
-        let slot = self.pinned.as_ref().map(|(_, slot, _)| slot);
+        let slot = self.pinned.as_ref().map(|(_, slot)| slot);
         Placement {
             cpus: slot.map(|s| s.cpus.as_slice()),
             mems: slot.map_or(&[][..], |s| s.mems.as_slice()),
-            cgroups: self.cgroups.as_deref(),
+            cgroups: self.slots.cgroups.as_deref(),
         }
     }
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.building.fetch_sub(1, Ordering::SeqCst);
-        if let Some((index, _, table)) = &self.pinned {
+        if let (Some((index, _)), Some(table)) = (&self.pinned, &self.slots.table) {
             table.lock().release(*index);
         }
+        self.slots.building.fetch_sub(1, Ordering::SeqCst);
+        self.slots.changed.notify_waiters();
     }
 }
 
 impl Jobs {
-    /// No jobs yet; steps are pinned to the slots of `layout`, if given,
-    /// each in a cgroup of its own made by `cgroups`, if given.
-    pub(crate) fn new(layout: Option<Layout>, cgroups: Option<Cgroups>) -> Jobs {
+    /// No jobs yet; at most `max_jobs` build at once, pinned to the slots
+    /// of `layout`, if given, each in a cgroup of its own made by
+    /// `cgroups`, if given.
+    pub(crate) fn new(max_jobs: u32, layout: Option<Layout>, cgroups: Option<Cgroups>) -> Jobs {
         Jobs {
             set: JoinSet::new(),
             running: HashMap::new(),
             by_task: HashMap::new(),
-            building: Arc::default(),
-            table: layout.map(|l| Arc::new(parking_lot::Mutex::new(SlotTable::new(l)))),
-            cgroups: cgroups.map(Arc::new),
+            slots: Arc::new(Slots {
+                max_jobs: max_jobs as usize,
+                building: AtomicUsize::new(0),
+                table: layout.map(|l| parking_lot::Mutex::new(SlotTable::new(l))),
+                cgroups: cgroups.map(Arc::new),
+                draining: AtomicBool::new(false),
+                changed: Notify::new(),
+            }),
         }
     }
 
-    /// Steps held: running, or waiting to deliver their result.
+    /// The slots, for a new job to wait on.
+    pub(crate) fn slots(&self) -> Arc<Slots> {
+        self.slots.clone()
+    }
+
+    /// Steps held: waiting for a slot, building, or delivering a result.
     pub(crate) fn held(&self) -> Vec<String> {
         let mut steps: Vec<String> = self.running.keys().cloned().collect();
         steps.sort();
@@ -157,34 +250,7 @@ impl Jobs {
         steps
     }
 
-    /// Slots in use: jobs still building.
-    pub(crate) fn building(&self) -> usize {
-        self.building.load(Ordering::SeqCst)
-    }
-
-    /// A slot for a new job: with pinning, a free slot on the least-loaded
-    /// NUMA node; `None` if every pinned slot is busy.
-    pub(crate) fn slot(&self) -> Option<SlotGuard> {
-        let pinned = match &self.table {
-            Some(table) => {
-                let mut t = table.lock();
-                let index = t.take()?;
-                let Some(slot) = t.slot(index).cloned() else {
-                    t.release(index);
-                    return None;
-                };
-                Some((index, slot, table.clone()))
-            }
-            None => None,
-        };
-        self.building.fetch_add(1, Ordering::SeqCst);
-        Some(SlotGuard {
-            building: self.building.clone(),
-            pinned,
-            cgroups: self.cgroups.clone(),
-        })
-    }
-
+    /// Whether `step` is held.
     pub(crate) fn contains(&self, step: &str) -> bool {
         self.running.contains_key(step)
     }

@@ -5,8 +5,10 @@
 //! Invariants: jobs belong to the agent ([`crate::link::Jobs`]), not to a
 //! session: when a session ends its jobs go on, and reach the next session
 //! through the [`Link`], which holds this session only while it is up. At
-//! most `max_jobs` jobs are held at once; an assignment beyond that is
-//! reported as aborted (status 3) rather than queued.
+//! most `max_jobs` jobs build at once; an assignment beyond that (the
+//! queue runner assigns up to `prefetch` steps ahead) waits for a slot,
+//! and is given back unstarted (`FAILURE_KIND_REFUSED`) if the agent
+//! drains first.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,6 +169,7 @@ async fn serve(
             supported_features: config.features.clone(),
             mandatory_features: config.mandatory_features.clone(),
             max_jobs: config.max_jobs,
+            prefetch: config.prefetch,
             speed_factor: config.speed_factor,
             total_mem_bytes: host.mem_total_bytes,
             draining: is_draining,
@@ -237,10 +240,13 @@ async fn serve(
             Ok(()) = draining.changed() => {
                 let now_draining = *draining.borrow();
                 if now_draining {
+                    // The queue runner hears of the drain before any step
+                    // held ahead is given back, so it sends them elsewhere.
                     let _ = ctx.events.try_send(pb::AgentEvent {
                         session_id: ctx.id.clone(),
                         event: Some(pb::agent_event::Event::Drain(pb::Drain {})),
                     });
+                    jobs.slots().drain();
                 }
             }
             message = commands.message() => {
@@ -259,16 +265,10 @@ async fn serve(
                             tracing::info!(step, "assigned a step while draining; refusing it");
                             tokio::spawn(job::refuse(ctx.clone(), step, "the agent is draining"));
                         } else {
-                            let slot = (jobs.building() < config.max_jobs as usize)
-                                .then(|| jobs.slot())
-                                .flatten();
-                            match slot {
-                                Some(slot) => jobs.spawn(step, job::run(job_link.clone(), a, slot)),
-                                None => {
-                                    tracing::warn!(step, "assigned a step with every slot busy; refusing it");
-                                    tokio::spawn(job::refuse(ctx.clone(), step, "every job slot of the agent is busy"));
-                                }
-                            }
+                            // It waits for a slot if none is free: the
+                            // queue runner may assign steps ahead.
+                            let slots = jobs.slots();
+                            jobs.spawn(step, job::run(job_link.clone(), a, slots));
                         }
                     }
                     pb::runner_command::Command::Cancel(c) => {

@@ -48,6 +48,8 @@ pub struct AgentInfo {
     pub supported_features: Vec<String>,
     pub mandatory_features: Vec<String>,
     pub max_jobs: u32,
+    /// Steps it takes ahead of its free slots (at most `max_jobs`).
+    pub prefetch: u32,
     pub speed_factor: f32,
     pub total_mem_bytes: u64,
     /// It takes no new steps (it is stopping).
@@ -162,13 +164,15 @@ pub enum FailureKind {
     Build,
     /// The machinery's fault: it may succeed elsewhere or later.
     Infrastructure,
+    /// The agent never started the step: it costs no try.
+    Refused,
 }
 
 impl StepReport {
     /// Whether the failure may go away when the step is tried again.
     pub fn is_retryable(&self) -> bool {
         match self.failure {
-            FailureKind::Infrastructure => true,
+            FailureKind::Infrastructure | FailureKind::Refused => true,
             FailureKind::Build | FailureKind::None => false,
             FailureKind::Unspecified => self.status == 3,
         }

@@ -131,6 +131,7 @@ fn machines() -> Vec<MachineSpec> {
                 supported_features: supported,
                 mandatory_features: mandatory,
                 max_jobs: 4,
+                prefetch: 0,
                 speed_factor: 1.0,
             }
         })

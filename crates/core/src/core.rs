@@ -75,6 +75,7 @@ pub(crate) struct Counts {
     pub steps_failed: u64,
     pub steps_unsupported: u64,
     pub retries: u64,
+    pub refusals: u64,
     pub dispatches: u64,
     pub builds_done: u64,
     pub builds_succeeded: u64,
@@ -270,8 +271,11 @@ impl<O: StepOrder> Core<O> {
         match outcome {
             StepOutcome::Success => machine.steps_done += 1,
             StepOutcome::Failed { .. } => machine.steps_failed += 1,
+            StepOutcome::Refused => {}
         }
-        self.charge(slot.build, slot.since);
+        if outcome != StepOutcome::Refused {
+            self.charge(slot.build, slot.since);
+        }
         self.mark_dirty(machine_id);
         // A slot whose step was freed is removed at once (see `release`), so
         // this only fails if that invariant is broken; then there is nothing
@@ -284,6 +288,7 @@ impl<O: StepOrder> Core<O> {
             StepOutcome::Failed { failure, can_retry } => {
                 self.attempt_failed(step, machine_id, slot.build, failure, can_retry)
             }
+            StepOutcome::Refused => self.attempt_refused(step, machine_id),
         }
     }
 }

@@ -124,22 +124,29 @@ impl<O: StepOrder> Core<O> {
             };
             speed(b).total_cmp(&speed(a)).then(a.cmp(b))
         });
+        // Idle slots first, on every machine; then the steps held ahead
+        // of them, so no step waits on a busy machine while another
+        // machine that can build it has a slot idle.
+        for id in &dirty {
+            while self.dispatch_one(*id, Machine::has_idle_slot) {}
+        }
         for id in dirty {
             let Some(machine) = self.machines.get_mut(&id) else {
                 continue;
             };
             machine.dirty = false;
-            while self.dispatch_one(id) {}
+            while self.dispatch_one(id, Machine::has_free_slot) {}
         }
     }
 
-    /// Gives one free slot of machine `id` the most urgent step it can
-    /// build. Returns false when there is no free slot or no such step.
-    fn dispatch_one(&mut self, id: MachineId) -> bool {
+    /// Gives one free slot of machine `id` (as `room` counts them) the
+    /// most urgent step it can build. Returns false when there is no free
+    /// slot or no such step.
+    fn dispatch_one(&mut self, id: MachineId, room: fn(&Machine) -> bool) -> bool {
         let Some(machine) = self.machines.get(&id) else {
             return false;
         };
-        if !machine.has_free_slot() {
+        if !room(machine) {
             return false;
         }
         let Some((class_id, head)) = self.best_for(id) else {
@@ -221,7 +228,7 @@ impl<O: StepOrder> Core<O> {
             .iter()
             .filter(|other| **other != id)
             .filter_map(|other| self.machines.get(other))
-            .filter(|m| m.has_free_slot())
+            .filter(|m| m.has_idle_slot())
             .map(|m| (m.speed_factor, m.id))
             .collect();
         others.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -271,9 +278,12 @@ impl<O: StepOrder> Core<O> {
             machine.running = old.running;
             machine.steps_done = old.steps_done;
             machine.steps_failed = old.steps_failed;
-            // Never fewer slots than steps it holds.
-            let held = u32::try_from(machine.running.len()).unwrap_or(u32::MAX);
-            machine.max_jobs = machine.max_jobs.max(held);
+            // Never room for fewer steps than it holds.
+            let held = machine.running.len();
+            if held > machine.capacity() {
+                let missing = u32::try_from(held - machine.capacity()).unwrap_or(u32::MAX);
+                machine.max_jobs = machine.max_jobs.saturating_add(missing);
+            }
         }
         for (class_id, class) in self.classes.iter_mut() {
             if machine.can_build(class) {

@@ -143,6 +143,11 @@ pub struct MachineSpec {
     pub mandatory_features: Vec<String>,
     /// Number of slots: steps it builds at once.
     pub max_jobs: u32,
+    /// Steps it takes ahead of its free slots (it holds them until a slot
+    /// frees), so that a slot never waits a round trip for its next step.
+    /// They are assigned only once every machine that can build them has
+    /// its slots full.
+    pub prefetch: u32,
     /// Faster machines are filled first.
     pub speed_factor: f32,
 }
@@ -158,4 +163,8 @@ pub enum StepOutcome {
         failure: StepFailure,
         can_retry: bool,
     },
+    /// The machine would not take the assignment (it began to drain, or
+    /// is full): the step is queued again at once, and the attempt costs
+    /// no try and no backoff.
+    Refused,
 }

@@ -129,7 +129,7 @@ impl<O: StepOrder> Core<O> {
         }
 
         for machine in self.machines.values() {
-            if machine.running.len() > machine.max_jobs as usize {
+            if machine.running.len() > machine.capacity() {
                 return Err(format!("{} runs more than its slots", machine.id));
             }
             for slot in &machine.running {

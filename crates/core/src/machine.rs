@@ -5,7 +5,8 @@
 //! refers to its step weakly: when no build needs the step any more the step
 //! is freed and the core cancels the slot.
 //!
-//! Invariants: `running.len() <= max_jobs`; a step is in at most one slot
+//! Invariants: `running.len() <= max_jobs + prefetch` (steps beyond
+//! `max_jobs` wait on the machine for a slot); a step is in at most one slot
 //! of one machine, and it is there iff its phase is `Running` on that
 //! machine.
 
@@ -23,6 +24,8 @@ pub(crate) struct Machine {
     pub supported_features: Box<[Arc<str>]>,
     pub mandatory_features: Box<[Arc<str>]>,
     pub max_jobs: u32,
+    /// Steps held ahead of the slots (see `MachineSpec::prefetch`).
+    pub prefetch: u32,
     pub speed_factor: f32,
     /// Classes this machine can build (empty when it has no slots).
     pub classes: Vec<ClassId>,
@@ -60,6 +63,7 @@ impl Machine {
             mandatory_features: names(&spec.mandatory_features),
             name: spec.name,
             max_jobs: spec.max_jobs,
+            prefetch: spec.prefetch,
             speed_factor: spec.speed_factor,
             classes: Vec::new(),
             running: Vec::new(),
@@ -87,8 +91,26 @@ impl Machine {
                 .all(|feature| class.features.contains(feature))
     }
 
+    /// Whether it takes another step: a free slot, or room ahead of them.
     pub fn has_free_slot(&self) -> bool {
-        !self.detached && self.running.len() < self.max_jobs as usize
+        self.has_room(self.capacity())
+    }
+
+    /// Whether it has a slot that would start a step at once.
+    pub fn has_idle_slot(&self) -> bool {
+        self.has_room(self.max_jobs as usize)
+    }
+
+    /// Steps it may hold: its slots and those held ahead of them.
+    pub fn capacity(&self) -> usize {
+        if self.max_jobs == 0 {
+            return 0;
+        }
+        self.max_jobs as usize + self.prefetch as usize
+    }
+
+    fn has_room(&self, limit: usize) -> bool {
+        !self.detached && self.running.len() < limit
     }
 
     /// Removes and returns the slot running `drv_path`.

@@ -128,6 +128,15 @@ impl<O: StepOrder> Core<O> {
             .insert((not_before, ticket), Arc::downgrade(&step));
     }
 
+    /// The machine would not take the step: it is runnable again at once,
+    /// with its tries unchanged. It goes to another machine if one is free
+    /// for it (as a retry does).
+    pub(crate) fn attempt_refused(&mut self, step: Arc<Step>, machine: MachineId) {
+        step.state.lock().failed_on = u16::try_from(machine.0).unwrap_or(0);
+        self.counts.refusals += 1;
+        self.make_runnable(&step);
+    }
+
     /// Fails `step` for good with `status` and finishes every build that
     /// needs it. `head` is the build the failed attempt was recorded under.
     pub(crate) fn fail_step(

@@ -74,7 +74,7 @@ impl<O: StepOrder> Core<O> {
         let Some(machine) = self.machines.get(&machine_id) else {
             return false;
         };
-        if machine.detached || machine.running.len() >= machine.max_jobs as usize {
+        if machine.detached || machine.running.len() >= machine.capacity() {
             return false;
         }
         let (build, was_queued) = {

@@ -29,6 +29,8 @@ pub struct Stats {
     pub steps_unsupported: u64,
     /// Attempts that were retried.
     pub retries: u64,
+    /// Assignments machines refused (queued again without costing a try).
+    pub refusals: u64,
     /// Steps sent to machines (attempts).
     pub dispatches: u64,
     /// Unfinished builds held.
@@ -77,6 +79,7 @@ impl<O: StepOrder> Core<O> {
             steps_failed: counts.steps_failed,
             steps_unsupported: counts.steps_unsupported,
             retries: counts.retries,
+            refusals: counts.refusals,
             dispatches: counts.dispatches,
             builds_queued: self.builds.len(),
             builds_done: counts.builds_done,

@@ -76,11 +76,22 @@ impl Driver {
             let _ = self.attempts_shared.remove(attempt);
         }
         self.by_step.remove(&(a.drv_path.clone(), a.machine));
+        let mut refused = report.status != 0 && report.failure == FailureKind::Refused;
+        if let Some(m) = self.machines.get_mut(&a.machine) {
+            if refused {
+                m.refusals_in_a_row += 1;
+                refused = m.refusals_in_a_row <= machines::FREE_REFUSALS;
+            } else {
+                m.refusals_in_a_row = 0;
+            }
+        }
         if let Some(m) = self.machines.get_mut(&a.machine).filter(|_| a.in_slot) {
             m.running = m.running.saturating_sub(1);
-            m.steps_done += 1;
-            let ms = (report.stop_time - report.start_time).max(0) as u64 * 1000;
-            m.build_ms_total += ms;
+            if !refused {
+                m.steps_done += 1;
+                let ms = (report.stop_time - report.start_time).max(0) as u64 * 1000;
+                m.build_ms_total += ms;
+            }
         }
         self.counters.steps_done += 1;
         // A failure the agent blames on the machinery is recorded as an
@@ -89,7 +100,11 @@ impl Driver {
         if retryable {
             report.status = 3;
         }
-        let outcome = outcome_of(report.status, retryable);
+        let outcome = if refused {
+            StepOutcome::Refused
+        } else {
+            outcome_of(report.status, retryable)
+        };
         if report.status == 0 {
             self.built_outputs.insert(
                 a.drv_path.clone(),

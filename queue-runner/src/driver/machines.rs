@@ -15,7 +15,14 @@ pub(super) struct Machine {
     pub(super) last_heard: Instant,
     /// Why it gets no new steps for now (pressure, disk), until it recovers.
     pub(super) paused: Option<String>,
+    /// Assignments it refused since it last took one: past
+    /// `FREE_REFUSALS`, a refusal costs a try like an aborted attempt, so
+    /// an agent that refuses everything cannot keep a step spinning.
+    pub(super) refusals_in_a_row: u32,
 }
+
+/// Refusals in a row from one machine that cost no try.
+pub(super) const FREE_REFUSALS: u32 = 3;
 
 impl Driver {
     pub(super) fn on_agent(&mut self, msg: FromAgent) {

@@ -193,6 +193,7 @@ impl Driver {
                         build_ms_total: 0,
                         last_heard: Instant::now(),
                         paused: None,
+                        refusals_in_a_row: 0,
                     },
                 );
             }
@@ -390,6 +391,7 @@ pub(super) fn machine_spec(machine: MachineId, info: &AgentInfo) -> MachineSpec 
         mandatory_features: info.mandatory_features.clone(),
         // A draining agent takes no new steps.
         max_jobs: if info.draining { 0 } else { info.max_jobs },
+        prefetch: if info.draining { 0 } else { info.prefetch },
         speed_factor: info.speed_factor,
     }
 }

@@ -77,6 +77,7 @@ pub(crate) fn agent_info(req: pb::RegisterRequest) -> Result<AgentInfo, ConvertE
         supported_features: req.supported_features,
         mandatory_features: req.mandatory_features,
         max_jobs: req.max_jobs,
+        prefetch: req.prefetch.min(req.max_jobs),
         speed_factor,
         total_mem_bytes: req.total_mem_bytes,
         draining: req.draining,
@@ -206,6 +207,7 @@ pub(crate) fn step_report(res: &pb::StepResult) -> Result<StepReport, ConvertErr
             Ok(pb::FailureKind::None) => FailureKind::None,
             Ok(pb::FailureKind::Build) => FailureKind::Build,
             Ok(pb::FailureKind::Infrastructure) => FailureKind::Infrastructure,
+            Ok(pb::FailureKind::Refused) => FailureKind::Refused,
             // Unknown values are from a newer agent: the status decides.
             Ok(pb::FailureKind::Unspecified) | Err(_) => FailureKind::Unspecified,
         },

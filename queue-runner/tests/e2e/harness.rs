@@ -175,6 +175,7 @@ impl Deployment {
             features: vec![],
             mandatory_features: vec![],
             max_jobs,
+            prefetch: max_jobs,
             speed_factor: 1.0,
             store: sluice_builder_agent::LocalNix::Socket(daemon.socket_path()),
             reconnect_min: Duration::from_millis(100),

@@ -311,6 +311,7 @@ pub fn agent_config(
         features: vec![],
         mandatory_features: vec![],
         max_jobs: 2,
+        prefetch: 2,
         speed_factor: 1.0,
         store: sluice_builder_agent::LocalNix::Socket(daemon.socket_path()),
         reconnect_min: Duration::from_millis(100),

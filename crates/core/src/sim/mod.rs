@@ -157,12 +157,13 @@ impl<O: StepOrder> Sim<O> {
             ["connect", name, systems, ..] => {
                 let slots = option("slots").map_or(1, |v| v.parse().expect("slots"));
                 let speed = option("speed").map_or(1.0, |v| v.parse().expect("speed"));
+                let prefetch = option("prefetch").map_or(0, |v| v.parse().expect("prefetch"));
                 self.connect(
                     name,
                     systems.split(',').map(str::to_string).collect(),
                     list("features"),
                     list("mandatory"),
-                    slots,
+                    (slots, prefetch),
                     speed,
                 );
             }
@@ -208,6 +209,7 @@ impl<O: StepOrder> Sim<O> {
                 });
             }
             ["ok", drv] => self.finish(drv, StepOutcome::Success),
+            ["refuse", drv] => self.finish(drv, StepOutcome::Refused),
             ["fail", drv, rest @ ..] => {
                 let failure = match rest.first().copied() {
                     None | Some("failed") | Some("retry") => StepFailure::Failed,
@@ -278,7 +280,7 @@ impl<O: StepOrder> Sim<O> {
         systems: Vec<String>,
         supported_features: Vec<String>,
         mandatory_features: Vec<String>,
-        max_jobs: u32,
+        (max_jobs, prefetch): (u32, u32),
         speed_factor: f32,
     ) {
         self.disconnect(name);
@@ -291,6 +293,7 @@ impl<O: StepOrder> Sim<O> {
             supported_features,
             mandatory_features,
             max_jobs,
+            prefetch,
             speed_factor,
         };
         self.machines.insert(
@@ -622,7 +625,7 @@ impl<O: StepOrder> Sim<O> {
             .filter(|(m, _)| m == machine_name)
             .count();
         assert!(
-            busy < machine.max_jobs as usize,
+            busy < (machine.max_jobs + machine.prefetch) as usize,
             "{machine_name} has no free slot for {step}"
         );
         assert!(
@@ -702,7 +705,7 @@ impl<O: StepOrder> Sim<O> {
             systems.into_iter().collect(),
             features.into_iter().collect(),
             Vec::new(),
-            4,
+            (4, 0),
             1.0,
         );
         for _ in 0..max_rounds {

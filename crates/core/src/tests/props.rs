@@ -123,7 +123,7 @@ fn action() -> impl Strategy<Value = Action> {
         2 => (0u8..3, any::<bool>()).prop_map(|(slot, back)| Action::Detach { slot, back }),
         3 => (any::<usize>(), -2i8..3, -2i8..3).prop_map(|(top, global, priority)| Action::Queue { top, global, priority }),
         4 => any::<usize>().prop_map(|pick| Action::Succeed { pick }),
-        2 => (any::<usize>(), 0u8..4).prop_map(|(pick, kind)| Action::Fail { pick, kind }),
+        2 => (any::<usize>(), 0u8..5).prop_map(|(pick, kind)| Action::Fail { pick, kind }),
         2 => (0u16..200).prop_map(|secs| Action::Advance { secs }),
         1 => any::<usize>().prop_map(|pick| Action::Cancel { pick }),
         1 => (any::<usize>(), -2i8..5).prop_map(|(pick, global)| Action::Bump { pick, global }),
@@ -161,7 +161,8 @@ fn apply(sim: &mut Sim, action: Action, next_build: &mut i32) {
             pick(systems, &SYSTEMS[..2]),
             pick(features, &FEATURES),
             pick(mandatory, &FEATURES),
-            jobs,
+            // Some machines hold steps ahead of their slots.
+            (jobs, u32::from(slot % 2)),
             1.0 + f32::from(slot),
         ),
         Action::Disconnect { slot } => sim.disconnect(&format!("m{slot}")),
@@ -196,7 +197,11 @@ fn apply(sim: &mut Sim, action: Action, next_build: &mut i32) {
                     0 => (StepFailure::Failed, false),
                     1 => (StepFailure::TimedOut, false),
                     2 => (StepFailure::Aborted, true),
-                    _ => (StepFailure::Aborted, false),
+                    3 => (StepFailure::Aborted, false),
+                    _ => {
+                        sim.finish(&step, StepOutcome::Refused);
+                        return;
+                    }
                 };
                 sim.finish(&step, StepOutcome::Failed { failure, can_retry });
             }

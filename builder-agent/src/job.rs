@@ -192,7 +192,10 @@ pub(crate) async fn run(mut link: Link, assignment: pb::Assignment, slots: Arc<S
     let step = assignment.step_id.clone();
     tracing::info!(step, drv = assignment.drv_path, "step assigned");
     let Some(slot) = slots.acquire().await else {
-        tracing::info!(step, "the agent drains before the step started; giving it back");
+        tracing::info!(
+            step,
+            "the agent drains before the step started; giving it back"
+        );
         let ctx = link.session().await;
         refuse(ctx, step, "the agent is draining").await;
         return;

@@ -141,15 +141,13 @@ impl Slots {
         let pinned = match &self.table {
             Some(table) => {
                 let mut t = table.lock();
-                let taken = t
-                    .take()
-                    .and_then(|index| match t.slot(index).cloned() {
-                        Some(slot) => Some((index, slot)),
-                        None => {
-                            t.release(index);
-                            None
-                        }
-                    });
+                let taken = t.take().and_then(|index| match t.slot(index).cloned() {
+                    Some(slot) => Some((index, slot)),
+                    None => {
+                        t.release(index);
+                        None
+                    }
+                });
                 match taken {
                     Some(taken) => Some(taken),
                     None => {

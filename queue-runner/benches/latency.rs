@@ -488,6 +488,7 @@ impl SimAgent {
                 total_mem_bytes: 1 << 30,
                 draining: false,
                 slots: vec![],
+                prefetch: 0,
             })
             .await
             .expect("the Register call")

@@ -65,7 +65,11 @@ async fn bench() {
             .map(|l| l.trim().to_owned())
             .filter(|l| l.ends_with(".drv"))
             .collect();
-        assert_eq!(drvs.len(), attrs.len(), "nix-instantiate printed a path per attribute");
+        assert_eq!(
+            drvs.len(),
+            attrs.len(),
+            "nix-instantiate printed a path per attribute"
+        );
         drvs
     };
 
@@ -124,7 +128,11 @@ async fn bench() {
     realise.args(&drvs);
     let outputs = run_command(&mut realise);
     let nix = started.elapsed();
-    assert_eq!(outputs.lines().count(), drvs.len(), "one output per derivation");
+    assert_eq!(
+        outputs.lines().count(),
+        drvs.len(),
+        "one output per derivation"
+    );
 
     println!(
         "nix-store --realise --max-jobs {MAX_JOBS}: {:.2} s",

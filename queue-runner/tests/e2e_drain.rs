@@ -130,7 +130,10 @@ async fn a_step_held_ahead_is_given_back_on_drain_and_costs_no_try() {
     d.add_agent("a2", 1).await;
     let statuses = d.wait_finished(&[slow[0], quick[0]], 60).await;
     assert_eq!(statuses[&slow[0]], 0);
-    assert_eq!(statuses[&quick[0]], 0, "the refusal cost the step its one try");
+    assert_eq!(
+        statuses[&quick[0]], 0,
+        "the refusal cost the step its one try"
+    );
     assert_eq!(rows(&d, slow[0]).await, [(Some(0), "a1".into(), None)]);
     // The refused attempt is recorded as aborted on a1, and the step was
     // built on a2 at once.

@@ -82,6 +82,17 @@ impl Commit {
         }
     }
 
+    /// The step whose phase this write sets or ends: a later one for the
+    /// same step makes a phase update before it moot.
+    pub(super) fn step(&self) -> Option<(i32, i32)> {
+        match self {
+            Commit::Phase { build, stepnr, .. } | Commit::FinishStep { build, stepnr, .. } => {
+                Some((*build, *stepnr))
+            }
+            _ => None,
+        }
+    }
+
     /// The build a failure of this write is reported under.
     pub(super) fn build(&self) -> i32 {
         match self {
@@ -137,6 +148,21 @@ pub(super) async fn run(
     let answer = write(&mut tx, commit).await?;
     tx.commit().await.map_err(CommitError::Commit)?;
     Ok(answer)
+}
+
+/// Runs `commits` in one transaction on `conn` (group commit): all of
+/// them commit, or none does.
+pub(super) async fn run_batch(
+    conn: &mut PgConnection,
+    commits: &[&Commit],
+) -> Result<Vec<Committed>, CommitError> {
+    let mut tx = conn.begin().await.map_err(CommitError::Begin)?;
+    let mut answers = Vec::with_capacity(commits.len());
+    for commit in commits {
+        answers.push(write(&mut tx, commit).await?);
+    }
+    tx.commit().await.map_err(CommitError::Commit)?;
+    Ok(answers)
 }
 
 async fn write(conn: &mut PgConnection, commit: &Commit) -> Result<Committed, CommitError> {

@@ -5,7 +5,11 @@
 //! Each write is first made ready ([`commit::Commit`]): what it needs from
 //! the store and the filesystem (a build's sizes, products and metrics; a
 //! log file's existence) is read once. Then it is committed in one
-//! transaction with its notifications ([`commit`]).
+//! transaction with its notifications ([`commit`]). Writes that queued
+//! meanwhile are committed together, in order, in one transaction (group
+//! commit, at most [`MAX_BATCH`]); a phase update that a later write of
+//! the batch supersedes is left out. Replies and `AfterCommit` actions
+//! run once the whole batch has committed.
 //!
 //! Invariants:
 //! - A write that fails for a transient reason (the connection or the
@@ -154,6 +158,9 @@ pub struct Writer {
     outage: Option<Instant>,
 }
 
+/// The most writes committed in one transaction.
+pub const MAX_BATCH: usize = 128;
+
 /// The first and the longest wait between tries of a write.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -195,19 +202,97 @@ impl Writer {
         };
         let task = tokio::spawn(async move {
             while let Some(job) = rx.recv().await {
+                let mut batch = vec![job];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
                 let waiting = rx.len();
-                writer.execute(job, waiting).await;
+                writer.execute_batch(batch, waiting).await;
             }
         });
         (tx, task)
     }
 
-    /// Makes `job` ready, then commits it, retrying transient failures.
-    /// `waiting` is how many writes queue behind it (for the log).
-    async fn execute(&mut self, job: WriteJob, waiting: usize) {
-        let Some((commit, reply)) = self.ready(job).await else {
-            return;
-        };
+    /// Makes the jobs ready and commits them in one transaction, retrying
+    /// transient failures; if the database refuses the batch for good,
+    /// commits them one by one, so that only the write at fault is
+    /// dropped. `waiting` is how many writes queue behind (for the log).
+    async fn execute_batch(&mut self, jobs: Vec<WriteJob>, waiting: usize) {
+        let mut ready = Vec::with_capacity(jobs.len());
+        let mut after = Vec::new();
+        for job in jobs {
+            match job {
+                WriteJob::AfterCommit(OnCommit(run)) => after.push(run),
+                job => ready.extend(self.ready(job).await),
+            }
+        }
+        // A phase update that a later write of the batch supersedes (a
+        // later phase, or the step's end) is left out.
+        let mut later = std::collections::HashSet::new();
+        let mut keep = vec![true; ready.len()];
+        for (i, (commit, _)) in ready.iter().enumerate().rev() {
+            if let Some(step) = commit.step() {
+                if !later.insert(step) && matches!(commit, Commit::Phase { .. }) {
+                    keep[i] = false;
+                }
+            }
+        }
+        let mut keep = keep.into_iter();
+        ready.retain(|_| keep.next().unwrap_or(true));
+
+        if ready.len() <= 1 {
+            for (commit, reply) in ready {
+                self.execute(commit, reply, waiting).await;
+            }
+        } else {
+            let commits: Vec<&Commit> = ready.iter().map(|(c, _)| c).collect();
+            let mut delay = RETRY_MIN;
+            let answers = loop {
+                let result = match self.pool.acquire().await {
+                    Ok(mut conn) => commit::run_batch(&mut conn, &commits).await,
+                    Err(e) => Err(commit::CommitError::Begin(e)),
+                };
+                match result {
+                    Ok(answers) => break Some(answers),
+                    Err(e) if e.is_transient() => {
+                        self.database_down(&e, waiting);
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(RETRY_MAX);
+                    }
+                    Err(e) => {
+                        tracing::debug!(
+                            error = %e,
+                            writes = commits.len(),
+                            "a batch of writes was refused; committing them one by one"
+                        );
+                        break None;
+                    }
+                }
+            };
+            match answers {
+                Some(answers) => {
+                    self.database_up();
+                    for ((commit, reply), answer) in ready.into_iter().zip(answers) {
+                        self.committed(&commit, reply, Ok(answer)).await;
+                    }
+                }
+                None => {
+                    for (commit, reply) in ready {
+                        self.execute(commit, reply, waiting).await;
+                    }
+                }
+            }
+        }
+        for run in after {
+            run();
+        }
+    }
+
+    /// Commits one ready write, retrying transient failures.
+    async fn execute(&mut self, commit: Commit, reply: Option<Reply>, waiting: usize) {
         let mut delay = RETRY_MIN;
         let answer = loop {
             let result = match self.pool.acquire().await {
@@ -217,12 +302,6 @@ impl Writer {
             match result {
                 Ok(answer) => {
                     self.database_up();
-                    const FAILPOINT: &str = "abort-after-resolution";
-                    if matches!(&commit, Commit::CreateStep { resolutions, .. } if !resolutions.is_empty())
-                        && crate::failpoint::armed(FAILPOINT)
-                    {
-                        crate::failpoint::abort(FAILPOINT);
-                    }
                     break Ok(answer);
                 }
                 Err(e) if e.is_transient() => {
@@ -240,6 +319,24 @@ impl Writer {
                 }
             }
         };
+        self.committed(&commit, reply, answer).await;
+    }
+
+    /// Tells who waits for `commit` how it went: the driver of the builds
+    /// it finished, the preparation of a new step its number.
+    async fn committed(
+        &mut self,
+        commit: &Commit,
+        reply: Option<Reply>,
+        answer: Result<commit::Committed, String>,
+    ) {
+        const FAILPOINT: &str = "abort-after-resolution";
+        if answer.is_ok()
+            && matches!(commit, Commit::CreateStep { resolutions, .. } if !resolutions.is_empty())
+            && crate::failpoint::armed(FAILPOINT)
+        {
+            crate::failpoint::abort(FAILPOINT);
+        }
         let finished = commit.finished_builds();
         if !finished.is_empty() {
             let _ = self

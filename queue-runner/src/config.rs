@@ -90,6 +90,16 @@ pub struct Settings {
     /// check off [default: 0]
     #[arg(long, value_name = "MIB")]
     pub min_free_disk_mb: Option<u64>,
+    /// Connections to the queue runner's Nix store for control work:
+    /// reading closures, preparing assignments, checking and post-processing
+    /// results [default: 8]
+    #[arg(long, value_name = "N")]
+    pub store_connections: Option<usize>,
+    /// Connections to the queue runner's Nix store for NAR transfers
+    /// (inputs agents fetch, outputs they upload), apart from the control
+    /// ones, so slow transfers never stall dispatch [default: 16]
+    #[arg(long, value_name = "N")]
+    pub transfer_connections: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +152,9 @@ pub struct ServeConfig {
     /// Capacity thresholds of agents (0: off).
     pub max_cpu_pressure: f32,
     pub min_free_disk_mb: u64,
+    /// Store connections for control work, and for NAR transfers.
+    pub store_connections: usize,
+    pub transfer_connections: usize,
 }
 
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50051";
@@ -177,6 +190,8 @@ impl ServeConfig {
             lease: Duration::from_secs(file.lease_s.unwrap_or(30)),
             max_cpu_pressure: file.max_cpu_pressure.unwrap_or(0.0),
             min_free_disk_mb: file.min_free_disk_mb.unwrap_or(0),
+            store_connections: file.store_connections.unwrap_or(8).max(1),
+            transfer_connections: file.transfer_connections.unwrap_or(16).max(1),
         })
     }
 }
@@ -201,6 +216,8 @@ impl Settings {
             lease_s: self.lease_s.or(other.lease_s),
             max_cpu_pressure: self.max_cpu_pressure.or(other.max_cpu_pressure),
             min_free_disk_mb: self.min_free_disk_mb.or(other.min_free_disk_mb),
+            store_connections: self.store_connections.or(other.store_connections),
+            transfer_connections: self.transfer_connections.or(other.transfer_connections),
         }
     }
 }

@@ -118,8 +118,10 @@ pub async fn run_with(
             grpc::StoreConnection::local_stdio()
         }
     };
-    let pool_store = grpc::LocalStore::new(connection, 8);
-    let store = Store::new(pool_store.clone());
+    // Two pools on the same store: NAR transfers for agents never take
+    // the connections that ingestion and dispatch need.
+    let transfer_store = grpc::LocalStore::new(connection.clone(), config.transfer_connections);
+    let store = Store::new(grpc::LocalStore::new(connection, config.store_connections));
     store
         .connect()
         .await
@@ -158,7 +160,7 @@ pub async fn run_with(
             ..grpc::ServiceConfig::new(config.data_dir.clone())
         },
         tokens,
-        pool_store,
+        transfer_store,
         attempts.clone(),
         agents_tx,
     );

@@ -64,16 +64,22 @@ async fn a_write_refused_in_a_batch_costs_only_itself() {
         first,
         bad,
         second,
-        WriteJob::AfterCommit(OnCommit(Box::new(move || ran.store(true, Ordering::SeqCst)))),
+        WriteJob::AfterCommit(OnCommit(Box::new(move || {
+            ran.store(true, Ordering::SeqCst)
+        }))),
     ] {
         writer.try_send(job).expect("room in the queue");
     }
     drop(writer);
-    task.await.expect("the writer ends once its queue is drained");
+    task.await
+        .expect("the writer ends once its queue is drained");
 
     assert_eq!(first_answer.await.expect("answered"), Ok(1));
     let refused = bad_answer.await.expect("answered");
-    assert!(refused.is_err(), "a step of a build that does not exist: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "a step of a build that does not exist: {refused:?}"
+    );
     assert_eq!(second_answer.await.expect("answered"), Ok(2));
     assert!(after.load(Ordering::SeqCst), "the action after them ran");
     let rows: Vec<i32> =

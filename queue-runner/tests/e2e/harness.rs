@@ -83,6 +83,8 @@ impl Deployment {
             lease: Duration::from_secs(5),
             max_cpu_pressure: 0.0,
             min_free_disk_mb: 0,
+            store_connections: 8,
+            transfer_connections: 16,
         };
         let mut config = config;
         adjust(&mut config);

@@ -592,12 +592,17 @@ impl Drop for NixDaemon {
         if let Some(pid) = daemon_pid {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGSTOP);
         }
-        let alive_at = uptime_ticks();
         let in_namespace = self.mount_ns.as_deref().map(|ns| {
             let mut found = processes_in(ns);
             for pid in &found {
                 let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGSTOP);
+                // The pid may have exited and been reused between the look
+                // and the signal: a process elsewhere goes on at once.
+                if mount_namespace(&pid.to_string()).as_deref() != Some(ns) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGCONT);
+                }
             }
+            found.retain(|pid| mount_namespace(&pid.to_string()).as_deref() == Some(ns));
             found.extend(processes_in(ns));
             found
         });
@@ -606,7 +611,7 @@ impl Drop for NixDaemon {
         }
         let _ = self.child.wait();
         if let (Some(ns), Some(ours)) = (&self.mount_ns, in_namespace) {
-            kill_mount_namespace(ns, ours, alive_at);
+            kill_mount_namespace(ns, ours);
         }
         if std::thread::panicking() {
             // The test failed: what the daemon said may tell why. Printed
@@ -641,33 +646,18 @@ fn processes_in(ns: &Path) -> std::collections::HashSet<i32> {
         .collect()
 }
 
-/// Kills `ours`, the processes that were in the mount namespace `ns` at
-/// `ours_alive_at` (clock ticks since boot; the daemon was alive), and
+/// Kills `ours`, the processes that were in the mount namespace `ns`, and
 /// any process they start there; returns once none is left, or after
 /// 10 s. Once they are all gone the kernel may give the namespace's number
-/// to another test's new namespace, whose processes are spared: a process
-/// counts as ours if it was, if its parent is, or if it started before a
-/// scan that still found one of ours alive (the namespace cannot have been
-/// reused by then; this catches a child whose parent died and was reaped
-/// before the child was seen).
-fn kill_mount_namespace(
-    ns: &Path,
-    mut ours: std::collections::HashSet<i32>,
-    mut ours_alive_at: Option<u64>,
-) {
+/// to another namespace, whose processes (not started by ours) are spared.
+/// (A process's start time says nothing here: a process may enter a new
+/// namespace long after it started.)
+fn kill_mount_namespace(ns: &Path, mut ours: std::collections::HashSet<i32>) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let scanned_at = uptime_ticks();
         let mut found = false;
         for pid in processes_in(ns) {
-            let started_while_ours_lived = matches!(
-                (start_ticks(pid), ours_alive_at),
-                (Some(started), Some(alive)) if started < alive
-            );
-            if ours.contains(&pid)
-                || started_while_ours_lived
-                || parent_of(pid).is_some_and(|p| ours.contains(&p))
-            {
+            if ours.contains(&pid) || parent_of(pid).is_some_and(|p| ours.contains(&p)) {
                 ours.insert(pid);
                 found = true;
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -676,25 +666,8 @@ fn kill_mount_namespace(
         if !found || std::time::Instant::now() > deadline {
             return;
         }
-        ours_alive_at = scanned_at;
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Clock ticks since boot, as `/proc/<pid>/stat` counts a start time
-/// (USER_HZ, 100 on Linux).
-fn uptime_ticks() -> Option<u64> {
-    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
-    let seconds: f64 = uptime.split_whitespace().next()?.parse().ok()?;
-    Some((seconds * 100.0) as u64)
-}
-
-/// When process `pid` started, in clock ticks since boot.
-fn start_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    // Field 22 of stat; `rest` starts at field 3.
-    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// The parent of process `pid`, from `/proc/<pid>/stat`.

@@ -21,6 +21,7 @@
 //! ([`BatchClosure::transient`]) and is read again later.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use sluice_core::{DrvPath, StepSpec};
@@ -55,6 +56,53 @@ pub struct ClosureDrv {
     /// For outputs known only once built: output name → realisation key
     /// (the hash modulo, see [`crate::ca::realisation_keys`]).
     pub keys: BTreeMap<String, String>,
+}
+
+/// An output's name and, when known, its path.
+pub type HeldOutput = (Box<str>, Option<Box<str>>);
+
+/// What the driver keeps of a derivation while the core holds its step:
+/// only what dispatch and results need, in compact form (the inputs live
+/// in the core's graph, and the rest of the spec is not needed again).
+#[derive(Debug, Clone)]
+pub struct HeldDrv {
+    /// Its system, interned (one allocation per distinct system).
+    pub system: Arc<str>,
+    /// Output name → known path, sorted by name.
+    pub outputs: Box<[HeldOutput]>,
+    /// As [`ClosureDrv::keys`]; empty (no allocation) for most.
+    pub keys: BTreeMap<String, String>,
+}
+
+impl HeldDrv {
+    /// The outputs as a map, for a new step's row.
+    pub fn outputs_map(&self) -> BTreeMap<String, Option<String>> {
+        self.outputs
+            .iter()
+            .map(|(name, path)| (name.to_string(), path.as_deref().map(str::to_owned)))
+            .collect()
+    }
+
+    /// The known output paths.
+    pub fn known_paths(&self) -> impl Iterator<Item = &str> {
+        self.outputs.iter().filter_map(|(_, path)| path.as_deref())
+    }
+}
+
+impl ClosureDrv {
+    /// What is kept of it while its step is held; `intern` shares the
+    /// system string.
+    pub fn held(&self, intern: &mut impl FnMut(&str) -> Arc<str>) -> HeldDrv {
+        HeldDrv {
+            system: intern(&self.spec.system),
+            outputs: self
+                .outputs
+                .iter()
+                .map(|(name, path)| (name.as_str().into(), path.as_deref().map(Box::from)))
+                .collect(),
+            keys: self.keys.clone(),
+        }
+    }
 }
 
 /// The union closure of a batch of builds.
@@ -98,9 +146,17 @@ impl BatchClosure {
         }
     }
 
-    /// The steps one build needs: the part of the batch closure reachable
-    /// from `top`. `Err` if a reachable derivation is broken.
-    pub fn steps_for(&self, top: &str) -> Result<Vec<StepSpec>, IngestError> {
+    /// The steps one build needs that are not held yet: the part of the
+    /// batch closure reachable from `top` without passing through a
+    /// derivation for which `held` is true (the core has its step, and so
+    /// every step below it). Loading a queue thus costs the union of the
+    /// builds' closures, not their sum. `Err` if a reachable derivation is
+    /// broken.
+    pub fn steps_for(
+        &self,
+        top: &str,
+        held: impl Fn(&str) -> bool,
+    ) -> Result<Vec<StepSpec>, IngestError> {
         // Depth first, iteratively: a derivation met again while it is
         // still on the path from `top` closes a cycle.
         let mut out = Vec::new();
@@ -108,6 +164,9 @@ impl BatchClosure {
         let mut on_path: HashSet<&str> = HashSet::new();
         // (derivation, index of its next input to visit)
         let mut stack: Vec<(&str, usize)> = Vec::new();
+        if held(top) {
+            return Ok(out);
+        }
         if let Some(err) = self.broken.get(top) {
             return Err(err.clone());
         }
@@ -131,6 +190,10 @@ impl BatchClosure {
                         });
                     }
                     if done.contains(input) {
+                        continue;
+                    }
+                    if held(input) {
+                        done.insert(input);
                         continue;
                     }
                     if let Some(err) = self.broken.get(input) {

@@ -119,7 +119,7 @@ impl Driver {
             let failed_paths = if fails_for_good(report.status) {
                 self.closure
                     .get(&a.drv_path)
-                    .map(|c| c.outputs.values().flatten().cloned().collect())
+                    .map(|c| c.known_paths().map(str::to_owned).collect())
                     .unwrap_or_default()
             } else {
                 Vec::new()
@@ -289,12 +289,12 @@ impl Driver {
         let outputs = self
             .closure
             .get(&drv_path)
-            .map(|c| c.outputs.clone())
+            .map(HeldDrv::outputs_map)
             .unwrap_or_default();
         let system = self
             .closure
             .get(&drv_path)
-            .map(|c| c.spec.system.clone())
+            .map(|c| c.system.to_string())
             .unwrap_or_default();
         let job = prepare::Preparation {
             attempt: id,

@@ -129,7 +129,11 @@ impl Driver {
             if self.is_held(id) {
                 continue;
             }
-            let steps = match batch.closure.steps_for(&build.drv_path) {
+            let core = &self.core;
+            let steps = match batch
+                .closure
+                .steps_for(&build.drv_path, |drv| core.has_step(drv))
+            {
                 Ok(steps) => steps,
                 Err(e) => {
                     self.abort_loaded_build(build.id, build.drv_path, e.to_string());
@@ -138,9 +142,10 @@ impl Driver {
             };
             for step in &steps {
                 if let Some(d) = batch.closure.drvs.get(step.drv_path.as_str()) {
-                    self.closure
-                        .entry(step.drv_path.clone())
-                        .or_insert_with(|| d.clone());
+                    if !self.closure.contains_key(&step.drv_path) {
+                        let held = d.held(&mut |s| intern(&mut self.systems, s));
+                        self.closure.insert(step.drv_path.clone(), held);
+                    }
                 }
             }
             // A build of a content-addressed derivation whose outputs are
@@ -434,4 +439,14 @@ async fn mark_known_failures(
         }
     }
     Ok(())
+}
+
+/// The one shared copy of `name` in `names`.
+pub(super) fn intern(names: &mut HashSet<Arc<str>>, name: &str) -> Arc<str> {
+    if let Some(known) = names.get(name) {
+        return known.clone();
+    }
+    let name: Arc<str> = Arc::from(name);
+    names.insert(name.clone());
+    name
 }

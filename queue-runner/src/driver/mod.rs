@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::agents::{AgentInfo, AgentLoad, AttemptId, FailureKind, FromAgent, StepReport, ToAgent};
 use crate::db::queue::QueuedBuild;
-use crate::ingest::ClosureDrv;
+use crate::ingest::HeldDrv;
 use crate::status::{MachineStatus, StatusSnapshot};
 use crate::store::Store;
 use attempts::Attempt;
@@ -186,7 +186,11 @@ pub struct Driver {
     /// and reason to finish it with once it has.
     ended_before_row: HashMap<AttemptId, (Attempt, i32, String)>,
     builds: HashMap<BuildId, Arc<QueuedBuild>>,
-    closure: HashMap<DrvPath, ClosureDrv>,
+    /// What dispatch and results need of each derivation the core holds
+    /// a step for (one compact entry each; see `HeldDrv`).
+    closure: HashMap<DrvPath, HeldDrv>,
+    /// Systems, interned for `closure`.
+    systems: HashSet<Arc<str>>,
     /// Output paths and times of steps that succeeded (or whose outputs a
     /// resolution or a load found recorded), for the builds they finish.
     built_outputs: HashMap<DrvPath, BuiltStep>,
@@ -264,6 +268,7 @@ impl Driver {
             ended_before_row: HashMap::new(),
             builds: HashMap::new(),
             closure: HashMap::new(),
+            systems: HashSet::new(),
             built_outputs: HashMap::new(),
             started_builds: HashSet::new(),
             recently_finished: Default::default(),
@@ -456,7 +461,7 @@ impl Driver {
                 let system = self
                     .closure
                     .get(&drv_path)
-                    .map(|c| c.spec.system.clone())
+                    .map(|c| c.system.to_string())
                     .unwrap_or_default();
                 for build in builds {
                     self.send_write(WriteJob::UnsupportedStep {

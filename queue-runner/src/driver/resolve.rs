@@ -298,7 +298,10 @@ impl Driver {
                         keys: original_keys,
                     });
                 let spec = resolved.spec.clone();
-                self.closure.entry(resolved_path).or_insert(resolved);
+                if !self.closure.contains_key(&resolved_path) {
+                    let held = resolved.held(&mut |s| super::load::intern(&mut self.systems, s));
+                    self.closure.insert(resolved_path, held);
+                }
                 Resolution::Step(spec)
             }
         };

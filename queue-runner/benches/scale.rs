@@ -1,0 +1,348 @@
+//! Loading a farm-sized queue: time and resident memory. Run with
+//! `cargo bench -p sluice-queue-runner --bench scale` (as root, with Nix
+//! and PostgreSQL installed); prints figures. `SLUICE_BENCH_STEPS` and
+//! `SLUICE_BENCH_BUILDS` change the size (default 270,000 derivations and
+//! 100,000 builds); `SLUICE_BENCH_ORDER` is passed to `serve
+//! --dispatch-order` when set.
+//!
+//! Setup: an isolated Nix store with its own `nix-daemon`, into which the
+//! bench writes a generated nixpkgs-shaped DAG of real `.drv` files (a
+//! bootstrap chain; then derivations with about 20 inputs each on
+//! average, half of them among the first 1% of the derivations, as
+//! stdenv's are, half anywhere before), with input-addressed outputs
+//! computed as Nix does. A throwaway PostgreSQL. The queue runner runs as
+//! its own process (`queue-runner serve`, in the store's mount namespace)
+//! with no agent, so nothing is dispatched.
+//!
+//! Measured: from the evaluator's transaction that queues the builds (as
+//! `builds_added`) until `/status` shows every build held; then the
+//! queue runner process's resident memory (`VmRSS`, and its peak
+//! `VmHWM`) divided by the steps it holds.
+
+#[path = "../tests/e2e/harness.rs"]
+mod harness;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use sluice_nix::daemon::DaemonClient;
+use sluice_nix::derivation::hash_modulo::{fill_input_addressed_outputs, hash_derivation_modulo};
+use sluice_nix::derivation::{Derivation, DerivationOutput, DrvHashCache};
+use sluice_nix::store_path::{StoreDir, StorePath};
+use sluice_queue_runner::db::evaluator::{self, NewBuild};
+use sluice_test_support::nix::{IsolatedStore, NixCommands};
+use sluice_test_support::pg::TestPg;
+
+const BOOTSTRAP: usize = 20;
+/// Daemon connections writing `.drv` files at once.
+const WRITERS: usize = 4;
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    runtime.block_on(bench());
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn bench() {
+    let steps = env_usize("SLUICE_BENCH_STEPS", 270_000).max(BOOTSTRAP + 1);
+    let builds = env_usize("SLUICE_BENCH_BUILDS", 100_000).min(steps);
+    let order = std::env::var("SLUICE_BENCH_ORDER").ok();
+    print_machine();
+
+    let store = IsolatedStore::new();
+    let daemon = store.start_daemon();
+    let system = sluice_builder_agent::host::nix_system().await;
+    let started = Instant::now();
+    let dag = write_dag(&daemon.socket_path(), steps, &system).await;
+    println!(
+        "wrote {} .drv files ({:.1} inputs each on average) in {:.1} s",
+        dag.len(),
+        dag.iter().map(|d| d.inputs).sum::<usize>() as f64 / dag.len() as f64,
+        started.elapsed().as_secs_f64()
+    );
+
+    let pg = TestPg::start();
+    let data = tempfile::tempdir().expect("data dir");
+    let tokens = data.path().join("tokens");
+    std::fs::write(&tokens, format!("agents:{}\n", harness::TOKEN)).expect("token file");
+    let http = free_port();
+    let mut serve = store.command(env!("CARGO_BIN_EXE_queue-runner"));
+    serve
+        .args(["serve", "--database-url", &pg.url()])
+        .arg("--store-socket")
+        .arg(daemon.socket_path())
+        .arg("--agent-token-file")
+        .arg(&tokens)
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--grpc-listen", "127.0.0.1:0"])
+        .args(["--http-listen", &format!("127.0.0.1:{http}")])
+        .args(["--unsupported-grace-s", "86400"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    if let Some(order) = &order {
+        serve.args(["--dispatch-order", order]);
+    }
+    let mut child = KillOnDrop(serve.spawn().expect("starting queue-runner serve"));
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], http).into();
+    let up = Instant::now();
+    while harness::http_get(addr, "/status").await.is_err() {
+        assert!(
+            up.elapsed() < Duration::from_secs(60),
+            "the queue runner came up"
+        );
+        if let Ok(Some(status)) = child.0.try_wait() {
+            panic!("queue-runner serve exited: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = child.0.id();
+    let idle_rss = memory(pid).0;
+
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&pg.url())
+        .await
+        .expect("connecting to PostgreSQL");
+    let dir = StoreDir::default();
+    let jobs: Vec<NewBuild> = dag[dag.len() - builds..]
+        .iter()
+        .map(|d| NewBuild {
+            job: d.name.clone(),
+            nix_name: d.name.clone(),
+            drv_path: dir.print(&d.drv_path),
+            system: system.clone(),
+            outputs: vec![("out".into(), Some(dir.print(&d.out)))],
+            max_silent_s: NewBuild::DEFAULT_LIMITS.0,
+            timeout_s: NewBuild::DEFAULT_LIMITS.1,
+        })
+        .collect();
+    let queued = evaluator::queue_builds(&pool, "bench", "scale", &jobs, 1_700_000_000)
+        .await
+        .expect("queueing the builds");
+    let from = Instant::now();
+    assert_eq!(queued.len(), builds);
+    let (held_steps, seconds) = loop {
+        let status: serde_json::Value = serde_json::from_str(
+            &harness::http_get(addr, "/status")
+                .await
+                .expect("GET /status"),
+        )
+        .expect("/status is JSON");
+        let queued = status["nrQueuedBuilds"].as_u64().unwrap_or(0) as usize;
+        if queued >= builds {
+            let held = status["nrStepsWaiting"].as_u64().unwrap_or(0)
+                + status["nrStepsRunnable"].as_u64().unwrap_or(0);
+            break (held, from.elapsed());
+        }
+        assert!(
+            from.elapsed() < Duration::from_secs(1800),
+            "every build held within 30 minutes (held {queued})"
+        );
+        if let Ok(Some(status)) = child.0.try_wait() {
+            panic!("queue-runner serve exited: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss, peak) = memory(pid);
+    println!(
+        "order: {}",
+        order.as_deref().unwrap_or("the default (hydra)")
+    );
+    println!(
+        "{builds} builds, {held_steps} steps held: every build held {:.1} s after builds_added",
+        seconds.as_secs_f64()
+    );
+    println!(
+        "queue-runner process: VmRSS {:.1} MiB (idle before: {:.1} MiB), VmHWM {:.1} MiB",
+        rss as f64 / 1048576.0,
+        idle_rss as f64 / 1048576.0,
+        peak as f64 / 1048576.0
+    );
+    if held_steps > 0 {
+        println!(
+            "resident bytes per held step: {:.0} (whole process), {:.0} (above idle); peak {:.0}",
+            rss as f64 / held_steps as f64,
+            rss.saturating_sub(idle_rss) as f64 / held_steps as f64,
+            peak as f64 / held_steps as f64
+        );
+    }
+    drop(child);
+    drop(daemon);
+}
+
+/// One generated derivation.
+struct Node {
+    name: String,
+    drv_path: StorePath,
+    out: StorePath,
+    inputs: usize,
+}
+
+/// Writes the DAG's `.drv` files through the daemon at `socket`, inputs
+/// first; returns them in order.
+async fn write_dag(socket: &std::path::Path, n: usize, system: &str) -> Vec<Node> {
+    let dir = StoreDir::default();
+    let nonce = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let mut rng = XorShift(0x5ca1_ab1e_0000_0001);
+    let mut hashes = DrvHashCache::new();
+    let mut nodes: Vec<Node> = Vec::with_capacity(n);
+    let mut clients = Vec::new();
+    for _ in 0..WRITERS {
+        clients.push(
+            DaemonClient::connect(socket)
+                .await
+                .expect("connecting to the daemon"),
+        );
+    }
+    let mut pending: Vec<tokio::task::JoinHandle<DaemonClient>> = Vec::new();
+    for i in 0..n {
+        let mut inputs: BTreeSet<usize> = BTreeSet::new();
+        if i > 0 && i < BOOTSTRAP {
+            inputs.insert(i - 1);
+        } else if i >= BOOTSTRAP {
+            inputs.insert(BOOTSTRAP - 1);
+            let wanted = 10 + rng.below(21) as usize;
+            let popular = (i / 100).max(BOOTSTRAP);
+            for k in 0..wanted {
+                let pick = if k % 2 == 0 {
+                    rng.below(popular as u64) as usize
+                } else {
+                    rng.below(i as u64) as usize
+                };
+                inputs.insert(pick);
+            }
+        }
+        let name = format!("n{i}-{nonce}");
+        let mut drv = Derivation {
+            name: name.clone(),
+            outputs: BTreeMap::from([("out".to_string(), DerivationOutput::Deferred)]),
+            input_drvs: inputs
+                .iter()
+                .map(|&j| {
+                    (
+                        nodes[j].drv_path.clone(),
+                        BTreeSet::from(["out".to_string()]),
+                    )
+                })
+                .collect(),
+            input_srcs: BTreeSet::new(),
+            platform: system.to_owned(),
+            builder: "/bin/sh".into(),
+            args: vec!["-c".into(), "echo > $out".into()],
+            env: BTreeMap::from([
+                ("name".to_string(), name.clone()),
+                ("builder".to_string(), "/bin/sh".to_string()),
+                ("system".to_string(), system.to_owned()),
+                ("out".to_string(), String::new()),
+            ]),
+        };
+        fill_input_addressed_outputs(&dir, &mut drv, &hashes).expect("output paths");
+        let out = match drv.outputs.get("out") {
+            Some(DerivationOutput::InputAddressed { path }) => path.clone(),
+            other => panic!("an input-addressed output, not {other:?}"),
+        };
+        let drv_path = drv.drv_path(&dir).expect("the .drv path");
+        let hash = hash_derivation_modulo(&dir, &drv, false, &hashes).expect("hash modulo");
+        hashes.insert(drv_path.clone(), hash);
+        let text = drv.to_aterm(&dir).expect("ATerm");
+        let references: BTreeSet<StorePath> = drv.input_drvs.keys().cloned().collect();
+        // A `.drv`'s references must be valid before it is added: wait
+        // for the writes in flight if one of them is an input of this one.
+        let first_pending = i - pending.len();
+        if clients.is_empty() || inputs.iter().any(|&j| j >= first_pending) {
+            for task in pending.drain(..) {
+                clients.push(task.await.expect("a write task"));
+            }
+        }
+        let mut client = clients.pop().expect("a free daemon connection");
+        let file = format!("{name}.drv");
+        pending.push(tokio::spawn(async move {
+            client
+                .add_text_to_store(&file, text.as_bytes(), &references)
+                .await
+                .expect("adding a .drv");
+            client
+        }));
+        nodes.push(Node {
+            name,
+            drv_path,
+            out,
+            inputs: inputs.len(),
+        });
+    }
+    for task in pending {
+        task.await.expect("a write task");
+    }
+    nodes
+}
+
+/// A fixed-seed generator: the same DAG shape every run.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// (VmRSS, VmHWM) of process `pid`, in bytes.
+fn memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Kills the queue runner when the bench ends, also on a panic.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn print_machine() {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    println!("queue scale bench");
+    println!("machine: nproc {cpus}, CPU {model}");
+}

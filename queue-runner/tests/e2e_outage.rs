@@ -196,7 +196,10 @@ async fn a_full_write_queue_pauses_dispatch_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_writes_what_waited_in_the_backlog() {
     let mut d = Deployment::start_with(|c| c.max_pending_writes = 1).await;
-    d.add_agent("a1", 2).await;
+    // No steps held ahead: exactly the two running ones finish during the
+    // outage.
+    let url = format!("http://{}", d.bound.grpc);
+    d.add_agent_with("a1", 2, url, |c, _| c.prefetch = 0).await;
     let ids = d.submit_attrs(MANY, &["b1", "b2", "b3", "b4"]).await;
     // Their rows exist, so they build, and finish during the outage.
     wait_busy_rows(&d, &ids, 2).await;

@@ -165,7 +165,10 @@ async fn jobsets_of_equal_shares_take_turns() {
     queue(&d, "left", 3, "1.5").await;
     queue(&d, "right", 3, "1.5").await;
     held(&d, 6).await;
-    d.add_agent("one-slot", 1).await;
+    // No step held ahead: each pick follows the shares of the moment.
+    let url = format!("http://{}", d.bound.grpc);
+    d.add_agent_with("one-slot", 1, url, |c, _| c.prefetch = 0)
+        .await;
     let order = first_finished(&d, 6).await;
     // Each build is charged its real duration, so near-equal builds may
     // reorder a pair; but they share the machine evenly, never more than
@@ -188,7 +191,10 @@ async fn shares_of_300_to_100_give_three_times_the_build_time() {
     queue(&d, "big", 60, "0.3").await;
     queue(&d, "small", 60, "0.3").await;
     held(&d, 120).await;
-    d.add_agent("one-slot", 1).await;
+    // No step held ahead: each pick follows the shares of the moment.
+    let url = format!("http://{}", d.bound.grpc);
+    d.add_agent_with("one-slot", 1, url, |c, _| c.prefetch = 0)
+        .await;
     let finished = count_finished(&d, 60).await;
     let big = finished["big"] as f64;
     let small = finished["small"] as f64;

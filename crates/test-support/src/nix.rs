@@ -591,6 +591,9 @@ impl Drop for NixDaemon {
         let daemon_pid = i32::try_from(self.child.id()).ok().filter(|_| running);
         if let Some(pid) = daemon_pid {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGSTOP);
+            // A signal is delivered when the process next runs: until it
+            // shows as stopped it may still fork.
+            wait_stopped(pid);
         }
         let in_namespace = self.mount_ns.as_deref().map(|ns| {
             let mut found = processes_in(ns);
@@ -601,6 +604,9 @@ impl Drop for NixDaemon {
                 if mount_namespace(&pid.to_string()).as_deref() != Some(ns) {
                     let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGCONT);
                 }
+            }
+            for pid in &found {
+                wait_stopped(*pid);
             }
             found.retain(|pid| mount_namespace(&pid.to_string()).as_deref() == Some(ns));
             found.extend(processes_in(ns));
@@ -667,6 +673,23 @@ fn kill_mount_namespace(ns: &Path, mut ours: std::collections::HashSet<i32>) {
             return;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits (up to 2 s) until process `pid` is stopped, or gone.
+fn wait_stopped(pid: i32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let (_, rest) = stat.rsplit_once(')')?;
+                rest.split_whitespace().next().map(str::to_owned)
+            });
+        match state.as_deref() {
+            None | Some("T" | "t" | "Z" | "X") => return,
+            Some(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
     }
 }
 

@@ -149,8 +149,31 @@ fn daemon_workers_end_with_the_daemon(version: NixVersion) {
         "a worker serves the connection: {:?}",
         processes_in(&ns)
     );
+    // Once they are gone the namespace's number may name another test's
+    // new namespace: what is checked is that these very processes ended.
+    let ours: Vec<(i32, Option<String>)> = processes_in(&ns)
+        .into_iter()
+        .map(|pid| (pid, start_time(pid)))
+        .collect();
     drop(daemon);
-    assert_eq!(processes_in(&ns), Vec::<i32>::new(), "left behind");
+    let left: Vec<i32> = ours
+        .iter()
+        .filter(|(pid, started)| started.is_some() && start_time(*pid) == *started)
+        .map(|(pid, _)| *pid)
+        .collect();
+    assert_eq!(left, Vec::<i32>::new(), "left behind, of {ours:?}");
+}
+
+/// When process `pid` started (field 22 of its stat), if it exists and
+/// has not exited (a zombie waits only to be reaped).
+fn start_time(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if matches!(fields.first(), Some(&"Z" | &"X")) {
+        return None;
+    }
+    fields.get(19).map(|s| (*s).to_owned())
 }
 
 #[test]

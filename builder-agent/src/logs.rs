@@ -7,7 +7,10 @@
 //! connection dropped, the queue runner restarted) the build goes on, the
 //! lines that come meanwhile are kept (up to [`MAX_CARRY`] bytes; past
 //! that they are counted and dropped, and the log says so), and a new
-//! stream on the next session goes on where the old one stopped.
+//! stream on the next session sends again what the broken one carried:
+//! each chunk says where it starts in the log (`LogChunk::offset`) and the
+//! queue runner skips what it already wrote, so a byte in flight when the
+//! queue runner died is neither lost nor written twice.
 
 use std::time::Duration;
 
@@ -30,6 +33,13 @@ const MAX_CARRY: usize = 8 << 20;
 struct Carry {
     buf: Vec<u8>,
     dropped: u64,
+    /// Where `buf` starts in the log.
+    offset: u64,
+    /// What the current stream carried, from where it started
+    /// (`offset - sent.len()`): sent again if the stream breaks. Bounded
+    /// by `MAX_CARRY`; past that the oldest bytes are forgotten (the queue
+    /// runner notes the gap if it never got them).
+    sent: Vec<u8>,
 }
 
 impl Carry {
@@ -42,6 +52,39 @@ impl Carry {
                 self.dropped += line.len() as u64 + 1;
             }
         }
+    }
+
+    /// Takes up to `limit` bytes as the next chunk of the current stream:
+    /// its data and where it starts in the log.
+    fn next_chunk(&mut self, limit: usize) -> (Vec<u8>, u64) {
+        let offset = self.offset;
+        let data = self.take(limit);
+        self.offset += data.len() as u64;
+        self.sent.extend_from_slice(&data);
+        if self.sent.len() > MAX_CARRY {
+            let excess = self.sent.len() - MAX_CARRY;
+            self.sent.drain(..excess);
+        }
+        (data, offset)
+    }
+
+    /// The stream ended and the queue runner says it received `received`
+    /// of the bytes it carried: the rest goes first on the next stream.
+    fn acked(&mut self, received: u64) {
+        let confirmed = usize::try_from(received)
+            .unwrap_or(usize::MAX)
+            .min(self.sent.len());
+        self.sent.drain(..confirmed);
+        self.resend();
+    }
+
+    /// The stream broke: what it carried goes first again, at its offsets.
+    fn resend(&mut self) {
+        let sent = std::mem::take(&mut self.sent);
+        self.offset -= sent.len() as u64;
+        let mut buf = sent;
+        buf.extend_from_slice(&self.buf);
+        self.buf = buf;
     }
 
     /// Takes up to `limit` bytes, with a note first about what was lost.
@@ -121,21 +164,25 @@ pub(crate) async fn forward(
                         Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                     }
                 }
+                let (data, offset) = carry.next_chunk(chunk_limit);
                 let chunk = pb::LogChunk {
                     session_id: ctx.id.clone(),
                     step_id: step.to_owned(),
-                    data: carry.take(chunk_limit),
+                    data,
+                    offset,
                 };
-                if let Err(unsent) = tx.send(chunk).await {
-                    // The call ended early: keep the chunk for the next one.
-                    let mut data = unsent.0.data;
-                    data.extend_from_slice(&carry.buf);
-                    carry.buf = data;
+                if tx.send(chunk).await.is_err() {
+                    // The call ended early: the chunk goes again with
+                    // what else the stream did not deliver.
                     return;
                 }
             }
         };
         let (acked, ()) = tokio::join!(call, feed);
+        match &acked {
+            Ok(ack) => carry.acked(ack.get_ref().bytes_received),
+            Err(_) => carry.resend(),
+        }
         match acked {
             Ok(_) if !open && carry.buf.is_empty() => return,
             Ok(_) => {}
@@ -158,5 +205,32 @@ pub(crate) async fn forward(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn carry_with(text: &str) -> Carry {
+        Carry {
+            buf: text.as_bytes().to_vec(),
+            ..Carry::default()
+        }
+    }
+
+    #[test]
+    fn a_broken_stream_sends_what_it_carried_again_at_the_same_offsets() {
+        let mut carry = carry_with("abcdefgh");
+        assert_eq!(carry.next_chunk(3), (b"abc".to_vec(), 0));
+        assert_eq!(carry.next_chunk(3), (b"def".to_vec(), 3));
+        carry.resend();
+        assert_eq!(carry.next_chunk(100), (b"abcdefgh".to_vec(), 0));
+        // This stream ended with 5 of its 8 bytes received: the rest again.
+        carry.acked(5);
+        assert_eq!(carry.next_chunk(100), (b"fgh".to_vec(), 5));
+        carry.acked(3);
+        assert!(carry.buf.is_empty() && carry.sent.is_empty());
+        assert_eq!(carry.offset, 8);
     }
 }

@@ -72,6 +72,8 @@ pub struct LogWriter {
     path: PathBuf,
     file: tokio::fs::File,
     written: u64,
+    /// Bytes of the agent's log held (see [`LogWriter::append_at`]).
+    received: u64,
     max_bytes: u64,
     limit_reached: bool,
 }
@@ -122,9 +124,33 @@ impl LogWriter {
             path,
             file,
             written,
+            received: written,
             max_bytes,
             limit_reached: written >= max_bytes,
         })
+    }
+
+    /// Appends the bytes of `chunk`, which starts at `offset` of the
+    /// agent's log, that the file does not hold yet: a chunk sent again
+    /// after a broken stream is written once. If bytes before `offset`
+    /// never arrived, a line says how many were lost.
+    pub async fn append_at(&mut self, offset: u64, chunk: &[u8]) -> Result<Appended, LogError> {
+        if offset > self.received {
+            let note = format!(
+                "sluice: {} bytes of build output were lost on the way\n",
+                offset - self.received
+            );
+            self.received = offset;
+            if let Appended::LimitReached = self.append(note.as_bytes()).await? {
+                return Ok(Appended::LimitReached);
+            }
+        }
+        let skip = usize::try_from(self.received - offset).unwrap_or(usize::MAX);
+        let Some(new) = chunk.get(skip..).filter(|new| !new.is_empty()) else {
+            return Ok(Appended::All);
+        };
+        self.received += new.len() as u64;
+        self.append(new).await
     }
 
     /// Appends `chunk`, or as much of it as fits under the limit.
@@ -216,6 +242,41 @@ mod tests {
         ] {
             assert!(log_path(Path::new("/d"), bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn chunks_sent_again_are_written_once_and_a_gap_is_noted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let drv = "/nix/store/abcdefghijklmnopqrstuvwxyz012345-x.drv";
+        let mut log = LogWriter::create(dir.path(), drv, 1000)
+            .await
+            .expect("create");
+        log.append_at(0, b"one\ntwo\n").await.expect("append");
+        // The stream broke after that; the agent sends it all again.
+        log.append_at(0, b"one\ntwo\nthree\n")
+            .await
+            .expect("append");
+        log.append_at(4, b"two\n").await.expect("append");
+        // Bytes 14..20 never arrived.
+        log.append_at(20, b"five\n").await.expect("append");
+        let path = log.finish().await.expect("finish");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "one\ntwo\nthree\nsluice: 6 bytes of build output were lost on the way\nfive\n"
+        );
+
+        // A queue runner that restarted goes on after what the file holds.
+        let mut log = LogWriter::open(dir.path(), drv, 1000, true)
+            .await
+            .expect("reopen");
+        let held = std::fs::metadata(&path).expect("size").len();
+        log.append_at(held - 5, b"five\nsix\n")
+            .await
+            .expect("append");
+        log.finish().await.expect("finish");
+        assert!(std::fs::read_to_string(&path)
+            .expect("read")
+            .ends_with("\nfive\nsix\n"));
     }
 
     #[tokio::test]

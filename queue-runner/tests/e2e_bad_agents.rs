@@ -218,11 +218,12 @@ async fn a_huge_log_that_is_not_utf8_is_cut_at_the_limit() {
 
     // 4 MiB of bytes that are no UTF-8 at all, in 64 KiB chunks.
     let chunk: Vec<u8> = (0..65_536u32).map(|i| 0x80 | (i % 0x7f) as u8).collect();
-    let chunks: Vec<pb::LogChunk> = (0..64)
-        .map(|_| pb::LogChunk {
+    let chunks: Vec<pb::LogChunk> = (0..64u64)
+        .map(|i| pb::LogChunk {
             session_id: session.clone(),
             step_id: assignment.step_id.clone(),
             data: chunk.clone(),
+            offset: i * chunk.len() as u64,
         })
         .collect();
     client.stream_log(tokio_stream::iter(chunks)).await.unwrap();

@@ -296,22 +296,23 @@ async fn uploads_that_lie_are_refused_and_nothing_is_recorded() {
     runner.assign(machine, &commands, a).await;
 
     // The log file stops at the assignment's limit; the rest is counted.
-    let chunk = |data: &[u8]| pb::LogChunk {
+    let chunk = |data: &[u8], offset: u64| pb::LogChunk {
         session_id: session.clone(),
         step_id: step_id(attempt),
         data: data.to_vec(),
+        offset,
     };
     let ack = client
         .stream_log(tokio_stream::iter(vec![
-            chunk(b"0123456789"),
-            chunk(b"abcdefghij"),
+            chunk(b"0123456789", 0),
+            chunk(b"abcdefghij", 10),
         ]))
         .await
         .expect("log accepted")
         .into_inner();
     assert_eq!(ack.bytes_received, 20);
     let ack = client
-        .stream_log(tokio_stream::iter(vec![chunk(b"more")]))
+        .stream_log(tokio_stream::iter(vec![chunk(b"more", 20)]))
         .await
         .expect("a later stream resumes the log")
         .into_inner();
@@ -434,6 +435,7 @@ async fn uploads_that_lie_are_refused_and_nothing_is_recorded() {
         session_id: other_session,
         step_id: step_id(attempt),
         data: b"lies\n".to_vec(),
+        offset: 0,
     };
     let status = other
         .stream_log(tokio_stream::iter(vec![log]))

@@ -103,7 +103,10 @@ async fn copy(
         received = received.saturating_add(c.data.len() as u64);
         // Past the limit the writer drops what does not fit; the build
         // itself is stopped by the agent's Nix, with status 10.
-        writer.append(&c.data).await.map_err(log_status)?;
+        writer
+            .append_at(c.offset, &c.data)
+            .await
+            .map_err(log_status)?;
         chunk = inbound.message().await?;
     }
     Ok(received)

@@ -152,7 +152,9 @@ const MANY: &str = r#"{
 async fn a_full_write_queue_pauses_dispatch_and_loses_nothing() {
     // Room for one queued write: an outage fills it at once.
     let mut d = Deployment::start_with(|c| c.max_pending_writes = 1).await;
-    d.add_agent("a1", 2).await;
+    // No steps held ahead: two run, and the rest wait for dispatch.
+    let url = format!("http://{}", d.bound.grpc);
+    d.add_agent_with("a1", 2, url, |c, _| c.prefetch = 0).await;
     let ids = d
         .submit_attrs(MANY, &["b1", "b2", "b3", "b4", "b5", "b6"])
         .await;

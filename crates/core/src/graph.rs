@@ -44,7 +44,9 @@ pub(crate) struct StepState {
     /// Steps that need this one. May contain dead entries (pruned lazily).
     pub rdeps: Vec<Weak<Step>>,
     /// Builds whose top-level step this is. May contain dead entries.
-    pub builds: Vec<Weak<Build>>,
+    /// A boxed slice, not a `Vec`: most steps are no build's top, and the
+    /// 8 bytes a `Vec` would add are the step's critical path.
+    pub builds: Box<[Weak<Build>]>,
     pub priority: Priority,
     pub phase: Phase,
     /// Identifies the one live entry of this step in a runnable queue or in
@@ -95,7 +97,7 @@ impl Step {
             state: Mutex::new(StepState {
                 deps,
                 rdeps: Vec::new(),
-                builds: Vec::new(),
+                builds: Box::default(),
                 priority: Priority::NONE,
                 phase: Phase::Waiting,
                 ticket: 0,
@@ -141,11 +143,13 @@ impl StepState {
         self.rdeps.push(rdep);
     }
 
+    /// Adds a build whose top-level step this is, dropping dead ones. Costs
+    /// a copy of the live ones: a derivation is the top of few builds.
     pub fn add_build(&mut self, build: Weak<Build>) {
-        if self.builds.len() == self.builds.capacity() {
-            self.builds.retain(|b| b.strong_count() > 0);
-        }
-        self.builds.push(build);
+        let mut builds = std::mem::take(&mut self.builds).into_vec();
+        builds.retain(|b| b.strong_count() > 0);
+        builds.push(build);
+        self.builds = builds.into_boxed_slice();
     }
 
     /// The lowest id among the live builds whose top-level step this is.

@@ -18,6 +18,9 @@
 //!   resolved derivation, and is never runnable;
 //! - `Step::state.priority` is the [`Priority::join`] over every unfinished
 //!   build that needs the step;
+//! - `Step::state.critical_path_ms` is the step's expected time plus the
+//!   largest critical path among the steps that need it (see
+//!   `critical_path.rs`);
 //! - each step mutex is locked by one function at a time, never two step
 //!   mutexes at once (the core is single-threaded; the mutex provides the
 //!   interior mutability a shared `Arc` needs).
@@ -62,6 +65,13 @@ pub(crate) struct StepState {
     /// [`NEEDS_RESOLUTION`] and [`RESOLVED`], in the byte `tries` left
     /// free, so a step does not grow.
     flags: u8,
+    /// How long this step is expected to take to build, in milliseconds
+    /// (0 once resolved: its resolved derivation's step does the work).
+    pub expected_ms: u32,
+    /// The critical path: `expected_ms` plus the largest critical path of
+    /// the steps that need this one (saturating). Kept exact by
+    /// `critical_path.rs`.
+    pub critical_path_ms: u32,
 }
 
 /// Its derivation has inputs whose paths are known only once built (see
@@ -90,7 +100,9 @@ pub(crate) enum Phase {
 }
 
 impl Step {
-    pub fn new(drv_path: DrvPath, class: ClassId, deps: Vec<Arc<Step>>) -> Step {
+    /// A waiting step; its critical path is its own expected time until
+    /// steps that need it are added.
+    pub fn new(drv_path: DrvPath, class: ClassId, deps: Vec<Arc<Step>>, expected_ms: u32) -> Step {
         Step {
             drv_path,
             class,
@@ -104,6 +116,8 @@ impl Step {
                 tries: 0,
                 failed_on: 0,
                 flags: 0,
+                expected_ms,
+                critical_path_ms: expected_ms,
             }),
         }
     }
@@ -225,12 +239,13 @@ mod tests {
 
     #[test]
     fn dropping_a_long_chain_does_not_overflow_the_stack() {
-        let mut head = Arc::new(Step::new(DrvPath::from("/0"), ClassId(0), Vec::new()));
+        let mut head = Arc::new(Step::new(DrvPath::from("/0"), ClassId(0), Vec::new(), 0));
         for i in 1..200_000 {
             head = Arc::new(Step::new(
                 DrvPath::from(format!("/{i}")),
                 ClassId(0),
                 vec![head],
+                0,
             ));
         }
         let weak_tail = {

@@ -395,6 +395,8 @@ where
                 // Set by the loader, which asks `FailedPaths`.
                 known_failed: false,
                 needs_resolution: crate::ca::needs_resolution(&drv),
+                // No history yet: the core's default estimate.
+                expected_ms: None,
             };
             // A recorded path that is not valid any more is built again.
             let outputs = outs

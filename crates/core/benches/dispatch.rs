@@ -107,6 +107,7 @@ fn one_step_build(i: usize, jobsets: usize, rng: &mut Rng) -> Event {
             input_drvs: Vec::new(),
             known_failed: false,
             needs_resolution: false,
+            expected_ms: None,
         }],
     }
 }
@@ -243,6 +244,7 @@ fn bytes_per_waiting_step(steps: usize) -> usize {
                 .collect(),
             known_failed: false,
             needs_resolution: false,
+            expected_ms: None,
         })
         .collect();
     // One build on top of everything.

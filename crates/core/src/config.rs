@@ -21,6 +21,9 @@ pub struct Config {
     /// How far back a jobset's build time counts against its scheduling
     /// shares ([`crate::shares`]). One hour.
     pub share_window: Duration,
+    /// The expected build time of a step whose [`crate::StepSpec`] says
+    /// none (`expected_ms: None`), for its critical path. One minute.
+    pub expected_build_time: Duration,
 }
 
 impl Default for Config {
@@ -31,11 +34,20 @@ impl Default for Config {
             retry_interval: Duration::from_secs(60),
             retry_backoff: 3.0,
             share_window: Duration::from_secs(3600),
+            expected_build_time: Duration::from_secs(60),
         }
     }
 }
 
 impl Config {
+    /// A step's expected build time in milliseconds: its own estimate, or
+    /// the default (saturating at `u32::MAX`, 49 days).
+    pub fn expected_ms(&self, estimate: Option<u32>) -> u32 {
+        estimate.unwrap_or_else(|| {
+            u32::try_from(self.expected_build_time.as_millis()).unwrap_or(u32::MAX)
+        })
+    }
+
     /// The wait before the retry that follows failed attempt number `tries`
     /// (1-based).
     pub fn retry_delay(&self, tries: u32) -> Duration {

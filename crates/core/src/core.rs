@@ -17,12 +17,16 @@
 //!   in at most one slot at a time;
 //! - a step's priority is exactly the join over the unfinished builds that
 //!   need it (so the build a dispatch is recorded under is always
-//!   unfinished).
+//!   unfinished);
+//! - a step's critical path is exactly its expected time plus the largest
+//!   critical path among the steps that need it (`critical_path.rs`), and
+//!   a runnable step is queued under the key of its current state.
 //!
-//! The work is split by topic: `ingest.rs` adds builds, `dispatch.rs`
-//! moves steps through queues and slots, `outcome.rs` handles results,
-//! cancellation and freeing, `resolution.rs` puts resolved derivations in
-//! place of the steps that need them, `status.rs` reports.
+//! The work is split by topic: `ingest.rs` adds builds, `critical_path.rs`
+//! keeps critical paths, `dispatch.rs` moves steps through queues and
+//! slots, `outcome.rs` handles results, cancellation and freeing,
+//! `resolution.rs` puts resolved derivations in place of the steps that
+//! need them, `status.rs` reports.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};

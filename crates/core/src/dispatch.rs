@@ -23,7 +23,12 @@ use crate::types::{BuildId, JobsetId, MachineId, StepFailure};
 use crate::Core;
 
 /// The order's key for a step in its current state.
-fn key_of<O: StepOrder, K>(order: &O, class: &Class<K>, step: &Step, state: &StepState) -> O::Key {
+pub(crate) fn key_of<O: StepOrder, K>(
+    order: &O,
+    class: &Class<K>,
+    step: &Step,
+    state: &StepState,
+) -> O::Key {
     let runnable_since = match state.phase {
         Phase::Runnable { since } => since,
         _ => Default::default(),
@@ -35,6 +40,8 @@ fn key_of<O: StepOrder, K>(order: &O, class: &Class<K>, step: &Step, state: &Ste
         priority: state.priority,
         runnable_since,
         tries: u32::from(state.tries),
+        expected_ms: state.expected_ms,
+        critical_path_ms: state.critical_path_ms,
     })
 }
 
@@ -78,8 +85,9 @@ impl<O: StepOrder> Core<O> {
         }
     }
 
-    /// Re-keys a runnable step after its priority changed. Machines need no
-    /// wake-up: none that could build the step has a free slot.
+    /// Re-keys a runnable step after its priority or critical path
+    /// changed. Machines need no wake-up: none that could build the step
+    /// has a free slot.
     pub(crate) fn requeue(&mut self, step: &Arc<Step>) {
         let ticket = self.next_ticket();
         let (key, jobset) = {

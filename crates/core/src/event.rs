@@ -115,6 +115,14 @@ pub struct StepSpec {
     /// built the core asks for [`crate::Command::Resolve`] instead of
     /// dispatching it.
     pub needs_resolution: bool,
+    /// How long the derivation is expected to take to build, in
+    /// milliseconds (from the history of its builds); `None` when unknown,
+    /// then [`crate::Config::expected_build_time`] is used. It feeds the
+    /// critical path ([`crate::StepView::critical_path_ms`]). A derivation
+    /// that already has a step keeps the estimate it was given first; a
+    /// resolved derivation without one takes that of the step resolved
+    /// into it.
+    pub expected_ms: Option<u32>,
 }
 
 /// How a step's resolution came out.

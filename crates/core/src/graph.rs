@@ -18,6 +18,9 @@
 //!   resolved derivation, and is never runnable;
 //! - `Step::state.priority` is the [`Priority::join`] over every unfinished
 //!   build that needs the step;
+//! - `Step::state.critical_path_ms` is the step's expected time plus the
+//!   largest critical path among the steps that need it (see
+//!   `critical_path.rs`);
 //! - each step mutex is locked by one function at a time, never two step
 //!   mutexes at once (the core is single-threaded; the mutex provides the
 //!   interior mutability a shared `Arc` needs).
@@ -44,7 +47,9 @@ pub(crate) struct StepState {
     /// Steps that need this one. May contain dead entries (pruned lazily).
     pub rdeps: Vec<Weak<Step>>,
     /// Builds whose top-level step this is. May contain dead entries.
-    pub builds: Vec<Weak<Build>>,
+    /// A boxed slice, not a `Vec`: most steps are no build's top, and the
+    /// 8 bytes a `Vec` would add are the step's critical path.
+    pub builds: Box<[Weak<Build>]>,
     pub priority: Priority,
     pub phase: Phase,
     /// Identifies the one live entry of this step in a runnable queue or in
@@ -60,6 +65,13 @@ pub(crate) struct StepState {
     /// [`NEEDS_RESOLUTION`] and [`RESOLVED`], in the byte `tries` left
     /// free, so a step does not grow.
     flags: u8,
+    /// How long this step is expected to take to build, in milliseconds
+    /// (0 once resolved: its resolved derivation's step does the work).
+    pub expected_ms: u32,
+    /// The critical path: `expected_ms` plus the largest critical path of
+    /// the steps that need this one (saturating). Kept exact by
+    /// `critical_path.rs`.
+    pub critical_path_ms: u32,
 }
 
 /// Its derivation has inputs whose paths are known only once built (see
@@ -88,20 +100,24 @@ pub(crate) enum Phase {
 }
 
 impl Step {
-    pub fn new(drv_path: DrvPath, class: ClassId, deps: Vec<Arc<Step>>) -> Step {
+    /// A waiting step; its critical path is its own expected time until
+    /// steps that need it are added.
+    pub fn new(drv_path: DrvPath, class: ClassId, deps: Vec<Arc<Step>>, expected_ms: u32) -> Step {
         Step {
             drv_path,
             class,
             state: Mutex::new(StepState {
                 deps,
                 rdeps: Vec::new(),
-                builds: Vec::new(),
+                builds: Box::default(),
                 priority: Priority::NONE,
                 phase: Phase::Waiting,
                 ticket: 0,
                 tries: 0,
                 failed_on: 0,
                 flags: 0,
+                expected_ms,
+                critical_path_ms: expected_ms,
             }),
         }
     }
@@ -141,11 +157,13 @@ impl StepState {
         self.rdeps.push(rdep);
     }
 
+    /// Adds a build whose top-level step this is, dropping dead ones. Costs
+    /// a copy of the live ones: a derivation is the top of few builds.
     pub fn add_build(&mut self, build: Weak<Build>) {
-        if self.builds.len() == self.builds.capacity() {
-            self.builds.retain(|b| b.strong_count() > 0);
-        }
-        self.builds.push(build);
+        let mut builds = std::mem::take(&mut self.builds).into_vec();
+        builds.retain(|b| b.strong_count() > 0);
+        builds.push(build);
+        self.builds = builds.into_boxed_slice();
     }
 
     /// The lowest id among the live builds whose top-level step this is.
@@ -221,12 +239,13 @@ mod tests {
 
     #[test]
     fn dropping_a_long_chain_does_not_overflow_the_stack() {
-        let mut head = Arc::new(Step::new(DrvPath::from("/0"), ClassId(0), Vec::new()));
+        let mut head = Arc::new(Step::new(DrvPath::from("/0"), ClassId(0), Vec::new(), 0));
         for i in 1..200_000 {
             head = Arc::new(Step::new(
                 DrvPath::from(format!("/{i}")),
                 ClassId(0),
                 vec![head],
+                0,
             ));
         }
         let weak_tail = {

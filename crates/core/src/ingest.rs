@@ -6,7 +6,9 @@
 //! first, so every step is created with all its unfinished dependencies in
 //! place. Priorities are propagated from the build's top-level step
 //! downwards, stopping where nothing changes; that is exact because a
-//! dependency's priority always covers each of its parents'.
+//! dependency's priority always covers each of its parents'. Critical
+//! paths are computed for the new steps, dependents first, and raised
+//! below them (`critical_path.rs`) before any new step is queued.
 //!
 //! Invariant: the graph is only modified once the closure is known to be
 //! acyclic; a cyclic closure (which Nix cannot produce) aborts the build
@@ -76,6 +78,7 @@ impl<O: StepOrder> Core<O> {
         let priority = build.priority();
         self.builds.insert(spec.id, build);
         self.propagate_priority(top, priority);
+        self.critical_paths_of_new_steps(&new_steps);
         for step in new_steps {
             let runnable = {
                 let state = step.state.lock();
@@ -120,7 +123,9 @@ impl<O: StepOrder> Core<O> {
 
     /// Creates the steps of `order` (dependencies first), the top-level
     /// step last. Only the top's future build will own the new steps: the
-    /// caller must attach the top to a build before dropping the result.
+    /// caller must attach the top to a build before dropping the result,
+    /// and give them their critical paths
+    /// ([`Core::critical_paths_of_new_steps`]) before queueing them.
     pub(crate) fn create_steps(&mut self, order: &[&StepSpec]) -> Vec<Arc<Step>> {
         let mut created: Vec<Arc<Step>> = Vec::with_capacity(order.len());
         for spec in order {
@@ -137,7 +142,8 @@ impl<O: StepOrder> Core<O> {
                 .collect();
             deps.sort_by_key(Arc::as_ptr);
             deps.dedup_by(|a, b| Arc::ptr_eq(a, b));
-            let mut step = Step::new(spec.drv_path.clone(), class, deps.clone());
+            let expected_ms = self.config.expected_ms(spec.expected_ms);
+            let mut step = Step::new(spec.drv_path.clone(), class, deps.clone(), expected_ms);
             step.state
                 .get_mut()
                 .set_needs_resolution(spec.needs_resolution);

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::dispatch::key_of;
 use crate::graph::{Phase, Step};
 use crate::order::{Priority, StepOrder};
 use crate::Core;
@@ -49,12 +50,39 @@ impl<O: StepOrder> Core<O> {
             ));
         }
 
-        let runnable_in_queues: HashSet<*const Step> = self
-            .classes
-            .iter()
-            .flat_map(|(_, class)| class.live_steps())
-            .map(|step| Arc::as_ptr(&step))
-            .collect();
+        // Critical paths, from scratch: a step's expected time plus the
+        // longest critical path among the live steps that need it.
+        let mut dependents: HashMap<*const Step, Vec<*const Step>> = HashMap::new();
+        for (ptr, step) in &live {
+            for dep in &step.state.lock().deps {
+                dependents.entry(Arc::as_ptr(dep)).or_default().push(*ptr);
+            }
+        }
+        let mut paths: HashMap<*const Step, u32> = HashMap::new();
+        for ptr in live.keys() {
+            critical_path(*ptr, &live, &dependents, &mut paths);
+        }
+        for (ptr, step) in &live {
+            let held = step.state.lock().critical_path_ms;
+            if held != paths[ptr] {
+                return Err(format!(
+                    "{}: critical path {held} ms, expected {} ms",
+                    step.drv_path, paths[ptr]
+                ));
+            }
+        }
+
+        // A runnable step is queued under the key of its current state.
+        let mut runnable_in_queues: HashSet<*const Step> = HashSet::new();
+        for (_, class) in self.classes.iter() {
+            for (key, step) in class.live_entries() {
+                let current = key_of(&self.order, class, &step, &step.state.lock());
+                if key != current {
+                    return Err(format!("{}: queued under a stale key", step.drv_path));
+                }
+                runnable_in_queues.insert(Arc::as_ptr(&step));
+            }
+        }
         let retry_tickets: HashSet<u64> = self.retries.keys().map(|(_, ticket)| *ticket).collect();
         let (mut waiting, mut runnable, mut delayed, mut running, mut resolving) = (0, 0, 0, 0, 0);
         for (ptr, step) in &live {
@@ -180,4 +208,36 @@ impl<O: StepOrder> Core<O> {
         }
         Ok(())
     }
+}
+
+/// The critical path of `ptr` from scratch (memoised in `paths`), walking
+/// up through `dependents` without recursion.
+fn critical_path(
+    ptr: *const Step,
+    live: &HashMap<*const Step, Arc<Step>>,
+    dependents: &HashMap<*const Step, Vec<*const Step>>,
+    paths: &mut HashMap<*const Step, u32>,
+) -> u32 {
+    let mut pending = vec![ptr];
+    while let Some(&top) = pending.last() {
+        if paths.contains_key(&top) {
+            pending.pop();
+            continue;
+        }
+        let above = dependents.get(&top).map_or(&[][..], Vec::as_slice);
+        let missing: Vec<*const Step> = above
+            .iter()
+            .filter(|d| !paths.contains_key(*d))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            let longest = above.iter().map(|d| paths[d]).max().unwrap_or(0);
+            let expected = live[&top].state.lock().expected_ms;
+            paths.insert(top, expected.saturating_add(longest));
+            pending.pop();
+        } else {
+            pending.extend(missing);
+        }
+    }
+    paths[&ptr]
 }

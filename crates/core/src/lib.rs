@@ -43,14 +43,17 @@
 //! interface), `order` (pluggable dispatch order), `graph` (steps and
 //! builds), `queue` (per-class runnable queues), `machine` (builders and
 //! slots), `core` (the state machine), with its behaviour split over
-//! `ingest`, `dispatch`, `outcome`, `resolution` (content-addressed
-//! steps resolved into fresh ones) and `resume` (detached machines,
-//! attempts adopted after a restart), and `status` (reports).
+//! `ingest`, `critical_path` (each step's longest expected time to the
+//! top of the graph), `dispatch`, `outcome`, `resolution`
+//! (content-addressed steps resolved into fresh ones) and `resume`
+//! (detached machines, attempts adopted after a restart), and `status`
+//! (reports).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod command;
 mod config;
 mod core;
+mod critical_path;
 mod dispatch;
 mod event;
 mod graph;
@@ -76,6 +79,9 @@ pub use crate::command::{BuildFinished, Command, DependentBuild, EventError};
 pub use crate::config::Config;
 pub use crate::core::Core;
 pub use crate::event::{BuildSpec, Event, MachineSpec, Resolution, StepOutcome, StepSpec};
-pub use crate::order::{HydraKey, HydraOrder, Priority, StepOrder, StepView};
+pub use crate::order::{
+    ConfiguredKey, ConfiguredOrder, CriticalPathKey, CriticalPathOrder, HydraKey, HydraOrder,
+    Priority, StepOrder, StepView, UnknownOrder,
+};
 pub use crate::status::{MachineStats, Stats};
 pub use crate::types::{BuildId, DrvPath, JobsetId, MachineId, Millis, Status, StepFailure};

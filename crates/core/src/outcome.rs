@@ -14,7 +14,8 @@
 //! Invariant: steps leave the core only through [`Core::release`], which
 //! keeps the index, the per-phase counters and the machine slots in step
 //! with the graph; after builds are removed, [`Core::recompute_priorities`]
-//! restores exact priorities on the steps that survived.
+//! restores exact priorities on the steps that survived, and
+//! [`Core::lower_critical_paths`] exact critical paths.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Weak};
@@ -76,6 +77,8 @@ impl<O: StepOrder> Core<O> {
         }
         // The builds that finished needed nothing but this step, so no
         // other step's priority changed; `survivors` holds at most `step`.
+        // No critical path changed either: those of steps above never
+        // depend on those below.
         survivors.clear();
         self.release(step, &mut survivors);
         for original in completed {
@@ -214,6 +217,7 @@ impl<O: StepOrder> Core<O> {
             self.forget_build(build, &mut survivors);
         }
         self.release(step, &mut survivors);
+        self.lower_critical_paths(&survivors);
         self.recompute_priorities(survivors);
     }
 
@@ -264,6 +268,7 @@ impl<O: StepOrder> Core<O> {
         };
         let mut survivors = Vec::new();
         self.forget_build(build, &mut survivors);
+        self.lower_critical_paths(&survivors);
         self.recompute_priorities(survivors);
     }
 

@@ -214,10 +214,22 @@ impl<K: Ord + Clone> Class<K> {
     /// full scan).
     #[cfg(test)]
     pub fn live_steps(&self) -> Vec<Arc<Step>> {
+        self.live_entries()
+            .into_iter()
+            .map(|(_, step)| step)
+            .collect()
+    }
+
+    /// The live entries with their keys, jobset by jobset, each in key
+    /// order (tests only: a full scan).
+    #[cfg(test)]
+    pub fn live_entries(&self) -> Vec<(K, Arc<Step>)> {
         self.queues
             .values()
             .flat_map(|queue| queue.iter())
-            .filter_map(|((_, ticket), step)| live_step(*ticket, step))
+            .filter_map(|((key, ticket), step)| {
+                live_step(*ticket, step).map(|step| (key.clone(), step))
+            })
             .collect()
     }
 }

@@ -15,8 +15,10 @@
 //!
 //! Invariants: a step that needs resolution is never queued or dispatched;
 //! a resolved step has exactly one dependency, never itself; the resolved
-//! derivation's step inherits the resolved step's priority like any
-//! dependency.
+//! derivation's step inherits the resolved step's priority and critical
+//! path like any dependency, while the resolved step itself expects no
+//! time of its own (its resolved derivation's step does the work, with the
+//! original's estimate unless the resolution brought one).
 
 use std::sync::Arc;
 
@@ -68,7 +70,7 @@ impl<O: StepOrder> Core<O> {
         match resolution {
             Resolution::Valid => self.step_succeeded(step),
             Resolution::Failed(failure) => self.fail_step(step, failure.status(), None, false),
-            Resolution::Step(spec) => {
+            Resolution::Step(mut spec) => {
                 let existing = self.lookup(spec.drv_path.as_str());
                 if existing.as_ref().is_some_and(|e| Arc::ptr_eq(e, &step)) || spec.needs_resolution
                 {
@@ -77,10 +79,17 @@ impl<O: StepOrder> Core<O> {
                     self.fail_step(step, crate::Status::Aborted, None, false);
                     return;
                 }
+                // The resolved derivation does the original's work: it
+                // takes the original's estimate unless it has its own, and
+                // the original expects no time of its own any more.
+                let original_expected = step.state.lock().expected_ms;
+                spec.expected_ms = spec.expected_ms.or(Some(original_expected));
+                self.set_expected(&step, 0);
                 let (resolved, is_new) = match existing {
                     Some(existing) => (existing, false),
                     None => {
                         let created = self.create_steps(&[&spec]);
+                        self.critical_paths_of_new_steps(&created);
                         let Some(created) = created.into_iter().next() else {
                             return;
                         };
@@ -98,6 +107,9 @@ impl<O: StepOrder> Core<O> {
                 };
                 resolved.state.lock().add_rdep(Arc::downgrade(&step));
                 self.propagate_priority(resolved.clone(), priority);
+                let path = step.state.lock().critical_path_ms;
+                let raised = resolved.state.lock().expected_ms.saturating_add(path);
+                self.raise_critical_paths(vec![(resolved.clone(), raised)]);
                 let runnable = {
                     let state = resolved.state.lock();
                     is_new && state.deps.is_empty() && state.phase == Phase::Waiting

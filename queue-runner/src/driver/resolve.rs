@@ -599,6 +599,8 @@ async fn resolve_step(job: &Job) -> Result<Outcome, Stop> {
         input_drvs: Vec::new(),
         known_failed: false,
         needs_resolution: false,
+        // The core gives it the estimate of the step resolved into it.
+        expected_ms: None,
     };
     Ok(Outcome::Build {
         resolved: ClosureDrv {

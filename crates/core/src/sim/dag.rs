@@ -19,6 +19,9 @@ pub(crate) struct Node {
     pub inputs: Vec<String>,
     /// Marked `!resolve`: resolved once its inputs are built.
     pub needs_resolution: bool,
+    /// Marked `~SECONDS`: how long it is expected to (and, in timed runs,
+    /// does) take to build.
+    pub expected_ms: Option<u32>,
 }
 
 /// The store path of a simulated derivation.
@@ -36,7 +39,8 @@ pub(crate) fn short(text: &str) -> String {
 }
 
 impl Dag {
-    /// One node a line: `name: system [feature…] [!resolve] [<- input…]`.
+    /// One node a line:
+    /// `name: system [feature…] [!resolve] [~SECONDS] [<- input…]`.
     /// Blank lines and `#` comments are skipped.
     pub fn parse(text: &str) -> Dag {
         let mut dag = Dag::default();
@@ -50,7 +54,13 @@ impl Dag {
             let (left, inputs) = rest.split_once("<-").unwrap_or((rest, ""));
             let mut words = left.split_whitespace();
             let system = words.next().expect("a DAG node needs a system").to_string();
-            let (marks, features): (Vec<&str>, Vec<&str>) = words.partition(|w| *w == "!resolve");
+            let (marks, words): (Vec<&str>, Vec<&str>) = words.partition(|w| *w == "!resolve");
+            let (times, features): (Vec<&str>, Vec<&str>) =
+                words.into_iter().partition(|w| w.starts_with('~'));
+            let expected_ms = times.first().map(|t| {
+                let secs: u32 = t[1..].trim_end_matches('s').parse().expect("~SECONDS");
+                secs * 1000
+            });
             dag.nodes.insert(
                 name.trim().to_string(),
                 Node {
@@ -58,6 +68,7 @@ impl Dag {
                     features: features.into_iter().map(str::to_string).collect(),
                     inputs: inputs.split_whitespace().map(str::to_string).collect(),
                     needs_resolution: !marks.is_empty(),
+                    expected_ms,
                 },
             );
         }
@@ -102,6 +113,7 @@ impl Dag {
                     input_drvs: node.inputs.iter().map(|i| drv(i)).collect(),
                     known_failed: failed.contains(&name),
                     needs_resolution: node.needs_resolution,
+                    expected_ms: node.expected_ms,
                 }
             })
             .collect()
@@ -117,6 +129,7 @@ impl Dag {
             input_drvs: node.inputs.iter().map(|i| drv(i)).collect(),
             known_failed: false,
             needs_resolution: node.needs_resolution,
+            expected_ms: node.expected_ms,
         }
     }
 }

@@ -6,6 +6,9 @@
 //! `d: x86_64-linux big <- b c`, and [`Sim::run`] takes a script of actions,
 //! each followed by the trace lines (`> …`) it must produce, exactly.
 //!
+//! [`Sim::run_timed`] instead lets each step take its expected time and
+//! builds everything queued, for the makespan of an order.
+//!
 //! Every command the core returns is checked against the simulated world
 //! (a step is dispatched only to a connected, compatible machine with a
 //! free slot, only once its inputs are valid, never twice at once; a build
@@ -20,6 +23,7 @@ use crate::{
 };
 
 mod dag;
+mod timed;
 
 use dag::short;
 pub(crate) use dag::{drv, name, Dag, Node};
@@ -45,6 +49,8 @@ pub(crate) struct Sim<O: StepOrder = crate::HydraOrder> {
     next_machine: u64,
     /// Derivation → (machine name, build) for every step being built.
     pub running: BTreeMap<String, (String, BuildId)>,
+    /// When each step being built was dispatched (for timed runs).
+    pub started: BTreeMap<String, Millis>,
     /// Unfinished builds the core was told about, with their top.
     pub queued: BTreeMap<BuildId, String>,
     pub finished: BTreeMap<BuildId, Status>,
@@ -87,6 +93,7 @@ impl<O: StepOrder> Sim<O> {
             names: BTreeMap::new(),
             next_machine: 1,
             running: BTreeMap::new(),
+            started: BTreeMap::new(),
             queued: BTreeMap::new(),
             finished: BTreeMap::new(),
             cancelled: BTreeSet::new(),
@@ -427,6 +434,7 @@ impl<O: StepOrder> Sim<O> {
                     self.check_hydra_order(&step, &machine_name);
                 }
                 self.delayed.remove(&step);
+                self.started.insert(step.clone(), self.now);
                 self.running
                     .insert(step.clone(), (machine_name.clone(), build));
                 let attempt = if attempt > 1 {

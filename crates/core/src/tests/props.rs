@@ -3,8 +3,10 @@
 //! The simulation checks every command as it happens (no step dispatched
 //! before its inputs are built, none twice at once, only to a compatible
 //! machine with a free slot, every build finished once) and the core's own
-//! invariants after every event. At the end a capable machine joins and
-//! every build must finish.
+//! invariants after every event (among them: each step's critical path
+//! equals one computed from scratch, and each runnable step is queued under
+//! its current key), under Hydra's order and the critical-path order. At
+//! the end a capable machine joins and every build must finish.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -12,7 +14,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use crate::sim::{Dag, Node, Sim};
-use crate::{BuildId, Config, Core, StepFailure, StepOutcome};
+use crate::{BuildId, Config, ConfiguredOrder, Core, StepFailure, StepOrder, StepOutcome};
 
 const SYSTEMS: [&str; 3] = ["x86_64-linux", "aarch64-linux", "builtin"];
 const FEATURES: [&str; 2] = ["big", "kvm"];
@@ -26,6 +28,10 @@ fn pick(mask: u8, names: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Expected build times: unknown, zero, short, long, and one that
+/// saturates any sum.
+const EXPECTED_MS: [Option<u32>; 5] = [None, Some(0), Some(1_000), Some(90_000), Some(u32::MAX)];
+
 /// A random DAG: node `i` may depend on nodes before it.
 fn dag() -> impl Strategy<Value = (Dag, BTreeSet<String>)> {
     prop::collection::vec(
@@ -34,13 +40,15 @@ fn dag() -> impl Strategy<Value = (Dag, BTreeSet<String>)> {
             0u8..4,
             prop::collection::vec(any::<usize>(), 0..4),
             prop::bool::weighted(0.15),
+            prop::sample::select(&EXPECTED_MS[..]),
         ),
         1..16,
     )
     .prop_map(|nodes| {
         let mut dag = Dag::default();
         let mut valid = BTreeSet::new();
-        for (i, (system, features, inputs, is_valid)) in nodes.into_iter().enumerate() {
+        for (i, (system, features, inputs, is_valid, expected_ms)) in nodes.into_iter().enumerate()
+        {
             let name = format!("n{i}");
             let mut inputs: Vec<String> = if i == 0 {
                 Vec::new()
@@ -59,6 +67,7 @@ fn dag() -> impl Strategy<Value = (Dag, BTreeSet<String>)> {
                     features: pick(features, &FEATURES),
                     inputs,
                     needs_resolution,
+                    expected_ms,
                 },
             );
             if is_valid {
@@ -134,12 +143,13 @@ fn action() -> impl Strategy<Value = Action> {
 /// Random tunables: single-attempt steps, immediate retries and a zero
 /// grace period are all legal.
 fn config() -> impl Strategy<Value = Config> {
-    (1u32..4, 0u64..200, 0u64..30).prop_map(|(max_tries, grace, retry)| Config {
+    (1u32..4, 0u64..200, 0u64..30, 0u64..3).prop_map(|(max_tries, grace, retry, expected)| Config {
         max_unsupported_time: Duration::from_secs(grace),
         max_tries,
         retry_interval: Duration::from_secs(retry),
         retry_backoff: 2.0,
         share_window: std::time::Duration::from_secs(3600),
+        expected_build_time: Duration::from_secs(expected * 30),
     })
 }
 
@@ -148,7 +158,7 @@ fn nth<T: Clone>(items: impl IntoIterator<Item = T>, pick: usize) -> Option<T> {
     (!items.is_empty()).then(|| items[pick % items.len()].clone())
 }
 
-fn apply(sim: &mut Sim, action: Action, next_build: &mut i32) {
+fn apply<O: StepOrder>(sim: &mut Sim<O>, action: Action, next_build: &mut i32) {
     match action {
         Action::Connect {
             slot,
@@ -250,11 +260,12 @@ proptest! {
     fn random_histories_keep_the_invariants_and_every_build_finishes(
         (dag, valid) in dag(),
         config in config(),
+        order in prop::sample::select(&ConfiguredOrder::ALL[..]),
         actions in prop::collection::vec(action(), 0..60),
     ) {
-        let mut sim = Sim::with_core(dag, Core::new(config));
+        let mut sim = Sim::with_core(dag, Core::with_order(config, order));
         sim.valid = valid;
-        sim.check_hydra_order = true;
+        sim.check_hydra_order = order == ConfiguredOrder::Hydra;
         let mut next_build = 0;
         for action in actions {
             apply(&mut sim, action, &mut next_build);

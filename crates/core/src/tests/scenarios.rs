@@ -13,6 +13,7 @@ pub(super) fn config() -> Config {
         retry_interval: Duration::from_secs(60),
         retry_backoff: 2.0,
         share_window: std::time::Duration::from_secs(3600),
+        expected_build_time: Duration::from_secs(60),
     }
 }
 

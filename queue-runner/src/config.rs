@@ -100,6 +100,13 @@ pub struct Settings {
     /// ones, so slow transfers never stall dispatch [default: 16]
     #[arg(long, value_name = "N")]
     pub transfer_connections: Option<usize>,
+    /// Which runnable step goes first, after global priority (bumps) and
+    /// jobset shares: `critical-path` (the longest expected build time
+    /// from the step to the end of the graph, from the history of build
+    /// times) or `hydra` (build priority, then the oldest build)
+    /// [default: critical-path]
+    #[arg(long, value_name = "ORDER")]
+    pub dispatch_order: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +117,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, cause: String },
     #[error("no agent token file: pass --agent-token-file or set agent-token-file in the config")]
     NoTokenFile,
+    #[error("--dispatch-order '{0}': give critical-path or hydra")]
+    DispatchOrder(String),
 }
 
 impl Settings {
@@ -155,6 +164,8 @@ pub struct ServeConfig {
     /// Store connections for control work, and for NAR transfers.
     pub store_connections: usize,
     pub transfer_connections: usize,
+    /// The order of runnable steps.
+    pub dispatch_order: sluice_core::ConfiguredOrder,
 }
 
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50051";
@@ -192,6 +203,12 @@ impl ServeConfig {
             min_free_disk_mb: file.min_free_disk_mb.unwrap_or(0),
             store_connections: file.store_connections.unwrap_or(8).max(1),
             transfer_connections: file.transfer_connections.unwrap_or(16).max(1),
+            dispatch_order: match file.dispatch_order.as_deref() {
+                None => sluice_core::ConfiguredOrder::CriticalPath,
+                Some(name) => name
+                    .parse()
+                    .map_err(|_| ConfigError::DispatchOrder(name.to_owned()))?,
+            },
         })
     }
 }
@@ -218,6 +235,7 @@ impl Settings {
             min_free_disk_mb: self.min_free_disk_mb.or(other.min_free_disk_mb),
             store_connections: self.store_connections.or(other.store_connections),
             transfer_connections: self.transfer_connections.or(other.transfer_connections),
+            dispatch_order: self.dispatch_order.or(other.dispatch_order),
         }
     }
 }

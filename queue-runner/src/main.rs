@@ -51,7 +51,7 @@ enum Command {
     /// --shutdown-timeout-s), agents told, exit 0. A second signal exits at
     /// once.
     #[command(after_help = SERVE_EXAMPLES)]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create or upgrade the database schema, then exit.
     ///
     /// On an empty database, creates Hydra's tables (schema version 87) and
@@ -212,7 +212,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli, submit_words: Vec<String>) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Migrate(args) => migrate(args).await,
         Command::Submit(args) => submit(args, &submit_words).await,
     }

@@ -228,6 +228,7 @@ pub async fn run_with(
         lease: config.lease,
         max_cpu_pressure: config.max_cpu_pressure,
         min_free_disk_mb: config.min_free_disk_mb,
+        order: config.dispatch_order,
     };
     let db_pool = pool.clone();
     let mut driver = Driver::new(

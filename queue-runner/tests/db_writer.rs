@@ -1,7 +1,7 @@
 //! The ordered writer against a real PostgreSQL: writes that queue while
 //! it is busy commit together (group commit), and a write the database
 //! refuses for good costs only itself, never the writes it was batched
-//! with.
+//! with. And the build times it records for critical-path order.
 
 #[path = "db_results/common.rs"]
 mod common;
@@ -89,4 +89,21 @@ async fn a_write_refused_in_a_batch_costs_only_itself() {
             .await
             .expect("rows");
     assert_eq!(rows, [1, 2]);
+}
+
+#[tokio::test]
+async fn build_times_are_a_moving_average_per_name_read_by_point_queries() {
+    use sluice_queue_runner::db::results::{lookup_build_times, record_build_time};
+    let (_pg, pool) = database().await;
+    let mut conn = pool.acquire().await.expect("connection");
+    record_build_time(&mut conn, "hello", 4000).await.expect("record");
+    record_build_time(&mut conn, "hello", 8000).await.expect("record");
+    record_build_time(&mut conn, "gcc", 600_000).await.expect("record");
+    let times = lookup_build_times(&mut conn, &["hello", "gcc", "never-built"])
+        .await
+        .expect("lookup");
+    // The second time weighs a quarter.
+    assert_eq!(times.get("hello"), Some(&5000));
+    assert_eq!(times.get("gcc"), Some(&600_000));
+    assert_eq!(times.get("never-built"), None);
 }

@@ -337,6 +337,7 @@ fn simulate(graph: &Graph, order: ConfiguredOrder, estimates: Estimates, seed: u
             supported_features: Vec::new(),
             mandatory_features: Vec::new(),
             max_jobs: 1,
+            prefetch: 0,
             speed_factor: 1.0,
         };
         record(

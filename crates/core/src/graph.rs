@@ -273,13 +273,3 @@ mod tests {
         );
     }
 }
-#[cfg(test)]
-#[test]
-fn tmp_sizes() {
-    eprintln!(
-        "state {} phase {} prio {}",
-        std::mem::size_of::<StepState>(),
-        std::mem::size_of::<Phase>(),
-        std::mem::size_of::<Priority>()
-    );
-}

@@ -67,6 +67,11 @@ pub const SLUICE_MIGRATIONS: &[Migration] = &[
         name: "0003_realisations",
         sql: include_str!("../../../sql/sluice/0003_realisations.sql"),
     },
+    Migration {
+        set: "sluice",
+        name: "0004_build_times",
+        sql: include_str!("../../../sql/sluice/0004_build_times.sql"),
+    },
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -356,7 +356,8 @@ async fn load(
             // Nothing of this batch is used; the load is retried.
             return Err(error);
         }
-        mark_known_failures(&pool, &mut batch.closure).await
+        mark_known_failures(&pool, &mut batch.closure).await?;
+        expect_build_times(&pool, &mut batch.closure).await
     }
     .await;
     if let Err(e) = result {
@@ -436,6 +437,35 @@ async fn mark_known_failures(
     for drv in closure.drvs.values_mut() {
         if drv.outputs.values().flatten().any(|p| failed.contains(p)) {
             drv.spec.known_failed = true;
+        }
+    }
+    Ok(())
+}
+
+/// Fills in how long each derivation is expected to build, from the
+/// times recorded for its name (one point query for the batch); the core
+/// uses its default for names never built.
+async fn expect_build_times(pool: &sqlx::PgPool, closure: &mut BatchClosure) -> Result<(), String> {
+    let mut names: Vec<&str> = closure
+        .drvs
+        .keys()
+        .map(|drv| crate::db::results::build_time_name(drv))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(|e| crate::db::describe_sqlx_error(&e))?;
+    let times = crate::db::results::lookup_build_times(&mut conn, &names)
+        .await
+        .map_err(|e| e.to_string())?;
+    for (drv, d) in closure.drvs.iter_mut() {
+        if let Some(ms) = times.get(crate::db::results::build_time_name(drv)) {
+            d.spec.expected_ms = Some(u32::try_from(*ms).unwrap_or(u32::MAX));
         }
     }
     Ok(())

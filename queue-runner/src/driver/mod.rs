@@ -38,8 +38,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_core::{
-    BuildId, Command, Config, Core, DrvPath, Event, MachineId, MachineSpec, Millis, StepFailure,
-    StepOutcome,
+    BuildId, Command, Config, ConfiguredOrder, Core, DrvPath, Event, MachineId, MachineSpec,
+    Millis, StepFailure, StepOutcome,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -134,6 +134,8 @@ pub struct DriverConfig {
     pub max_cpu_pressure: f32,
     /// An agent with less free disk (MiB) gets no new steps; 0: off.
     pub min_free_disk_mb: u64,
+    /// The order of runnable steps.
+    pub order: ConfiguredOrder,
 }
 
 #[derive(Debug, Clone)]
@@ -158,7 +160,7 @@ use crate::grpc::AttemptEntry;
 pub use crate::grpc::Attempts;
 
 pub struct Driver {
-    core: Core,
+    core: Core<ConfiguredOrder>,
     config: DriverConfig,
     clock: Instant,
     started_unix: i64,
@@ -247,7 +249,7 @@ impl Driver {
             config.max_pending_writes,
         );
         Driver {
-            core: Core::new(config.core.clone()),
+            core: Core::with_order(config.core.clone(), config.order),
             loader: load::Loader::new(config.load_batch),
             config,
             clock: Instant::now(),

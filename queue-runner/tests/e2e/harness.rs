@@ -85,6 +85,7 @@ impl Deployment {
             min_free_disk_mb: 0,
             store_connections: 8,
             transfer_connections: 16,
+            dispatch_order: sluice_core::ConfiguredOrder::CriticalPath,
         };
         let mut config = config;
         adjust(&mut config);

@@ -26,7 +26,8 @@
 //! result columns of `Builds` and its outputs, products and metrics;
 //! `attempts` our own `SluiceAttempts`, the attempt behind each busy step;
 //! `realisations` our own `SluiceRealisations`, what content-addressed
-//! outputs became.
+//! outputs became; `build_times` our own `SluiceBuildTimes`, how long
+//! derivations of each name take.
 
 use std::collections::BTreeMap;
 
@@ -36,11 +37,13 @@ use sqlx::{Connection, PgConnection};
 use crate::nix_support::{BuildMetric, BuildProduct};
 
 mod attempts;
+mod build_times;
 mod builds;
 mod realisations;
 mod steps;
 
 pub use attempts::*;
+pub use build_times::*;
 pub use builds::*;
 pub use realisations::*;
 pub use steps::*;

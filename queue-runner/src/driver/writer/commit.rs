@@ -39,6 +39,8 @@ pub(super) enum Commit {
     FinishStep {
         build: i32,
         stepnr: i32,
+        /// What its build time is kept under ([`results::build_time_name`]).
+        time_name: String,
         result: StepResult,
         /// The step's log file, when it exists.
         log: Option<PathBuf>,
@@ -207,6 +209,7 @@ async fn write(conn: &mut PgConnection, commit: &Commit) -> Result<Committed, Co
         Commit::FinishStep {
             build,
             stepnr,
+            time_name,
             result,
             log,
             failed_paths,
@@ -214,6 +217,14 @@ async fn write(conn: &mut PgConnection, commit: &Commit) -> Result<Committed, Co
             resolved_from,
         } => {
             results::finish_step(conn, *build, *stepnr, result).await?;
+            if result.status == sluice_core::Status::Success {
+                // The agent's own measure of the build, or the row's times.
+                let ms = result.run.as_ref().map_or_else(
+                    || u64::try_from(result.stop_time - result.start_time).unwrap_or(0) * 1000,
+                    |run| run.build_ms,
+                );
+                results::record_build_time(conn, time_name, ms).await?;
+            }
             results::forget_attempt(conn, *build, *stepnr).await?;
             results::insert_failed_paths(conn, failed_paths).await?;
             results::record_realisations(conn, realisations).await?;

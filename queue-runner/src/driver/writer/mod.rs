@@ -465,6 +465,7 @@ impl Writer {
                     Commit::FinishStep {
                         build: build.0,
                         stepnr,
+                        time_name: results::build_time_name(&drv_path).to_owned(),
                         result,
                         log,
                         failed_paths,

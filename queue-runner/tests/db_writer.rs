@@ -96,9 +96,15 @@ async fn build_times_are_a_moving_average_per_name_read_by_point_queries() {
     use sluice_queue_runner::db::results::{lookup_build_times, record_build_time};
     let (_pg, pool) = database().await;
     let mut conn = pool.acquire().await.expect("connection");
-    record_build_time(&mut conn, "hello", 4000).await.expect("record");
-    record_build_time(&mut conn, "hello", 8000).await.expect("record");
-    record_build_time(&mut conn, "gcc", 600_000).await.expect("record");
+    record_build_time(&mut conn, "hello", 4000)
+        .await
+        .expect("record");
+    record_build_time(&mut conn, "hello", 8000)
+        .await
+        .expect("record");
+    record_build_time(&mut conn, "gcc", 600_000)
+        .await
+        .expect("record");
     let times = lookup_build_times(&mut conn, &["hello", "gcc", "never-built"])
         .await
         .expect("lookup");

@@ -133,12 +133,13 @@ async fn bench() {
     let from = Instant::now();
     assert_eq!(queued.len(), builds);
     let (held_steps, seconds) = loop {
-        let status: serde_json::Value = serde_json::from_str(
+        let body: serde_json::Value = serde_json::from_str(
             &harness::http_get(addr, "/status")
                 .await
                 .expect("GET /status"),
         )
         .expect("/status is JSON");
+        let status = &body["queueRunner"];
         let queued = status["nrQueuedBuilds"].as_u64().unwrap_or(0) as usize;
         if queued >= builds {
             let held = status["nrStepsWaiting"].as_u64().unwrap_or(0)

@@ -159,7 +159,7 @@ async fn bench() {
     let (rss, peak) = memory(pid);
     println!(
         "order: {}",
-        order.as_deref().unwrap_or("the default (hydra)")
+        order.as_deref().unwrap_or("the default (critical-path)")
     );
     println!(
         "{builds} builds, {held_steps} steps held: every build held {:.1} s after builds_added",

@@ -26,6 +26,8 @@
 //! when the bench panics. The outputs it uploads stay in the host store,
 //! as those of the end-to-end tests do.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/e2e/harness.rs"]
 mod harness;
 
@@ -77,7 +79,7 @@ fn main() {
 
 async fn bench() {
     let started = Instant::now();
-    print_machine();
+    common::print_machine("queue runner latency bench");
 
     let deployment = Deployment::start().await;
     let drvs = Drvs::instantiate(&deployment.env);
@@ -196,25 +198,6 @@ async fn bench() {
     agent.stop();
     deployment.stop().await;
     println!("total: {:.1} s", started.elapsed().as_secs_f64());
-}
-
-/// nproc and the CPU model, so figures from different machines are not
-/// compared blindly.
-fn print_machine() {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    println!("queue runner latency bench");
-    println!("machine: nproc {cpus}, CPU {model}");
 }
 
 /// p50/p90/p99/max of `samples`, in milliseconds (nearest rank).

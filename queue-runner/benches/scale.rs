@@ -19,6 +19,8 @@
 //! queue runner process's resident memory (`VmRSS`, and its peak
 //! `VmHWM`) divided by the steps it holds.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/e2e/harness.rs"]
 mod harness;
 
@@ -57,7 +59,7 @@ async fn bench() {
     let steps = env_usize("SLUICE_BENCH_STEPS", 270_000).max(BOOTSTRAP + 1);
     let builds = env_usize("SLUICE_BENCH_BUILDS", 100_000).min(steps);
     let order = std::env::var("SLUICE_BENCH_ORDER").ok();
-    print_machine();
+    common::print_machine("queue scale bench");
 
     let store = IsolatedStore::new();
     let daemon = store.start_daemon();
@@ -196,7 +198,7 @@ struct Node {
 async fn write_dag(socket: &std::path::Path, n: usize, system: &str) -> Vec<Node> {
     let dir = StoreDir::default();
     let nonce = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-    let mut rng = XorShift(0x5ca1_ab1e_0000_0001);
+    let mut rng = common::XorShift(0x5ca1_ab1e_0000_0001);
     let mut hashes = DrvHashCache::new();
     let mut nodes: Vec<Node> = Vec::with_capacity(n);
     let mut clients = Vec::new();
@@ -289,18 +291,6 @@ async fn write_dag(socket: &std::path::Path, n: usize, system: &str) -> Vec<Node
     nodes
 }
 
-/// A fixed-seed generator: the same DAG shape every run.
-struct XorShift(u64);
-
-impl XorShift {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
 /// (VmRSS, VmHWM) of process `pid`, in bytes.
 fn memory(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -329,21 +319,4 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn print_machine() {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    println!("queue scale bench");
-    println!("machine: nproc {cpus}, CPU {model}");
 }

@@ -20,6 +20,8 @@
 //!
 //! Both use the same Nix (the system's) and the same machine, in one run.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/e2e/harness.rs"]
 mod harness;
 
@@ -48,7 +50,7 @@ async fn bench() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(DEFAULT_NODES);
-    print_machine();
+    common::print_machine("small-step throughput bench");
     let mut deployment = Deployment::start().await;
     deployment.add_agent("agent", MAX_JOBS).await;
 
@@ -147,7 +149,7 @@ async fn bench() {
 /// The DAG as a Nix expression for `NixEnv::write_expr`: attributes
 /// `n0`..`n{nodes-1}`.
 fn dag_expr(nodes: usize) -> String {
-    let mut rng = XorShift(0x5eed_1234_abcd_0001);
+    let mut rng = common::XorShift(0x5eed_1234_abcd_0001);
     let mut expr = String::from("rec {\n");
     for i in 0..BOOTSTRAP {
         let dep = if i == 0 {
@@ -177,33 +179,4 @@ fn dag_expr(nodes: usize) -> String {
     }
     expr.push('}');
     expr
-}
-
-/// A fixed-seed generator: the same DAG every run.
-struct XorShift(u64);
-
-impl XorShift {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
-fn print_machine() {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    println!("small-step throughput bench");
-    println!("machine: nproc {cpus}, CPU {model}");
 }

@@ -141,17 +141,6 @@ impl CommitError {
 /// What a committed write answers: a new step's number.
 pub(super) type Committed = Option<i32>;
 
-/// Runs `commit` in one transaction on `conn`.
-pub(super) async fn run(
-    conn: &mut PgConnection,
-    commit: &Commit,
-) -> Result<Committed, CommitError> {
-    let mut tx = conn.begin().await.map_err(CommitError::Begin)?;
-    let answer = write(&mut tx, commit).await?;
-    tx.commit().await.map_err(CommitError::Commit)?;
-    Ok(answer)
-}
-
 /// Runs `commits` in one transaction on `conn` (group commit): all of
 /// them commit, or none does.
 pub(super) async fn run_batch(

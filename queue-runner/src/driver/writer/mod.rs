@@ -243,45 +243,33 @@ impl Writer {
         let mut keep = keep.into_iter();
         ready.retain(|_| keep.next().unwrap_or(true));
 
-        if ready.len() <= 1 {
-            for (commit, reply) in ready {
-                self.execute(commit, reply, waiting).await;
-            }
-        } else {
+        if !ready.is_empty() {
             let commits: Vec<&Commit> = ready.iter().map(|(c, _)| c).collect();
-            let mut delay = RETRY_MIN;
-            let answers = loop {
-                let result = match self.pool.acquire().await {
-                    Ok(mut conn) => commit::run_batch(&mut conn, &commits).await,
-                    Err(e) => Err(commit::CommitError::Begin(e)),
-                };
-                match result {
-                    Ok(answers) => break Some(answers),
-                    Err(e) if e.is_transient() => {
-                        self.database_down(&e, waiting);
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(RETRY_MAX);
-                    }
-                    Err(e) => {
-                        tracing::debug!(
-                            error = %e,
-                            writes = commits.len(),
-                            "a batch of writes was refused; committing them one by one"
-                        );
-                        break None;
-                    }
-                }
-            };
-            match answers {
-                Some(answers) => {
-                    self.database_up();
+            match self.commit_retrying(&commits, waiting).await {
+                Ok(answers) => {
                     for ((commit, reply), answer) in ready.into_iter().zip(answers) {
                         self.committed(&commit, reply, Ok(answer)).await;
                     }
                 }
-                None => {
+                Err(e) if ready.len() == 1 => {
                     for (commit, reply) in ready {
-                        self.execute(commit, reply, waiting).await;
+                        self.refused(&commit, reply, &e).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(
+                        error = %e,
+                        writes = ready.len(),
+                        "a batch of writes was refused; committing them one by one"
+                    );
+                    for (commit, reply) in ready {
+                        match self.commit_retrying(&[&commit], waiting).await {
+                            Ok(mut answer) => {
+                                self.committed(&commit, reply, Ok(answer.pop().flatten()))
+                                    .await
+                            }
+                            Err(e) => self.refused(&commit, reply, &e).await,
+                        }
                     }
                 }
             }
@@ -291,35 +279,43 @@ impl Writer {
         }
     }
 
-    /// Commits one ready write, retrying transient failures.
-    async fn execute(&mut self, commit: Commit, reply: Option<Reply>, waiting: usize) {
+    /// A write the database refused for good: logged with its build and
+    /// dropped; who waits for it is told why.
+    async fn refused(&mut self, commit: &Commit, reply: Option<Reply>, e: &commit::CommitError) {
+        tracing::error!(
+            build = commit.build(),
+            error = %e,
+            "the database refused a write; it is dropped"
+        );
+        self.committed(commit, reply, Err(e.to_string())).await;
+    }
+
+    /// Commits `commits` in one transaction, retrying while the failure is
+    /// transient (the database went away); a refusal for good is returned.
+    async fn commit_retrying(
+        &mut self,
+        commits: &[&Commit],
+        waiting: usize,
+    ) -> Result<Vec<commit::Committed>, commit::CommitError> {
         let mut delay = RETRY_MIN;
-        let answer = loop {
+        loop {
             let result = match self.pool.acquire().await {
-                Ok(mut conn) => commit::run(&mut conn, &commit).await,
+                Ok(mut conn) => commit::run_batch(&mut conn, commits).await,
                 Err(e) => Err(commit::CommitError::Begin(e)),
             };
             match result {
-                Ok(answer) => {
+                Ok(answers) => {
                     self.database_up();
-                    break Ok(answer);
+                    return Ok(answers);
                 }
                 Err(e) if e.is_transient() => {
                     self.database_down(&e, waiting);
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(RETRY_MAX);
                 }
-                Err(e) => {
-                    tracing::error!(
-                        build = commit.build(),
-                        error = %e,
-                        "the database refused a write; it is dropped"
-                    );
-                    break Err(e.to_string());
-                }
+                Err(e) => return Err(e),
             }
-        };
-        self.committed(&commit, reply, answer).await;
+        }
     }
 
     /// Tells who waits for `commit` how it went: the driver of the builds

@@ -20,9 +20,7 @@ async fn a_bumped_build_is_built_next() {
     let mut d = Deployment::start().await;
     // No step held ahead: one taken ahead before the bump stays the
     // agent's (see `--prefetch`), and this is about the queue's order.
-    let url = format!("http://{}", d.bound.grpc);
-    d.add_agent_with("only", 1, url, |c, _| c.prefetch = 0)
-        .await;
+    d.add_agent_without_prefetch("only", 1).await;
     let drvs = d.env.instantiate(JOBS, &["first", "second", "third"]);
     let jobs: Vec<(String, String)> = ["first", "second", "third"]
         .iter()

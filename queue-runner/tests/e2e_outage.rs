@@ -153,8 +153,7 @@ async fn a_full_write_queue_pauses_dispatch_and_loses_nothing() {
     // Room for one queued write: an outage fills it at once.
     let mut d = Deployment::start_with(|c| c.max_pending_writes = 1).await;
     // No steps held ahead: two run, and the rest wait for dispatch.
-    let url = format!("http://{}", d.bound.grpc);
-    d.add_agent_with("a1", 2, url, |c, _| c.prefetch = 0).await;
+    d.add_agent_without_prefetch("a1", 2).await;
     let ids = d
         .submit_attrs(MANY, &["b1", "b2", "b3", "b4", "b5", "b6"])
         .await;
@@ -200,8 +199,7 @@ async fn a_shutdown_writes_what_waited_in_the_backlog() {
     let mut d = Deployment::start_with(|c| c.max_pending_writes = 1).await;
     // No steps held ahead: exactly the two running ones finish during the
     // outage.
-    let url = format!("http://{}", d.bound.grpc);
-    d.add_agent_with("a1", 2, url, |c, _| c.prefetch = 0).await;
+    d.add_agent_without_prefetch("a1", 2).await;
     let ids = d.submit_attrs(MANY, &["b1", "b2", "b3", "b4"]).await;
     // Their rows exist, so they build, and finish during the outage.
     wait_busy_rows(&d, &ids, 2).await;

@@ -166,9 +166,7 @@ async fn jobsets_of_equal_shares_take_turns() {
     queue(&d, "right", 3, "1.5").await;
     held(&d, 6).await;
     // No step held ahead: each pick follows the shares of the moment.
-    let url = format!("http://{}", d.bound.grpc);
-    d.add_agent_with("one-slot", 1, url, |c, _| c.prefetch = 0)
-        .await;
+    d.add_agent_without_prefetch("one-slot", 1).await;
     let order = first_finished(&d, 6).await;
     // Each build is charged its real duration, so near-equal builds may
     // reorder a pair; but they share the machine evenly, never more than
@@ -192,9 +190,7 @@ async fn shares_of_300_to_100_give_three_times_the_build_time() {
     queue(&d, "small", 60, "0.3").await;
     held(&d, 120).await;
     // No step held ahead: each pick follows the shares of the moment.
-    let url = format!("http://{}", d.bound.grpc);
-    d.add_agent_with("one-slot", 1, url, |c, _| c.prefetch = 0)
-        .await;
+    d.add_agent_without_prefetch("one-slot", 1).await;
     let finished = count_finished(&d, 60).await;
     let big = finished["big"] as f64;
     let small = finished["small"] as f64;

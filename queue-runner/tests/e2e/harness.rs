@@ -129,6 +129,14 @@ impl Deployment {
         self.add_agent_via(name, max_jobs, url).await;
     }
 
+    /// [`Deployment::add_agent`], holding no step ahead of its slots
+    /// (`--prefetch 0`): for tests that pin down an exact order or count.
+    pub async fn add_agent_without_prefetch(&mut self, name: &str, max_jobs: u32) {
+        let url = format!("http://{}", self.bound.grpc);
+        self.add_agent_with(name, max_jobs, url, |c, _| c.prefetch = 0)
+            .await;
+    }
+
     /// [`Deployment::add_agent`], with its store served by a daemon of `nix`.
     pub async fn add_agent_on(&mut self, name: &str, max_jobs: u32, nix: NixVersion) {
         let url = format!("http://{}", self.bound.grpc);

@@ -3,6 +3,7 @@
 mod critical_path;
 mod lifetime;
 mod order;
+mod prefetch;
 mod props;
 mod resolution;
 mod resume;

@@ -10,7 +10,9 @@
 //! bootstrap chain; then derivations with about 20 inputs each on
 //! average, half of them among the first 1% of the derivations, as
 //! stdenv's are, half anywhere before), with input-addressed outputs
-//! computed as Nix does. A throwaway PostgreSQL. The queue runner runs as
+//! computed as Nix does. The files are written into the store directory
+//! and registered with `nix-store --register-validity` (which hashes
+//! them), before the daemon starts. A throwaway PostgreSQL. The queue runner runs as
 //! its own process (`queue-runner serve`, in the store's mount namespace)
 //! with no agent, so nothing is dispatched.
 //!
@@ -28,17 +30,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use sluice_nix::daemon::DaemonClient;
 use sluice_nix::derivation::hash_modulo::{fill_input_addressed_outputs, hash_derivation_modulo};
 use sluice_nix::derivation::{Derivation, DerivationOutput, DrvHashCache};
 use sluice_nix::store_path::{StoreDir, StorePath};
 use sluice_queue_runner::db::evaluator::{self, NewBuild};
-use sluice_test_support::nix::{IsolatedStore, NixCommands};
+use sluice_test_support::nix::{run, IsolatedStore, NixCommands};
 use sluice_test_support::pg::TestPg;
 
 const BOOTSTRAP: usize = 20;
-/// Daemon connections writing `.drv` files at once.
-const WRITERS: usize = 4;
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -62,10 +61,11 @@ async fn bench() {
     common::print_machine("queue scale bench");
 
     let store = IsolatedStore::new();
-    let daemon = store.start_daemon();
+    run(store.command("nix-store").arg("--init"));
     let system = sluice_builder_agent::host::nix_system().await;
     let started = Instant::now();
-    let dag = write_dag(&daemon.socket_path(), steps, &system).await;
+    let dag = write_dag(&store, steps, &system);
+    let daemon = store.start_daemon();
     println!(
         "wrote {} .drv files ({:.1} inputs each on average) in {:.1} s",
         dag.len(),
@@ -159,6 +159,14 @@ async fn bench() {
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (rss, peak) = memory(pid);
+    let heap = serde_json::from_str::<serde_json::Value>(
+        &harness::http_get(addr, "/status")
+            .await
+            .expect("GET /status"),
+    )
+    .expect("/status is JSON")["queueRunner"]["heapBytes"]
+        .as_u64()
+        .unwrap_or(0);
     println!(
         "order: {}",
         order.as_deref().unwrap_or("the default (critical-path)")
@@ -173,7 +181,16 @@ async fn bench() {
         idle_rss as f64 / 1048576.0,
         peak as f64 / 1048576.0
     );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    for line in status.lines().filter(|l| l.starts_with("Rss")) {
+        println!("  {line}");
+    }
     if held_steps > 0 {
+        println!(
+            "heap held (allocated, not freed): {:.1} MiB, {:.0} bytes per held step",
+            heap as f64 / 1048576.0,
+            heap as f64 / held_steps as f64
+        );
         println!(
             "resident bytes per held step: {:.0} (whole process), {:.0} (above idle); peak {:.0}",
             rss as f64 / held_steps as f64,
@@ -193,23 +210,20 @@ struct Node {
     inputs: usize,
 }
 
-/// Writes the DAG's `.drv` files through the daemon at `socket`, inputs
-/// first; returns them in order.
-async fn write_dag(socket: &std::path::Path, n: usize, system: &str) -> Vec<Node> {
+/// Writes the DAG's `.drv` files straight into `store`'s directory and
+/// registers them in one `nix-store --register-validity` (a daemon call
+/// per file took 18 ms each: 270,000 of them would take over an hour);
+/// returns them in order.
+fn write_dag(store: &IsolatedStore, n: usize, system: &str) -> Vec<Node> {
     let dir = StoreDir::default();
     let nonce = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let mut rng = common::XorShift(0x5ca1_ab1e_0000_0001);
     let mut hashes = DrvHashCache::new();
     let mut nodes: Vec<Node> = Vec::with_capacity(n);
-    let mut clients = Vec::new();
-    for _ in 0..WRITERS {
-        clients.push(
-            DaemonClient::connect(socket)
-                .await
-                .expect("connecting to the daemon"),
-        );
-    }
-    let mut pending: Vec<tokio::task::JoinHandle<DaemonClient>> = Vec::new();
+    // What `--register-validity` reads: per path, the path, its deriver
+    // (none), the number of references, then the references.
+    let mut registration = String::new();
+    std::fs::create_dir_all(store.root().join("store")).expect("the store directory");
     for i in 0..n {
         let mut inputs: BTreeSet<usize> = BTreeSet::new();
         if i > 0 && i < BOOTSTRAP {
@@ -260,24 +274,18 @@ async fn write_dag(socket: &std::path::Path, n: usize, system: &str) -> Vec<Node
         let hash = hash_derivation_modulo(&dir, &drv, false, &hashes).expect("hash modulo");
         hashes.insert(drv_path.clone(), hash);
         let text = drv.to_aterm(&dir).expect("ATerm");
-        let references: BTreeSet<StorePath> = drv.input_drvs.keys().cloned().collect();
-        // A `.drv`'s references must be valid before it is added: wait
-        // for the writes in flight if one of them is an input of this one.
-        let first_pending = i - pending.len();
-        if clients.is_empty() || inputs.iter().any(|&j| j >= first_pending) {
-            for task in pending.drain(..) {
-                clients.push(task.await.expect("a write task"));
-            }
+        let printed = dir.print(&drv_path);
+        let file = store.host_path(&printed);
+        std::fs::write(&file, text.as_bytes()).expect("writing a .drv");
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o444))
+            .expect("making a .drv read-only");
+        registration.push_str(&printed);
+        registration.push_str("\n\n");
+        registration.push_str(&format!("{}\n", drv.input_drvs.len()));
+        for input in drv.input_drvs.keys() {
+            registration.push_str(&dir.print(input));
+            registration.push('\n');
         }
-        let mut client = clients.pop().expect("a free daemon connection");
-        let file = format!("{name}.drv");
-        pending.push(tokio::spawn(async move {
-            client
-                .add_text_to_store(&file, text.as_bytes(), &references)
-                .await
-                .expect("adding a .drv");
-            client
-        }));
         nodes.push(Node {
             name,
             drv_path,
@@ -285,9 +293,25 @@ async fn write_dag(socket: &std::path::Path, n: usize, system: &str) -> Vec<Node
             inputs: inputs.len(),
         });
     }
-    for task in pending {
-        task.await.expect("a write task");
+    let mut register = store.command("nix-store");
+    register
+        .arg("--register-validity")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut child = register
+        .spawn()
+        .expect("starting nix-store --register-validity");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("its stdin");
+        stdin
+            .write_all(registration.as_bytes())
+            .expect("writing the registrations");
     }
+    let status = child
+        .wait()
+        .expect("waiting for nix-store --register-validity");
+    assert!(status.success(), "nix-store --register-validity: {status}");
     nodes
 }
 

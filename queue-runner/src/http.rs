@@ -72,6 +72,7 @@ pub fn status_value(s: &StatusSnapshot) -> Value {
             "databaseUp": s.database_down_since.is_none(),
             "databaseDownSince": s.database_down_since,
             "nrPendingWrites": s.pending_writes,
+            "heapBytes": crate::memory::heap_bytes(),
         }
     })
 }

@@ -31,6 +31,9 @@ use sluice_nix::store_path::{StoreDir, StorePath};
 
 /// How many `.drv` files are read at once.
 const READ_CONCURRENCY: usize = 64;
+/// Derivations of one level of a closure read and parsed before they are
+/// reduced to what is kept (see [`read_closures`]).
+const LEVEL_CHUNK: usize = 1024;
 
 /// Why a derivation could not be taken into the graph.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -51,8 +54,9 @@ pub enum IngestError {
 pub struct ClosureDrv {
     pub spec: StepSpec,
     /// Output name → known path: static, or recorded for a
-    /// content-addressed or deferred output (`None` when not known yet).
-    pub outputs: BTreeMap<String, Option<String>>,
+    /// content-addressed or deferred output (`None` when not known yet);
+    /// sorted by name, compact as [`HeldDrv::outputs`].
+    pub outputs: Box<[HeldOutput]>,
     /// For outputs known only once built: output name → realisation key
     /// (the hash modulo, see [`crate::ca::realisation_keys`]).
     pub keys: BTreeMap<String, String>,
@@ -95,11 +99,7 @@ impl ClosureDrv {
     pub fn held(&self, intern: &mut impl FnMut(&str) -> Arc<str>) -> HeldDrv {
         HeldDrv {
             system: intern(&self.spec.system),
-            outputs: self
-                .outputs
-                .iter()
-                .map(|(name, path)| (name.as_str().into(), path.as_deref().map(Box::from)))
-                .collect(),
+            outputs: self.outputs.clone(),
             keys: self.keys.clone(),
         }
     }
@@ -108,8 +108,9 @@ impl ClosureDrv {
 /// The union closure of a batch of builds.
 #[derive(Debug, Default)]
 pub struct BatchClosure {
-    /// Derivations that need building, by path.
-    pub drvs: HashMap<String, ClosureDrv>,
+    /// Derivations that need building, by path (the key and the spec's
+    /// `drv_path`, like every input naming it, share one string).
+    pub drvs: HashMap<DrvPath, ClosureDrv>,
     /// Derivations whose outputs are all valid: no step.
     pub valid: HashSet<String>,
     /// The outputs of valid derivations whose paths are not static (as
@@ -128,7 +129,7 @@ impl BatchClosure {
     /// Marks every derivation whose outputs are known only once built as
     /// unbuildable here, for `cause`.
     pub fn refuse_content_addressed(&mut self, cause: &str) {
-        let dynamic: Vec<String> = self
+        let dynamic: Vec<DrvPath> = self
             .drvs
             .iter()
             .filter(|(_, d)| !d.keys.is_empty())
@@ -136,6 +137,7 @@ impl BatchClosure {
             .collect();
         for path in dynamic {
             self.drvs.remove(&path);
+            let path = path.as_str().to_owned();
             self.broken.insert(
                 path.clone(),
                 IngestError::Unsupported {
@@ -239,27 +241,42 @@ where
     LFut: std::future::Future<Output = Result<HashMap<(String, String), String>, String>>,
 {
     let mut batch = BatchClosure::default();
-    let mut frontier: Vec<String> = tops.to_vec();
-    let mut queued: HashSet<String> = frontier.iter().cloned().collect();
-    while !frontier.is_empty() {
-        // Read and parse this level, up to READ_CONCURRENCY files at once.
-        let level: Vec<String> = std::mem::take(&mut frontier);
-        let reads = futures::stream::iter(level.into_iter().map(|path| {
+    // Every path met, interned: one string per derivation however many
+    // derivations name it as an input.
+    let mut queued: HashSet<DrvPath> = HashSet::new();
+    let mut frontier: Vec<DrvPath> = Vec::new();
+    for top in tops {
+        let top = DrvPath::from(top.as_str());
+        if queued.insert(top.clone()) {
+            frontier.push(top);
+        }
+    }
+    let mut level: Vec<DrvPath> = Vec::new();
+    while !frontier.is_empty() || !level.is_empty() {
+        if level.is_empty() {
+            level = std::mem::take(&mut frontier);
+        }
+        // Read and parse a chunk of this level, up to READ_CONCURRENCY
+        // files at once: a chunk's parsed derivations are all alive at
+        // once, and a whole level of a big closure is most of it.
+        let rest = level.split_off(level.len().min(LEVEL_CHUNK));
+        let chunk = std::mem::replace(&mut level, rest);
+        let reads = futures::stream::iter(chunk.into_iter().map(|path| {
             let read_file = &read_file;
             async move {
-                let result = read_one(store_dir, &path, read_file).await;
+                let result = read_one(store_dir, path.as_str(), read_file).await;
                 (path, result)
             }
         }))
         .buffer_unordered(READ_CONCURRENCY)
         .collect::<Vec<_>>()
         .await;
-        let mut parsed: Vec<(String, StorePath, Derivation)> = Vec::new();
+        let mut parsed: Vec<(DrvPath, StorePath, Derivation)> = Vec::new();
         for (path, result) in reads {
             match result {
                 Ok((sp, drv)) => parsed.push((path, sp, drv)),
                 Err(ReadFailure::Broken(e)) => {
-                    batch.broken.insert(path, e);
+                    batch.broken.insert(path.as_str().to_owned(), e);
                 }
                 Err(ReadFailure::Transient(e)) => {
                     batch.transient = Some(e);
@@ -290,9 +307,9 @@ where
                 Ok(keys) => keys_of.push(keys),
                 Err(e) => {
                     batch.broken.insert(
-                        path.clone(),
+                        path.as_str().to_owned(),
                         IngestError::Parse {
-                            path: path.clone(),
+                            path: path.as_str().to_owned(),
                             cause: format!("computing its hash modulo: {e}"),
                         },
                     );
@@ -335,9 +352,9 @@ where
                     }
                     Err(e) => {
                         batch.broken.insert(
-                            path.clone(),
+                            path.as_str().to_owned(),
                             IngestError::Parse {
-                                path: path.clone(),
+                                path: path.as_str().to_owned(),
                                 cause: e.to_string(),
                             },
                         );
@@ -358,7 +375,7 @@ where
             }
         };
         for (((path, _sp, drv), outs), keys) in parsed.into_iter().zip(outputs_of).zip(keys_of) {
-            if batch.broken.contains_key(&path) {
+            if batch.broken.contains_key(path.as_str()) {
                 continue;
             }
             let all_valid = !outs.is_empty()
@@ -371,24 +388,30 @@ where
                         .iter()
                         .filter_map(|(n, p)| p.as_ref().map(|p| (n.clone(), store_dir.print(p))))
                         .collect();
-                    batch.realised.insert(path.clone(), outputs);
+                    batch.realised.insert(path.as_str().to_owned(), outputs);
                 }
-                batch.valid.insert(path);
+                batch.valid.insert(path.as_str().to_owned());
                 continue;
             }
             let input_drvs: Vec<DrvPath> = drv
                 .input_drvs
                 .keys()
-                .map(|p| DrvPath::from(store_dir.print(p)))
+                .map(|p| {
+                    let printed = store_dir.print(p);
+                    match queued.get(printed.as_str()) {
+                        Some(known) => known.clone(),
+                        None => {
+                            let input = DrvPath::from(printed);
+                            queued.insert(input.clone());
+                            frontier.push(input.clone());
+                            input
+                        }
+                    }
+                })
                 .collect();
-            for input in &input_drvs {
-                if queued.insert(input.as_str().to_string()) {
-                    frontier.push(input.as_str().to_string());
-                }
-            }
             let required_features = required_features(&drv);
             let spec = StepSpec {
-                drv_path: DrvPath::from(path.as_str()),
+                drv_path: path.clone(),
                 system: drv.platform.clone(),
                 required_features,
                 input_drvs,
@@ -403,7 +426,7 @@ where
                 .into_iter()
                 .map(|(n, p)| {
                     let known = p.filter(|p| !keys.contains_key(&n) || valid_paths.contains(p));
-                    (n, known.map(|p| store_dir.print(&p)))
+                    (Box::from(n), known.map(|p| Box::from(store_dir.print(&p))))
                 })
                 .collect();
             batch.drvs.insert(

@@ -17,6 +17,7 @@ pub mod http;
 pub mod ingest;
 pub mod logging;
 pub mod logs;
+pub mod memory;
 pub mod nix_support;
 pub mod service;
 pub mod status;

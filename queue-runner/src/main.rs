@@ -16,11 +16,10 @@ use tokio::sync::watch;
 use sluice_queue_runner::logging::{self, LogFormat};
 use sluice_queue_runner::{config, db, embedded, service, submit};
 
-/// mimalloc: the derivation parser allocates many small strings, and
-/// glibc's malloc was a quarter of its time (see `cargo bench -p
-/// sluice-nix --bench derivations`, which uses the same allocator).
+/// mimalloc, counting the bytes held (for `/status`'s `heapBytes`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: sluice_queue_runner::memory::CountingAllocator =
+    sluice_queue_runner::memory::CountingAllocator;
 
 #[derive(Parser)]
 #[command(
@@ -184,6 +183,7 @@ fn job_words(matches: &ArgMatches) -> Vec<String> {
 }
 
 fn main() -> ExitCode {
+    sluice_queue_runner::memory::configure();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,

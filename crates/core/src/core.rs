@@ -155,7 +155,8 @@ impl<O: StepOrder> Core<O> {
         self.now = self.now.max(now);
         self.shares.expire(self.now, self.config.share_window);
         match event {
-            Event::BuildQueued { build, steps } => self.queue_build(build, steps),
+            Event::BuildQueued { build, steps } => self.queue_builds(vec![(build, steps)]),
+            Event::BuildsQueued { builds } => self.queue_builds(builds),
             Event::BuildCancelled { build } => self.cancel_build(build),
             Event::BuildBumped {
                 build,

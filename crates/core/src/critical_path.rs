@@ -20,11 +20,13 @@
 //!   survive can only fall ([`Core::lower_critical_paths`]).
 //!
 //! Both walks visit only the region that can change, found from the values
-//! themselves, and each step there once, dependents before dependencies:
-//! never the whole graph, and never the same step again and again as a
-//! naive propagation would on a ladder of diamonds.
+//! themselves, and change each step there once: never the whole graph, and
+//! never the same step again and again as a naive propagation would on a
+//! ladder of diamonds. A raise takes the largest rises first; a fall
+//! recomputes its region dependents first.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Weak};
 
 use crate::dispatch::key_of;
@@ -64,54 +66,66 @@ impl<O: StepOrder> Core<O> {
     /// Raises each seed's critical path to at least the value given with it
     /// (it gained a dependent), and the steps below accordingly.
     ///
-    /// If no seed rises by more than Δ, no step does (a step's rise is at
-    /// most its dependents' largest), and a step can rise through a
-    /// dependent only if its slack on that edge, `cp(dep) - expected(dep) -
-    /// cp(dependent)`, is below Δ. The region reachable through such edges
-    /// is found first, in depth-first post-order, then raised dependents
-    /// first.
+    /// A step's rise is exact from its dependents' rises: with old values,
+    /// `rise(s) = max(0, max over dependents d of rise(d) - slack(d, s))`,
+    /// where `slack(d, s) = cp(s) - expected(s) - cp(d) >= 0`. Rises only
+    /// shrink along edges, so, taken largest first (as Dijkstra's
+    /// algorithm takes the nearest), each step's rise is final when it is
+    /// taken: the walk visits only steps that do rise, and their direct
+    /// dependencies, each step raised once.
     pub(crate) fn raise_critical_paths(&mut self, seeds: Vec<(Arc<Step>, u32)>) {
-        let mut pending: HashMap<*const Step, u32> = HashMap::new();
-        let mut roots = Vec::new();
-        let mut delta = 0u32;
+        // The largest rise found so far for each step not yet raised.
+        let mut best: PtrMap<(Arc<Step>, u32)> = PtrMap::default();
+        let mut heap: BinaryHeap<(u32, usize)> = BinaryHeap::new();
+        let offer = |best: &mut PtrMap<(Arc<Step>, u32)>,
+                     heap: &mut BinaryHeap<(u32, usize)>,
+                     step: Arc<Step>,
+                     rise: u32| {
+            let key = Arc::as_ptr(&step) as usize;
+            match best.get_mut(&key) {
+                Some(entry) if entry.1 >= rise => return,
+                Some(entry) => entry.1 = rise,
+                None => {
+                    best.insert(key, (step, rise));
+                }
+            }
+            heap.push((rise, key));
+        };
         for (step, value) in seeds {
             let current = step.state.lock().critical_path_ms;
             if value > current {
-                delta = delta.max(value - current);
-                let target = pending.entry(Arc::as_ptr(&step)).or_insert(0);
-                *target = (*target).max(value);
-                roots.push(step);
+                offer(&mut best, &mut heap, step, value - current);
             }
         }
-        if roots.is_empty() {
-            return;
-        }
-        let order = post_order(roots, |dependent_path, _, dep| {
-            let slack = i64::from(dep.critical_path_ms)
-                - i64::from(dep.expected_ms)
-                - i64::from(dependent_path);
-            slack < i64::from(delta)
-        });
-        let region: HashSet<*const Step> = order.iter().map(Arc::as_ptr).collect();
         let mut rekey = Vec::new();
-        for step in order.iter().rev() {
-            let Some(target) = pending.remove(&Arc::as_ptr(step)) else {
+        while let Some((rise, key)) = heap.pop() {
+            let Some((step, best_rise)) = best.get(&key) else {
                 continue;
             };
-            let deps = {
+            if rise < *best_rise {
+                continue; // a stale entry: a larger rise was offered since
+            }
+            let step = step.clone();
+            best.remove(&key);
+            let (value, deps) = {
                 let mut state = step.state.lock();
-                if target <= state.critical_path_ms {
-                    continue;
-                }
-                if self.set_critical_path(step, &mut state, target) {
+                let value = state.critical_path_ms.saturating_add(rise);
+                if self.set_critical_path(&step, &mut state, value) {
                     rekey.push(step.clone());
                 }
-                state.deps.clone()
+                (value, state.deps.clone())
             };
-            for dep in deps.iter().filter(|d| region.contains(&Arc::as_ptr(d))) {
-                let candidate = dep.state.lock().expected_ms.saturating_add(target);
-                let entry = pending.entry(Arc::as_ptr(dep)).or_insert(0);
-                *entry = (*entry).max(candidate);
+            for dep in deps {
+                let rise = {
+                    let state = dep.state.lock();
+                    state
+                        .expected_ms
+                        .saturating_add(value)
+                        .saturating_sub(state.critical_path_ms)
+                };
+                if rise > 0 {
+                    offer(&mut best, &mut heap, dep, rise);
+                }
             }
         }
         for step in rekey {
@@ -251,3 +265,30 @@ fn post_order(
     }
     order
 }
+
+/// Hashes a step's address: addresses are unique and already spread, so
+/// one multiplication mixes them enough (SipHash was a fifth of the time
+/// spent raising critical paths at farm scale).
+#[derive(Default)]
+struct PtrHasher(u64);
+
+impl Hasher for PtrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+}
+
+/// A map keyed by a step's address.
+type PtrMap<V> = HashMap<usize, V, BuildHasherDefault<PtrHasher>>;

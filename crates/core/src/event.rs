@@ -24,6 +24,15 @@ pub enum Event {
         build: BuildSpec,
         steps: Vec<StepSpec>,
     },
+    /// Several queued builds at once, as [`Event::BuildQueued`] each, in
+    /// order: a build's `steps` may leave out the steps an earlier build
+    /// of the batch brings. The same as queueing them one by one, but the
+    /// critical paths of the new steps are computed once for the whole
+    /// batch: one build at a time, each new build raises the region below
+    /// it again, which at farm scale is most of the graph each time.
+    BuildsQueued {
+        builds: Vec<(BuildSpec, Vec<StepSpec>)>,
+    },
     /// The build was cancelled in the database (`builds_cancelled`): forget
     /// it. Steps no other build needs are dropped; running ones are
     /// cancelled with [`crate::Command::CancelStep`].

@@ -25,7 +25,41 @@ use crate::types::{DrvPath, Status};
 use crate::Core;
 
 impl<O: StepOrder> Core<O> {
-    pub(crate) fn queue_build(&mut self, spec: BuildSpec, steps: Vec<StepSpec>) {
+    /// Queues `builds` in order; then computes the critical paths of all
+    /// the steps they created at once, and only then queues the runnable
+    /// ones (their keys depend on those paths).
+    pub(crate) fn queue_builds(&mut self, builds: Vec<(BuildSpec, Vec<StepSpec>)>) {
+        let (specs, steps): (Vec<BuildSpec>, Vec<Vec<StepSpec>>) = builds.into_iter().unzip();
+        // Every step of the batch, whichever build brought it.
+        let mut by_path: HashMap<&str, &StepSpec> = HashMap::new();
+        for step in steps.iter().flatten() {
+            by_path.entry(step.drv_path.as_str()).or_insert(step);
+        }
+        let mut created = Vec::new();
+        for spec in specs {
+            self.attach_build(spec, &by_path, &mut created);
+        }
+        self.critical_paths_of_new_steps(&created);
+        for step in created {
+            let runnable = {
+                let state = step.state.lock();
+                state.deps.is_empty() && state.phase == Phase::Waiting
+            };
+            if runnable {
+                self.make_runnable(&step);
+            }
+        }
+    }
+
+    /// Attaches one build to the graph, appending the steps it creates to
+    /// `created` (dependencies first), which the caller gives critical
+    /// paths and queues.
+    fn attach_build(
+        &mut self,
+        spec: BuildSpec,
+        by_path: &HashMap<&str, &StepSpec>,
+        created: &mut Vec<Arc<Step>>,
+    ) {
         if self.builds.contains_key(&spec.id) {
             self.reject(EventError::BuildAlreadyQueued(spec.id));
             return;
@@ -33,20 +67,17 @@ impl<O: StepOrder> Core<O> {
         let (top, new_steps) = match self.lookup(spec.top_drv.as_str()) {
             Some(top) => (top, Vec::new()),
             None => {
-                let mut by_path: HashMap<&str, &StepSpec> = HashMap::with_capacity(steps.len());
-                for step in &steps {
-                    by_path.entry(step.drv_path.as_str()).or_insert(step);
-                }
                 if !by_path.contains_key(spec.top_drv.as_str()) {
                     self.finish_without_steps(&spec, Status::Success, true);
                     return;
                 }
-                if let Some(failed) = known_failure(&spec.top_drv, &steps) {
-                    self.finish_cached_failure(&spec, failed);
-                    return;
-                }
-                match creation_order(&spec.top_drv, &by_path, |drv| self.lookup(drv).is_some()) {
+                match creation_order(&spec.top_drv, by_path, |drv| self.lookup(drv).is_some()) {
                     Ok(order) => {
+                        if let Some(failed) = known_failure(&spec.top_drv, &order) {
+                            let failed = failed.clone();
+                            self.finish_cached_failure(&spec, &failed);
+                            return;
+                        }
                         let created = self.create_steps(&order);
                         // The top is always last in `order`, so this
                         // `else` is unreachable; finish rather than panic.
@@ -78,16 +109,7 @@ impl<O: StepOrder> Core<O> {
         let priority = build.priority();
         self.builds.insert(spec.id, build);
         self.propagate_priority(top, priority);
-        self.critical_paths_of_new_steps(&new_steps);
-        for step in new_steps {
-            let runnable = {
-                let state = step.state.lock();
-                state.deps.is_empty() && state.phase == Phase::Waiting
-            };
-            if runnable {
-                self.make_runnable(&step);
-            }
-        }
+        created.extend(new_steps);
     }
 
     /// A build that needs no step: cached (outputs valid) or aborted.
@@ -230,9 +252,9 @@ fn creation_order<'a>(
 }
 
 /// The step known to fail that the build of `top` needs, if any: `top`
-/// itself first, else the first marked one in `steps` (all of which the
-/// build needs: the event holds only its closure).
-fn known_failure<'a>(top: &DrvPath, steps: &'a [StepSpec]) -> Option<&'a DrvPath> {
+/// itself first, else the first marked one in `steps` (the steps it would
+/// create, all of which it needs).
+fn known_failure<'a>(top: &DrvPath, steps: &[&'a StepSpec]) -> Option<&'a DrvPath> {
     let failed = || steps.iter().filter(|s| s.known_failed);
     failed()
         .find(|s| s.drv_path == *top)

@@ -123,6 +123,11 @@ impl Driver {
             }
         }
         self.hold_dispatches = true;
+        // The builds go to the core in one event (it computes critical
+        // paths once for all of them); the steps of those before count as
+        // held for those after.
+        let mut queued = Vec::new();
+        let mut in_event: std::collections::HashSet<DrvPath> = std::collections::HashSet::new();
         for build in batch.builds {
             self.loader.max_id = self.loader.max_id.max(build.id);
             let id = BuildId(build.id);
@@ -130,10 +135,9 @@ impl Driver {
                 continue;
             }
             let core = &self.core;
-            let steps = match batch
-                .closure
-                .steps_for(&build.drv_path, |drv| core.has_step(drv))
-            {
+            let steps = match batch.closure.steps_for(&build.drv_path, |drv| {
+                core.has_step(drv) || in_event.contains(drv)
+            }) {
                 Ok(steps) => steps,
                 Err(e) => {
                     self.abort_loaded_build(build.id, build.drv_path, e.to_string());
@@ -141,6 +145,7 @@ impl Driver {
                 }
             };
             for step in &steps {
+                in_event.insert(step.drv_path.clone());
                 if let Some(d) = batch.closure.drvs.get(step.drv_path.as_str()) {
                     if !self.closure.contains_key(&step.drv_path) {
                         let held = d.held(&mut |s| intern(&mut self.systems, s));
@@ -169,7 +174,11 @@ impl Driver {
             };
             self.set_jobset_shares(build.jobset_id, build.scheduling_shares);
             self.builds.insert(id, Arc::new(build));
-            self.apply(Event::BuildQueued { build: spec, steps });
+            queued.push((spec, steps));
+        }
+        drop(in_event);
+        if !queued.is_empty() {
+            self.apply(Event::BuildsQueued { builds: queued });
         }
         self.hold_dispatches = false;
         if !batch.more {
@@ -419,7 +428,11 @@ async fn mark_known_failures(
     let paths: Vec<String> = closure
         .drvs
         .values()
-        .flat_map(|d| d.outputs.values().flatten().cloned())
+        .flat_map(|d| {
+            d.outputs
+                .iter()
+                .filter_map(|(_, p)| p.as_deref().map(str::to_owned))
+        })
         .collect();
     if paths.is_empty() {
         return Ok(());
@@ -435,7 +448,12 @@ async fn mark_known_failures(
         return Ok(());
     }
     for drv in closure.drvs.values_mut() {
-        if drv.outputs.values().flatten().any(|p| failed.contains(p)) {
+        if drv
+            .outputs
+            .iter()
+            .filter_map(|(_, p)| p.as_deref())
+            .any(|p| failed.contains(p))
+        {
             drv.spec.known_failed = true;
         }
     }
@@ -449,7 +467,7 @@ async fn expect_build_times(pool: &sqlx::PgPool, closure: &mut BatchClosure) -> 
     let mut names: Vec<&str> = closure
         .drvs
         .keys()
-        .map(|drv| crate::db::results::build_time_name(drv))
+        .map(|drv| crate::db::results::build_time_name(drv.as_str()))
         .collect();
     names.sort_unstable();
     names.dedup();
@@ -464,7 +482,7 @@ async fn expect_build_times(pool: &sqlx::PgPool, closure: &mut BatchClosure) -> 
         .await
         .map_err(|e| e.to_string())?;
     for (drv, d) in closure.drvs.iter_mut() {
-        if let Some(ms) = times.get(crate::db::results::build_time_name(drv)) {
+        if let Some(ms) = times.get(crate::db::results::build_time_name(drv.as_str())) {
             d.spec.expected_ms = Some(u32::try_from(*ms).unwrap_or(u32::MAX));
         }
     }

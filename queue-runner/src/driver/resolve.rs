@@ -590,7 +590,10 @@ async fn resolve_step(job: &Job) -> Result<Outcome, Stop> {
     // Paths recorded but not valid any more are built again.
     let outputs = outputs
         .into_iter()
-        .map(|(n, p)| (n.clone(), p.filter(|_| !keys.contains_key(&n))))
+        .map(|(n, p)| {
+            let known = p.filter(|_| !keys.contains_key(&n));
+            (Box::from(n), known.map(Box::from))
+        })
         .collect();
     let spec = StepSpec {
         drv_path: resolved_path,

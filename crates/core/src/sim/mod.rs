@@ -209,6 +209,17 @@ impl<O: StepOrder> Sim<O> {
                 let jobset = option("jobset").map_or(1, |v| v.parse().expect("jobset"));
                 self.queue_in(build(id), top, global, prio, JobsetId(jobset));
             }
+            ["queue-batch", rest @ ..] => {
+                // `queue-batch #1 a #2 b`: builds queued in one event.
+                let builds: Vec<(BuildId, &str)> = rest
+                    .chunks(2)
+                    .map(|pair| match pair {
+                        [id, top] => (build(id), *top),
+                        _ => panic!("queue-batch takes pairs of a build and a top"),
+                    })
+                    .collect();
+                self.queue_batch(&builds);
+            }
             ["shares", jobset, n] => {
                 self.handle(Event::JobsetShares {
                     jobset: JobsetId(jobset.parse().expect("a jobset id")),
@@ -352,6 +363,30 @@ impl<O: StepOrder> Sim<O> {
             },
             steps,
         });
+    }
+
+    /// Queues `builds` (each with its top) in one [`Event::BuildsQueued`],
+    /// at priority 0 in jobset 1.
+    pub fn queue_batch(&mut self, builds: &[(BuildId, &str)]) {
+        let mut event = Vec::new();
+        for &(id, top) in builds {
+            let steps = self.dag.step_specs(top, &self.valid, &self.known_failed);
+            self.queued.insert(id, top.to_string());
+            self.priorities.insert(id, (0, 0));
+            self.jobsets.insert(id, JobsetId(1));
+            event.push((
+                BuildSpec {
+                    id,
+                    jobset: JobsetId(1),
+                    global_priority: 0,
+                    priority: 0,
+                    timestamp: 0,
+                    top_drv: drv(top),
+                },
+                steps,
+            ));
+        }
+        self.handle(Event::BuildsQueued { builds: event });
     }
 
     /// The machine building `drv_name` reports `outcome`.

@@ -55,6 +55,12 @@ fn values_are_the_same_whatever_order_the_builds_come_in() {
         "queue #1 e\nqueue #2 d\nqueue #3 c\nqueue #4 b\nqueue #5 a",
         // The short side first, then the long one, then what joins them.
         "queue #1 c\nqueue #2 d\nqueue #3 e",
+        // Bottom up, then top down, each in one event: the critical paths
+        // are computed once for the batch.
+        "queue-batch #1 a #2 b #3 c #4 d #5 e",
+        "queue-batch #1 e #2 d #3 c #4 b #5 a",
+        // A batch on top of what is held.
+        "queue #1 c\nqueue-batch #2 d #3 e",
     ] {
         let mut sim = critical_path_sim(GRAPH);
         sim.run(script);

@@ -1,5 +1,6 @@
 //! Tests of the core through the simulation harness.
 
+mod batch;
 mod critical_path;
 mod lifetime;
 mod order;

@@ -100,6 +100,10 @@ enum Action {
         global: i8,
         priority: i8,
     },
+    /// Several builds in one `BuildsQueued`.
+    QueueBatch {
+        tops: Vec<usize>,
+    },
     Succeed {
         pick: usize,
     },
@@ -131,6 +135,7 @@ fn action() -> impl Strategy<Value = Action> {
         2 => (0u8..3).prop_map(|slot| Action::Disconnect { slot }),
         2 => (0u8..3, any::<bool>()).prop_map(|(slot, back)| Action::Detach { slot, back }),
         3 => (any::<usize>(), -2i8..3, -2i8..3).prop_map(|(top, global, priority)| Action::Queue { top, global, priority }),
+        1 => proptest::collection::vec(any::<usize>(), 1..4).prop_map(|tops| Action::QueueBatch { tops }),
         4 => any::<usize>().prop_map(|pick| Action::Succeed { pick }),
         2 => (any::<usize>(), 0u8..5).prop_map(|(pick, kind)| Action::Fail { pick, kind }),
         2 => (0u16..200).prop_map(|secs| Action::Advance { secs }),
@@ -195,6 +200,20 @@ fn apply<O: StepOrder>(sim: &mut Sim<O>, action: Action, next_build: &mut i32) {
             };
             *next_build += 1;
             sim.queue(BuildId(*next_build), &top, global.into(), priority.into());
+        }
+        Action::QueueBatch { tops } => {
+            let tops: Vec<String> = tops
+                .into_iter()
+                .filter_map(|top| nth(sim.dag.nodes.keys().cloned(), top))
+                .collect();
+            let builds: Vec<(BuildId, &str)> = tops
+                .iter()
+                .map(|top| {
+                    *next_build += 1;
+                    (BuildId(*next_build), top.as_str())
+                })
+                .collect();
+            sim.queue_batch(&builds);
         }
         Action::Succeed { pick } => {
             if let Some(step) = nth(sim.running.keys().cloned(), pick) {

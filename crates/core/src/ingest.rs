@@ -40,6 +40,7 @@ impl<O: StepOrder> Core<O> {
             self.attach_build(spec, &by_path, &mut created);
         }
         self.critical_paths_of_new_steps(&created);
+        trim_dependents(&created);
         for step in created {
             let runnable = {
                 let state = step.state.lock();
@@ -202,6 +203,21 @@ impl<O: StepOrder> Core<O> {
         }
         for step in changed_runnable {
             self.requeue(&step);
+        }
+    }
+}
+
+/// Leaves no spare capacity in the dependents of the steps `created`
+/// needs: they grew one push at a time, and a `Vec` that doubles holds a
+/// quarter more than it needs on average, on every held step.
+fn trim_dependents(created: &[Arc<Step>]) {
+    let mut trimmed: std::collections::HashSet<*const Step> = std::collections::HashSet::new();
+    for step in created {
+        let deps = step.state.lock().deps.clone();
+        for dep in deps {
+            if trimmed.insert(Arc::as_ptr(&dep)) {
+                dep.state.lock().rdeps.shrink_to_fit();
+            }
         }
     }
 }

@@ -133,7 +133,7 @@ impl Driver {
                 (Vec::new(), Vec::new())
             };
             if report.status == 0 {
-                if let Some(keys) = self.closure.get(&a.drv_path).map(|c| &c.keys) {
+                if let Some(keys) = self.closure.get(&a.drv_path).map(HeldDrv::keys) {
                     realisations.extend(super::resolve::realisations_of(
                         &a.drv_path,
                         keys,

@@ -15,16 +15,15 @@ impl Driver {
             self.started_builds.remove(&id);
             self.recently_finished.insert(id, false);
             self.counters.builds_done += 1;
-            let top = DrvPath::from(build.drv_path.as_str());
-            let built = self.built_outputs.get(&top);
+            let built = self.built_outputs.get(&build.drv_path);
             builds.push(writer::FinishedBuild {
-                build: build.clone(),
                 status: status.code(),
                 outputs: built.map(|b| b.outputs.clone()),
                 // Outputs known before this run (recorded) carry no times.
                 times: built
                     .filter(|b| b.start_time > 0)
                     .map(|b| (b.start_time, b.stop_time)),
+                build,
             });
         }
         if builds.is_empty() {

@@ -164,16 +164,26 @@ impl Driver {
                         stop_time: 0,
                     });
             }
+            // The top's path as the closure interned it, shared with the
+            // core's step.
+            let top_drv = batch
+                .closure
+                .drvs
+                .get_key_value(build.drv_path.as_str())
+                .map_or_else(
+                    || DrvPath::from(build.drv_path.as_str()),
+                    |(p, _)| p.clone(),
+                );
             let spec = BuildSpec {
                 id,
                 jobset: JobsetId(build.jobset_id),
                 global_priority: build.global_priority,
                 priority: build.priority,
                 timestamp: build.timestamp,
-                top_drv: DrvPath::from(build.drv_path.as_str()),
+                top_drv: top_drv.clone(),
             };
             self.set_jobset_shares(build.jobset_id, build.scheduling_shares);
-            self.builds.insert(id, Arc::new(build));
+            self.builds.insert(id, build.held(top_drv));
             queued.push((spec, steps));
         }
         drop(in_event);

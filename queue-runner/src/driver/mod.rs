@@ -44,7 +44,7 @@ use sluice_core::{
 use tokio::sync::{mpsc, watch};
 
 use crate::agents::{AgentInfo, AgentLoad, AttemptId, FailureKind, FromAgent, StepReport, ToAgent};
-use crate::db::queue::QueuedBuild;
+use crate::db::queue::HeldBuild;
 use crate::ingest::HeldDrv;
 use crate::status::{MachineStatus, StatusSnapshot};
 use crate::store::Store;
@@ -187,7 +187,7 @@ pub struct Driver {
     /// Attempts that ended before their row had a number, with the status
     /// and reason to finish it with once it has.
     ended_before_row: HashMap<AttemptId, (Attempt, i32, String)>,
-    builds: HashMap<BuildId, Arc<QueuedBuild>>,
+    builds: HashMap<BuildId, HeldBuild>,
     /// What dispatch and results need of each derivation the core holds
     /// a step for (one compact entry each; see `HeldDrv`).
     closure: HashMap<DrvPath, HeldDrv>,
@@ -363,7 +363,8 @@ impl Driver {
             }
             DriverEvent::BuildsBumped(changes) => {
                 for (id, global_priority) in changes {
-                    if self.builds.contains_key(&id) {
+                    if let Some(build) = self.builds.get_mut(&id) {
+                        build.global_priority = global_priority;
                         self.apply(Event::BuildBumped {
                             build: id,
                             global_priority,

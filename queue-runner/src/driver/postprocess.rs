@@ -25,7 +25,7 @@ pub async fn success(
         None => build
             .outputs
             .iter()
-            .filter_map(|(n, p)| p.clone().map(|p| (n.clone(), p)))
+            .filter_map(|(n, p)| p.as_deref().map(|p| (n.to_string(), p.to_owned())))
             .collect(),
     };
     let dir = store.store_dir().clone();

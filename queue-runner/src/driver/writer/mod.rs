@@ -25,7 +25,6 @@ mod commit;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_core::BuildId;
@@ -34,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use commit::Commit;
 
 use crate::agents::StepReport;
-use crate::db::queue::QueuedBuild;
+use crate::db::queue::HeldBuild;
 use crate::db::results;
 use crate::db::results::{StepKind, StepPhase, StepRow, StepState};
 use crate::store::Store;
@@ -43,7 +42,7 @@ use sluice_core::Status;
 /// A build the core finished, with what the writer needs to record it.
 #[derive(Debug)]
 pub struct FinishedBuild {
-    pub build: Arc<QueuedBuild>,
+    pub build: HeldBuild,
     /// Hydra build status code.
     pub status: i32,
     /// Output paths reported by the step that built the top derivation;

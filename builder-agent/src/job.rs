@@ -390,17 +390,7 @@ async fn build_with(
 ) -> Result<Built, JobError> {
     let step = a.step_id.as_str();
     let copying = Instant::now();
-    let inputs = a
-        .inputs
-        .iter()
-        .map(|i| store_path("input", &i.path))
-        .collect::<Result<Vec<_>, _>>()?;
-    let valid = nix.query_valid_paths(inputs.iter(), false).await?;
-    let missing: Vec<StorePath> = inputs.into_iter().filter(|p| !valid.contains(p)).collect();
-    if !missing.is_empty() {
-        tracing::debug!(step, count = missing.len(), "fetching inputs");
-        transfer::fetch_inputs(ctx, step, &missing, nix).await?;
-    }
+    transfer::ensure_inputs(ctx, a, nix).await?;
     let overhead = copying.elapsed();
     let building_since = Instant::now();
 

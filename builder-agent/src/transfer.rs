@@ -1,5 +1,7 @@
-//! NARs between the queue runner and the agent's store: inputs come in
-//! through `FetchPaths` (zstd-compressed) and are imported with
+//! NARs between the queue runner and the agent's store: the input closure
+//! comes with the assignment or, when large, through `InputClosure`; the
+//! inputs the store lacks come in through `FetchPaths` (zstd-compressed,
+//! in requests of bounded size) and are imported with
 //! `AddToStoreNar`; outputs go out through `UploadNar` (uncompressed), with
 //! a header carrying their path info.
 //!
@@ -18,6 +20,7 @@ use sluice_nix::daemon::{ClientError, DaemonClient, PathInfo};
 use sluice_nix::hash::{Base, Hash, HashAlgo};
 use sluice_nix::store_path::{StoreDir, StorePath};
 use sluice_proto::v1 as pb;
+use sluice_proto::MAX_FETCH_PATHS;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -48,6 +51,10 @@ pub(crate) enum FetchError {
     Decompress { path: String, source: io::Error },
     #[error("importing '{path}': {source}")]
     Import { path: String, source: ClientError },
+    #[error("asking the agent's store which inputs it has: {0}")]
+    Validity(ClientError),
+    #[error("the input closure has {got} paths, the assignment said {expected}")]
+    ClosureSize { expected: u64, got: u64 },
 }
 
 #[derive(Debug, Error)]
@@ -106,8 +113,82 @@ fn info_to_wire(info: &PathInfo) -> pb::StorePathInfo {
     }
 }
 
-/// Fetches `paths` (in dependency order) and imports them into `nix`.
-pub(crate) async fn fetch_inputs(
+/// Makes the assignment's input closure valid in `nix`. The closure comes
+/// inline or, for a large one (`inputs_streamed`), from `InputClosure` in
+/// chunks; the local store is asked which paths it has a chunk at a time,
+/// and what it lacks is fetched in dependency order, at most
+/// [`MAX_FETCH_PATHS`] paths per request. Only the missing paths are held,
+/// never the closure's path infos.
+pub(crate) async fn ensure_inputs(
+    ctx: &SessionCtx,
+    a: &pb::Assignment,
+    nix: &mut DaemonClient,
+) -> Result<(), FetchError> {
+    let step = a.step_id.as_str();
+    let mut missing = Vec::new();
+    if a.inputs_streamed {
+        let request = pb::InputClosureRequest {
+            session_id: ctx.id.clone(),
+            step_id: step.to_owned(),
+        };
+        let refused = |s: tonic::Status| FetchError::Refused(s.message().to_owned());
+        let mut stream = ctx
+            .client
+            .clone()
+            .input_closure(request)
+            .await
+            .map_err(refused)?
+            .into_inner();
+        let mut got: u64 = 0;
+        while let Some(chunk) = stream.message().await.map_err(refused)? {
+            got = got.saturating_add(u64::try_from(chunk.paths.len()).unwrap_or(u64::MAX));
+            missing.extend(lacking(nix, &chunk.paths).await?);
+        }
+        if got != a.input_count {
+            return Err(FetchError::ClosureSize {
+                expected: a.input_count,
+                got,
+            });
+        }
+    } else {
+        for chunk in a.inputs.chunks(MAX_FETCH_PATHS) {
+            missing.extend(lacking(nix, chunk).await?);
+        }
+    }
+    if !missing.is_empty() {
+        tracing::debug!(step, count = missing.len(), "fetching inputs");
+    }
+    for batch in missing.chunks(MAX_FETCH_PATHS) {
+        fetch_inputs(ctx, step, batch, nix).await?;
+    }
+    Ok(())
+}
+
+/// The paths of `infos` that `nix` lacks, in the same order.
+async fn lacking(
+    nix: &mut DaemonClient,
+    infos: &[pb::StorePathInfo],
+) -> Result<Vec<StorePath>, FetchError> {
+    let dir = StoreDir::default();
+    let paths = infos
+        .iter()
+        .map(|i| {
+            dir.parse_path(&i.path).map_err(|e| FetchError::BadInfo {
+                path: i.path.clone(),
+                problem: e.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let valid = nix
+        .query_valid_paths(paths.iter(), false)
+        .await
+        .map_err(FetchError::Validity)?;
+    Ok(paths.into_iter().filter(|p| !valid.contains(p)).collect())
+}
+
+/// Fetches `paths` (in dependency order, at most [`MAX_FETCH_PATHS`]) and
+/// imports them into `nix`.
+async fn fetch_inputs(
     ctx: &SessionCtx,
     step: &str,
     paths: &[StorePath],

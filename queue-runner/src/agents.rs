@@ -143,8 +143,15 @@ pub struct Assignment {
     /// already replaced by their output paths in `inputSrcs`.
     pub basic_drv: String,
     /// The closure of the build's inputs, in dependency order
-    /// (references before referrers). The agent fetches what it lacks.
+    /// (references before referrers), when it has at most
+    /// [`sluice_proto::MAX_INLINE_INPUTS`] paths. The agent fetches what
+    /// it lacks.
     pub inputs: Vec<PathSummary>,
+    /// Set, to the closure's size, when the closure is too large to go
+    /// inline: `inputs` is empty, and the agent reads the closure with
+    /// `InputClosure`, computed again from the basic derivation's input
+    /// sources when it asks.
+    pub streamed_inputs: Option<u64>,
     pub max_silent_time_s: u32,
     pub build_timeout_s: u32,
     pub max_log_bytes: u64,

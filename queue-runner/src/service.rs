@@ -119,9 +119,11 @@ pub async fn run_with(
         }
     };
     // Two pools on the same store: NAR transfers for agents never take
-    // the connections that ingestion and dispatch need.
-    let transfer_store = grpc::LocalStore::new(connection.clone(), config.transfer_connections);
-    let store = Store::new(grpc::LocalStore::new(connection, config.store_connections));
+    // the connections that ingestion and dispatch need. They share one
+    // path-info cache.
+    let driver_store = grpc::LocalStore::new(connection.clone(), config.store_connections);
+    let transfer_store = driver_store.sibling(connection, config.transfer_connections);
+    let store = Store::new(driver_store);
     store
         .connect()
         .await

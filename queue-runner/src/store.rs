@@ -1,20 +1,26 @@
 //! The queue runner's own Nix store: opening daemon connections and the
-//! store queries the driver needs (closures, path infos, basic derivations).
+//! store queries the driver and the gRPC service need (closures, path
+//! infos, basic derivations).
 //!
 //! Connections come from the pool the gRPC service uses too
-//! ([`crate::grpc::LocalStore`]).
+//! ([`crate::grpc::LocalStore`]), and so does the [`PathInfoCache`]:
+//! closures come from memory, and what is not there from pipelined
+//! batches of daemon queries, never one round trip per path.
 //!
 //! Invariant: a closure is returned in dependency order: every path comes
 //! after the paths it references (self-references aside).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
-use sluice_nix::daemon::{ClientError, DaemonClient, PathInfo};
+use parking_lot::Mutex;
+use sluice_nix::daemon::PathInfo;
 
 use sluice_nix::derivation::{BasicDerivation, Derivation};
 use sluice_nix::store_path::{StoreDir, StorePath};
 
 use crate::agents::PathSummary;
+use crate::grpc::LocalStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -65,6 +71,14 @@ impl Store {
             .map_err(|e| StoreError::Connect(e.to_string()))
     }
 
+    /// The closure of `roots`, in dependency order (see [`closure`]).
+    pub async fn closure(
+        &self,
+        roots: impl IntoIterator<Item = StorePath>,
+    ) -> Result<Vec<Arc<PathInfo>>, StoreError> {
+        closure(&self.pool, roots).await
+    }
+
     /// Reads and parses a `.drv` file of this store.
     pub async fn read_derivation(&self, drv_path: &str) -> Result<Derivation, StoreError> {
         let err = |cause: String| StoreError::Derivation {
@@ -79,14 +93,6 @@ impl Store {
             .await
             .map_err(|e| err(e.to_string()))?;
         Derivation::parse_drv_file(&self.store_dir, &sp, &text).map_err(|e| err(e.to_string()))
-    }
-}
-
-fn query_err(op: &'static str, path: &StorePath, dir: &StoreDir, e: ClientError) -> StoreError {
-    StoreError::Query {
-        op,
-        path: dir.print(path),
-        cause: e.to_string(),
     }
 }
 
@@ -126,41 +132,165 @@ pub async fn basic_derivation(
     Ok(basic)
 }
 
-/// The closure of `roots` with path infos, in dependency order.
-pub async fn closure(
-    client: &mut DaemonClient,
-    dir: &StoreDir,
-    roots: impl IntoIterator<Item = StorePath>,
-) -> Result<Vec<PathInfo>, StoreError> {
-    let mut infos: BTreeMap<StorePath, PathInfo> = BTreeMap::new();
-    let mut pending: Vec<StorePath> = roots.into_iter().collect();
-    while let Some(path) = pending.pop() {
-        if infos.contains_key(&path) {
-            continue;
+/// Path infos the queue runner keeps in memory, shared by every closure
+/// query (assignments, `InputClosure`, `FetchPaths`, uploads, finished
+/// builds). A valid path's info never changes, so a cached one is never
+/// stale; a path deleted since is caught when its NAR is read. At about
+/// 0.5 to 1 KiB per path (its references dominate), the bound keeps the
+/// cache under about 200 MiB; closures of up to half of it stay whole.
+pub const PATH_INFO_CACHE_PATHS: usize = 200_000;
+
+/// Path infos asked of the daemon in one pipelined round trip.
+const QUERY_BATCH: usize = 512;
+
+/// A bounded map of path infos with approximately least-recently-used
+/// eviction: two generations of at most half the bound each; a lookup
+/// moves a path into the young one, and a full young generation becomes
+/// the old one (the old one is dropped).
+///
+/// Invariant: it never holds more than its bound; the lock is held only
+/// for map operations, never across an `.await`.
+pub struct PathInfoCache {
+    half: usize,
+    generations: Mutex<Generations>,
+}
+
+#[derive(Default)]
+struct Generations {
+    young: HashMap<StorePath, Arc<PathInfo>>,
+    old: HashMap<StorePath, Arc<PathInfo>>,
+}
+
+impl Generations {
+    fn insert(&mut self, half: usize, info: Arc<PathInfo>) {
+        if self.young.len() >= half {
+            self.old = std::mem::take(&mut self.young);
         }
-        let info = client
-            .query_path_info(&path)
-            .await
-            .map_err(|e| query_err("querying path info of", &path, dir, e))?
-            .ok_or_else(|| StoreError::Missing {
-                path: dir.print(&path),
-            })?;
-        for r in &info.references {
-            if !infos.contains_key(r) {
-                pending.push(r.clone());
+        self.young.insert(info.path.clone(), info);
+    }
+}
+
+impl std::fmt::Debug for PathInfoCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PathInfoCache")
+            .field("capacity", &(self.half * 2))
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl PathInfoCache {
+    /// A cache of at most `capacity` paths (at least 2).
+    pub fn new(capacity: usize) -> PathInfoCache {
+        PathInfoCache {
+            half: (capacity / 2).max(1),
+            generations: Mutex::new(Generations::default()),
+        }
+    }
+
+    /// Paths held.
+    pub fn len(&self) -> usize {
+        let g = self.generations.lock();
+        g.young.len() + g.old.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Passes the cached infos of `paths` to `found`; returns the others.
+    fn lookup(&self, paths: &[StorePath], mut found: impl FnMut(Arc<PathInfo>)) -> Vec<StorePath> {
+        let mut misses = Vec::new();
+        let mut g = self.generations.lock();
+        for path in paths {
+            if let Some(info) = g.young.get(path) {
+                found(info.clone());
+            } else if let Some(info) = g.old.remove(path) {
+                found(info.clone());
+                g.insert(self.half, info);
+            } else {
+                misses.push(path.clone());
             }
         }
-        infos.insert(path, info);
+        misses
+    }
+
+    fn insert(&self, infos: impl IntoIterator<Item = Arc<PathInfo>>) {
+        let mut g = self.generations.lock();
+        for info in infos {
+            g.insert(self.half, info);
+        }
+    }
+}
+
+/// The closure of `roots` with path infos, in dependency order, from
+/// the pool's cache where it can, and otherwise from the daemon, one
+/// pipelined batch of up to [`QUERY_BATCH`] paths per round trip (a
+/// connection is taken from the pool only then).
+pub async fn closure(
+    pool: &LocalStore,
+    roots: impl IntoIterator<Item = StorePath>,
+) -> Result<Vec<Arc<PathInfo>>, StoreError> {
+    let dir = StoreDir::default();
+    let cache = pool.path_infos();
+    let mut queued: HashSet<StorePath> = HashSet::new();
+    let mut frontier: Vec<StorePath> = roots
+        .into_iter()
+        .filter(|p| queued.insert(p.clone()))
+        .collect();
+    let mut infos: HashMap<StorePath, Arc<PathInfo>> = HashMap::new();
+    let mut client = None;
+    while !frontier.is_empty() {
+        let mut found = Vec::new();
+        let misses = cache.lookup(&frontier, |info| found.push(info));
+        for batch in misses.chunks(QUERY_BATCH) {
+            let c = match &mut client {
+                Some(c) => c,
+                None => client.insert(
+                    pool.client()
+                        .await
+                        .map_err(|e| StoreError::Connect(e.to_string()))?,
+                ),
+            };
+            let got = c
+                .query_path_infos(batch)
+                .await
+                .map_err(|e| StoreError::Query {
+                    op: "querying the path infos of a batch of paths with",
+                    path: dir.print(&batch[0]),
+                    cause: e.to_string(),
+                })?;
+            let mut fresh = Vec::with_capacity(batch.len());
+            for (path, info) in batch.iter().zip(got) {
+                let info = Arc::new(info.ok_or_else(|| StoreError::Missing {
+                    path: dir.print(path),
+                })?);
+                fresh.push(info.clone());
+                found.push(info);
+            }
+            cache.insert(fresh);
+        }
+        frontier.clear();
+        for info in found {
+            for r in &info.references {
+                if queued.insert(r.clone()) {
+                    frontier.push(r.clone());
+                }
+            }
+            infos.insert(info.path.clone(), info);
+        }
     }
     Ok(topo_sort(infos))
 }
 
 /// Orders path infos so references come first (iteratively: closures can
-/// be deep).
-fn topo_sort(mut infos: BTreeMap<StorePath, PathInfo>) -> Vec<PathInfo> {
-    let mut done: HashSet<StorePath> = HashSet::new();
+/// be deep), starting from the roots in path order so the result does not
+/// depend on hashing.
+fn topo_sort(mut infos: HashMap<StorePath, Arc<PathInfo>>) -> Vec<Arc<PathInfo>> {
+    let mut done: HashSet<StorePath> = HashSet::with_capacity(infos.len());
     let mut order = Vec::with_capacity(infos.len());
-    let keys: Vec<StorePath> = infos.keys().cloned().collect();
+    let mut keys: Vec<StorePath> = infos.keys().cloned().collect();
+    keys.sort_unstable();
     for root in keys {
         let mut stack = vec![(root, false)];
         while let Some((p, leaving)) = stack.pop() {
@@ -195,5 +325,40 @@ pub fn summary(dir: &StoreDir, info: &PathInfo) -> PathSummary {
         references: info.references.iter().map(|r| dir.print(r)).collect(),
         deriver: info.deriver.as_ref().map(|d| dir.print(d)),
         ca: info.ca.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_nix::hash::Hash;
+
+    fn info(i: usize) -> Arc<PathInfo> {
+        let hash = sluice_nix::base32::encode(&[u8::try_from(i).unwrap_or(0); 20]);
+        let path = StoreDir::default()
+            .parse_path(&format!("/nix/store/{hash}-p{i}"))
+            .expect("test path");
+        Arc::new(PathInfo::new(path, Hash::sha256(b"x"), 1))
+    }
+
+    #[test]
+    fn the_cache_keeps_its_bound_and_what_was_used_last() {
+        let cache = PathInfoCache::new(4);
+        cache.insert((0..10).map(info));
+        assert!(cache.len() <= 4, "{} paths held", cache.len());
+        // The last two inserted are held; looking one up keeps it through
+        // the next rotation.
+        let recent = [info(8).path.clone(), info(9).path.clone()];
+        let mut found = 0;
+        assert!(cache.lookup(&recent, |_| found += 1).is_empty());
+        assert_eq!(found, 2);
+        cache.insert((10..12).map(info));
+        let mut found = Vec::new();
+        let misses = cache.lookup(&[info(9).path.clone(), info(0).path.clone()], |i| {
+            found.push(i.path.clone())
+        });
+        assert_eq!(found, vec![info(9).path.clone()]);
+        assert_eq!(misses, vec![info(0).path.clone()]);
+        assert!(cache.len() <= 4);
     }
 }

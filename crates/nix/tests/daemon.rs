@@ -1,5 +1,5 @@
 //! The daemon client against real Nix daemons, Nix 2.8 (protocol 1.34)
-//! and Nix 2.26 (protocol 1.38): handshake, queries, NAR export and import
+//! and Nix 2.26 (protocol 1.38): handshake, queries (pipelined too), NAR export and import
 //! into an empty isolated store, text paths, builds by path, GC roots, the
 //! stdio transport, and cancellation by dropping a request. Each test is a
 //! function of the version, run once for each.
@@ -82,6 +82,32 @@ async fn handshake_and_queries(version: NixVersion) {
     assert_eq!(info.deriver, Some(store_path(&drv[0])));
     assert!(info.ultimate);
     assert!(info.references.is_empty());
+
+    // Pipelined: one reply per path, in order, the same as one by one;
+    // a batch far larger than a socket buffer's worth of replies does not
+    // deadlock, and the connection stays usable.
+    let batch: Vec<_> = (0..2000)
+        .map(|i| {
+            if i % 2 == 0 {
+                out.clone()
+            } else {
+                missing.clone()
+            }
+        })
+        .collect();
+    let infos = client
+        .query_path_infos(&batch)
+        .await
+        .expect("pipelined queryPathInfo");
+    assert_eq!(infos.len(), batch.len());
+    for (i, got) in infos.iter().enumerate() {
+        assert_eq!(got.as_ref(), (i % 2 == 0).then_some(&info), "reply {i}");
+    }
+    assert_eq!(
+        client.query_path_infos(&[]).await.expect("empty batch"),
+        vec![]
+    );
+    assert!(client.is_valid_path(&out).await.expect("isValidPath after"));
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use sluice_nix::store_path::StorePath;
 use super::writer::FinishedBuild;
 use crate::db::results::BuildFinish;
 use crate::nix_support;
-use crate::store::{self, Store};
+use crate::store::Store;
 
 /// What to record for a build whose top-level outputs are valid.
 pub async fn success(
@@ -33,11 +33,10 @@ pub async fn success(
         .iter()
         .map(|(_, p)| dir.parse_path(p).map_err(|e| e.to_string()))
         .collect::<Result<_, _>>()?;
-    let mut client = store.connect().await.map_err(|e| e.to_string())?;
-    let closure = store::closure(&mut client, &dir, paths.iter().cloned())
+    let closure = store
+        .closure(paths.iter().cloned())
         .await
         .map_err(|e| e.to_string())?;
-    drop(client);
     let own: HashSet<&StorePath> = paths.iter().collect();
     let size: u64 = closure
         .iter()

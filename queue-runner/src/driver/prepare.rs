@@ -1,6 +1,6 @@
 //! Preparing one attempt: its `BuildSteps` row (unless it is adopted after
 //! a restart and has one), then the assignment the agent needs (the basic
-//! derivation and the closure of its inputs).
+//! derivation and the closure of its inputs, inline when it is small).
 //!
 //! Runs as a short-lived task per dispatch, so the driver never waits for
 //! the database or the store. It always ends by sending exactly one
@@ -109,16 +109,30 @@ async fn assignment(job: &Preparation, store: &Store) -> Result<Assignment, Stri
         .await
         .map_err(|e| e.to_string())?;
     let dir = store.store_dir().clone();
-    let mut client = store.connect().await.map_err(|e| e.to_string())?;
-    let inputs = store::closure(&mut client, &dir, basic.input_srcs.iter().cloned())
+    // Checks that every input is valid here (and fills the path-info
+    // cache the agent's `InputClosure` call reads); a large closure is not
+    // kept: the agent streams it.
+    let closure = store
+        .closure(basic.input_srcs.iter().cloned())
         .await
         .map_err(|e| e.to_string())?;
+    let (inputs, streamed_inputs) = if closure.len() <= sluice_proto::MAX_INLINE_INPUTS {
+        let inputs = closure.iter().map(|i| store::summary(&dir, i)).collect();
+        (inputs, None)
+    } else {
+        (
+            Vec::new(),
+            Some(u64::try_from(closure.len()).unwrap_or(u64::MAX)),
+        )
+    };
+    drop(closure);
     let basic_drv = basic.to_aterm(&dir).map_err(|e| e.to_string())?;
     Ok(Assignment {
         attempt: job.attempt,
         drv_path: job.drv_path.clone(),
         basic_drv,
-        inputs: inputs.iter().map(|i| store::summary(&dir, i)).collect(),
+        inputs,
+        streamed_inputs,
         max_silent_time_s: job.timeouts.0,
         build_timeout_s: job.timeouts.1,
         max_log_bytes: job.max_log_bytes,

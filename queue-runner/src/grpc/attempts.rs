@@ -145,9 +145,10 @@ pub struct AttemptEntry {
     machine: MachineId,
     drv_path: StorePath,
     outputs: BTreeMap<String, ExpectedOutput>,
-    /// The input closure, in dependency order.
-    inputs: Vec<StorePath>,
-    input_set: BTreeSet<StorePath>,
+    /// The basic derivation's input sources: the input closure is theirs,
+    /// computed (from the store's path-info cache) when a call needs it,
+    /// so an attempt never holds a closure that may have 50,000 paths.
+    input_roots: Vec<StorePath>,
     max_log_bytes: u64,
     max_output_bytes: u64,
     uploaded: BTreeMap<String, UploadedOutput>,
@@ -203,17 +204,11 @@ impl AttemptEntry {
             };
             outputs.insert(name.clone(), expected);
         }
-        let inputs = assignment
-            .inputs
-            .iter()
-            .map(|p| parse_path(attempt, &p.path))
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(AttemptEntry {
             machine,
             drv_path,
             outputs,
-            input_set: inputs.iter().cloned().collect(),
-            inputs,
+            input_roots: drv.input_srcs.iter().cloned().collect(),
             max_log_bytes: assignment.max_log_bytes,
             max_output_bytes: assignment.max_output_bytes,
             uploaded: BTreeMap::new(),
@@ -233,30 +228,21 @@ impl AttemptEntry {
         &self.uploaded
     }
 
-    /// `paths` (which must all be inputs) in the closure's dependency
-    /// order, without duplicates; the first path that is not an input is
-    /// returned as the error.
-    pub(crate) fn order_inputs<'a>(
-        &self,
-        paths: impl IntoIterator<Item = &'a StorePath>,
-    ) -> Result<Vec<StorePath>, StorePath> {
-        let mut wanted = BTreeSet::new();
-        for p in paths {
-            if !self.input_set.contains(p) {
-                return Err(p.clone());
-            }
-            wanted.insert(p);
-        }
-        Ok(self
-            .inputs
-            .iter()
-            .filter(|p| wanted.contains(p))
-            .cloned()
-            .collect())
+    /// The roots of the input closure (the basic derivation's input
+    /// sources).
+    pub fn input_roots(&self) -> &[StorePath] {
+        &self.input_roots
     }
 
-    /// Checks that `info` may be imported as output `name`.
-    pub(crate) fn check_upload(&self, name: &str, info: &PathInfo) -> Result<(), OutputError> {
+    /// Checks that `info` may be imported as output `name`;
+    /// `input_refs` holds those of its references that are in the input
+    /// closure (the caller computes the closure).
+    pub(crate) fn check_upload(
+        &self,
+        name: &str,
+        info: &PathInfo,
+        input_refs: &BTreeSet<StorePath>,
+    ) -> Result<(), OutputError> {
         let expected = self
             .outputs
             .get(name)
@@ -288,7 +274,7 @@ impl AttemptEntry {
             .chain(self.uploaded.values().map(|u| &u.path))
             .collect();
         for r in &info.references {
-            if *r != info.path && !self.input_set.contains(r) && !known_outputs.contains(r) {
+            if *r != info.path && !input_refs.contains(r) && !known_outputs.contains(r) {
                 return Err(OutputError::StrayReference {
                     name: name.to_owned(),
                     reference: dir.print(r),

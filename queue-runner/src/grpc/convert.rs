@@ -158,6 +158,10 @@ pub(crate) fn runner_command(cmd: ToAgent) -> pb::RunnerCommand {
             drv_path: a.drv_path,
             drv: a.basic_drv.into_bytes(),
             inputs: a.inputs.iter().map(path_summary).collect(),
+            inputs_streamed: a.streamed_inputs.is_some(),
+            input_count: a
+                .streamed_inputs
+                .unwrap_or(u64::try_from(a.inputs.len()).unwrap_or(u64::MAX)),
             max_silent_time_s: a.max_silent_time_s,
             build_timeout_s: a.build_timeout_s,
             max_log_bytes: a.max_log_bytes,

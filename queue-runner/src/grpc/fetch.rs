@@ -6,18 +6,24 @@
 //! dependency order of the attempt's input closure, whatever order the
 //! request lists them in.
 //!
+//! A request names at most [`MAX_FETCH_PATHS`] paths; an agent that lacks
+//! more asks again. The closure is computed for each request from the
+//! attempt's roots, out of the store's path-info cache.
+//!
 //! Invariants: only paths in the attempt's input closure are served, and
 //! only to the machine that owns the attempt. Memory per call is bounded:
 //! the NAR flows from the daemon through a fixed-size pipe, a compressor
 //! and a channel of [`FETCH_BUFFER`] chunks, so an agent that reads slowly
 //! slows the daemon down instead of filling the queue runner's memory.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::sync::Arc;
 
-use sluice_nix::daemon::{ClientError, DaemonClient};
+use sluice_nix::daemon::{ClientError, DaemonClient, PathInfo};
 use sluice_nix::store_path::{StoreDir, StorePath};
 use sluice_proto::v1 as pb;
+use sluice_proto::MAX_FETCH_PATHS;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
@@ -43,8 +49,6 @@ enum FetchError {
     Store(#[from] StoreError),
     #[error("reading '{path}' from the queue runner's store: {source}")]
     Daemon { path: String, source: ClientError },
-    #[error("'{0}' is not valid in the queue runner's store")]
-    Missing(String),
     #[error("compressing the NAR of '{path}': {source}")]
     Compress {
         path: String,
@@ -60,7 +64,6 @@ impl From<FetchError> for Status {
     fn from(e: FetchError) -> Status {
         let msg = e.to_string();
         match e {
-            FetchError::Missing(_) => Status::not_found(msg),
             FetchError::Store(_) => Status::unavailable(msg),
             _ => Status::internal(msg),
         }
@@ -75,20 +78,30 @@ pub(crate) async fn open(
 ) -> Result<FetchStream, Status> {
     let session = shared.sessions.get(&req.session_id, &owner)?;
     let attempt = convert::attempt_id(&req.step_id)?;
+    if req.paths.len() > MAX_FETCH_PATHS {
+        return Err(Status::invalid_argument(format!(
+            "{} paths asked for at once; at most {MAX_FETCH_PATHS} per request",
+            req.paths.len()
+        )));
+    }
     let paths = req
         .paths
         .iter()
         .map(|p| convert::store_path("paths", p))
         .collect::<Result<Vec<_>, _>>()?;
-    let ordered = shared
+    let roots = shared
         .attempts
-        .with_owned(attempt, session.machine, |e| e.order_inputs(&paths))?
-        .map_err(|p| {
-            Status::permission_denied(format!(
-                "'{}' is not in the input closure of {attempt}",
-                StoreDir::default().print(&p)
-            ))
-        })?;
+        .with_owned(attempt, session.machine, |e| e.input_roots().to_vec())?;
+    let closure = crate::store::closure(&shared.store, roots)
+        .await
+        .map_err(|e| Status::unavailable(format!("the input closure of {attempt}: {e}")))?;
+    let ordered = order_inputs(&closure, &paths).map_err(|p| {
+        Status::permission_denied(format!(
+            "'{}' is not in the input closure of {attempt}",
+            StoreDir::default().print(&p)
+        ))
+    })?;
+    drop(closure);
     let (tx, rx) = mpsc::channel(FETCH_BUFFER);
     tokio::spawn(async move {
         match send_paths(&shared, ordered, &tx).await {
@@ -102,42 +115,63 @@ pub(crate) async fn open(
     Ok(ReceiverStream::new(rx))
 }
 
+/// The infos of `paths` (which must all be in `closure`, a closure in
+/// dependency order) in the closure's order, without duplicates; the
+/// first path not in it is the error.
+fn order_inputs(
+    closure: &[Arc<PathInfo>],
+    paths: &[StorePath],
+) -> Result<Vec<Arc<PathInfo>>, StorePath> {
+    let wanted: BTreeSet<&StorePath> = paths.iter().collect();
+    let ordered: Vec<Arc<PathInfo>> = closure
+        .iter()
+        .filter(|i| wanted.contains(&i.path))
+        .cloned()
+        .collect();
+    if ordered.len() < wanted.len() {
+        let have: BTreeSet<&StorePath> = ordered.iter().map(|i| &i.path).collect();
+        if let Some(stray) = paths.iter().find(|p| !have.contains(p)) {
+            return Err(stray.clone());
+        }
+    }
+    Ok(ordered)
+}
+
 type ChunkSender = mpsc::Sender<Result<pb::NarChunk, Status>>;
 
 async fn send_paths(
     shared: &Shared,
-    paths: Vec<StorePath>,
+    paths: Vec<Arc<PathInfo>>,
     tx: &ChunkSender,
 ) -> Result<(), FetchError> {
     let mut client = shared.store.client().await?;
-    for path in paths {
-        send_path(&mut client, &path, tx).await?;
+    for info in paths {
+        send_path(&mut client, &info, tx).await?;
     }
     Ok(())
 }
 
+/// Sends the NAR of `info`'s path (its info came from the closure: a
+/// valid path's info never changes, and a path deleted since fails the
+/// export).
 async fn send_path(
     client: &mut DaemonClient,
-    path: &StorePath,
+    info: &PathInfo,
     tx: &ChunkSender,
 ) -> Result<(), FetchError> {
+    let path = &info.path;
     let printed = StoreDir::default().print(path);
     let daemon_err = |source| FetchError::Daemon {
         path: printed.clone(),
         source,
     };
-    let info = client
-        .query_path_info(path)
-        .await
-        .map_err(daemon_err)?
-        .ok_or_else(|| FetchError::Missing(printed.clone()))?;
     let (mut writer, reader) = tokio::io::duplex(CHUNK);
     let export = async move {
         let result = client.nar_from_path(path, &mut writer).await;
         let _ = writer.shutdown().await;
         result
     };
-    let compress = compress(reader, convert::path_info_to_wire(&info), &printed, tx);
+    let compress = compress(reader, convert::path_info_to_wire(info), &printed, tx);
     let (exported, compressed) = tokio::join!(export, compress);
     let tail = match (exported, compressed) {
         (_, Err(FetchError::AgentGone)) => return Err(FetchError::AgentGone),
@@ -192,4 +226,39 @@ async fn compress(
         data,
         end: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_nix::hash::Hash;
+
+    fn path(name: &str) -> StorePath {
+        let hash = name.len();
+        StoreDir::default()
+            .parse_path(&format!(
+                "/nix/store/{}-{name}",
+                format!("{hash}").repeat(32).get(..32).unwrap_or_default()
+            ))
+            .expect("test path")
+    }
+
+    #[test]
+    fn inputs_are_served_in_closure_order_and_only_inputs() {
+        let closure: Vec<Arc<PathInfo>> = ["a", "bb", "ccc"]
+            .iter()
+            .map(|n| Arc::new(PathInfo::new(path(n), Hash::sha256(b"x"), 1)))
+            .collect();
+        let got = order_inputs(&closure, &[path("ccc"), path("a"), path("ccc")]);
+        let got: Vec<StorePath> = got
+            .expect("inputs")
+            .iter()
+            .map(|i| i.path.clone())
+            .collect();
+        assert_eq!(got, vec![path("a"), path("ccc")]);
+        assert_eq!(
+            order_inputs(&closure, &[path("a"), path("dddd")]).map(|_| ()),
+            Err(path("dddd"))
+        );
+    }
 }

@@ -26,6 +26,7 @@ pub mod attempts;
 pub mod auth;
 mod convert;
 mod fetch;
+mod input_closure;
 mod log_stream;
 mod service;
 mod sessions;

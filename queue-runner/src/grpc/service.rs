@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::attempts::Report;
 use super::auth::identity;
-use super::{convert, fetch, log_stream, upload, work, QueueRunnerService};
+use super::{convert, fetch, input_closure, log_stream, upload, work, QueueRunnerService};
 use crate::agents::FromAgent;
 
 const RUNNER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -104,6 +104,17 @@ impl pb::queue_runner_server::QueueRunner for QueueRunnerService {
         let owner = identity(&request)?;
         let ack = log_stream::receive(&self.shared, owner, request.into_inner()).await?;
         Ok(Response::new(ack))
+    }
+
+    type InputClosureStream = input_closure::ClosureStream;
+
+    async fn input_closure(
+        &self,
+        request: Request<pb::InputClosureRequest>,
+    ) -> Result<Response<Self::InputClosureStream>, Status> {
+        let owner = identity(&request)?;
+        let stream = input_closure::open(self.shared.clone(), owner, request.into_inner()).await?;
+        Ok(Response::new(stream))
     }
 
     type FetchPathsStream = fetch::FetchStream;

@@ -5,6 +5,9 @@
 //! child; as root and with `NIX_REMOTE=local` that child serves the local
 //! store in-process (no system daemon needed).
 //!
+//! The pool also holds the store's [`PathInfoCache`], which its
+//! [`LocalStore::sibling`]s share, so the driver and the service use one.
+//!
 //! Invariants: at most `max_connections` connections exist at once (a
 //! caller waits for a free one); a connection goes back to the pool only
 //! if it is still open, so one that an error or a dropped operation closed
@@ -19,6 +22,8 @@ use parking_lot::Mutex;
 use sluice_nix::daemon::{ClientError, DaemonClient};
 use thiserror::Error;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::store::{PathInfoCache, PATH_INFO_CACHE_PATHS};
 
 /// How to reach the store.
 #[derive(Debug, Clone)]
@@ -59,6 +64,7 @@ struct Pool {
     connection: StoreConnection,
     idle: Mutex<Vec<DaemonClient>>,
     slots: Arc<Semaphore>,
+    path_infos: Arc<PathInfoCache>,
 }
 
 /// A handle on the store; cheap to clone.
@@ -76,14 +82,41 @@ impl std::fmt::Debug for LocalStore {
 }
 
 impl LocalStore {
+    /// A pool with a path-info cache of its own.
     pub fn new(connection: StoreConnection, max_connections: usize) -> LocalStore {
+        Self::with_path_infos(
+            connection,
+            max_connections,
+            Arc::new(PathInfoCache::new(PATH_INFO_CACHE_PATHS)),
+        )
+    }
+
+    /// Another pool on the same store sharing this one's path-info cache
+    /// (the driver's and the transfers' pools: a closure the driver read
+    /// for an assignment is then in memory when the agent asks for it).
+    pub fn sibling(&self, connection: StoreConnection, max_connections: usize) -> LocalStore {
+        Self::with_path_infos(connection, max_connections, self.pool.path_infos.clone())
+    }
+
+    fn with_path_infos(
+        connection: StoreConnection,
+        max_connections: usize,
+        path_infos: Arc<PathInfoCache>,
+    ) -> LocalStore {
         LocalStore {
             pool: Arc::new(Pool {
                 connection,
                 idle: Mutex::new(Vec::new()),
                 slots: Arc::new(Semaphore::new(max_connections.max(1))),
+                path_infos,
             }),
         }
+    }
+
+    /// The path infos every user of this store shares (see
+    /// [`crate::store::closure`]).
+    pub fn path_infos(&self) -> &PathInfoCache {
+        &self.pool.path_infos
     }
 
     /// A connection, from the pool or newly opened; waits while

@@ -18,13 +18,14 @@
 //! chunk, whatever the NAR's size.
 
 use sluice_nix::nar::stream::ChannelReader;
+use std::collections::BTreeSet;
 use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use sluice_nix::daemon::{ClientError, PathInfo};
 use sluice_nix::nar::{NarHasher, NarSummary};
-use sluice_nix::store_path::StoreDir;
+use sluice_nix::store_path::{StoreDir, StorePath};
 use sluice_proto::v1 as pb;
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -55,6 +56,8 @@ enum UploadError {
     Stream(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("reading the input closure from the queue runner's store: {0}")]
+    Closure(#[from] crate::store::StoreError),
     #[error("importing '{path}' into the queue runner's store: {source}")]
     Import { path: String, source: ClientError },
     #[error("the import stopped before the NAR was complete")]
@@ -70,13 +73,31 @@ impl From<UploadError> for Status {
             | UploadError::SizeMismatch { .. }
             | UploadError::HashMismatch { .. } => Status::data_loss(msg),
             UploadError::Stream(_) => Status::cancelled(msg),
-            UploadError::Store(_) => Status::unavailable(msg),
+            UploadError::Store(_) | UploadError::Closure(_) => Status::unavailable(msg),
             UploadError::Import { ref source, .. } if source.remote().is_some() => {
                 Status::failed_precondition(msg)
             }
             UploadError::Import { .. } | UploadError::ImportStopped => Status::internal(msg),
         }
     }
+}
+
+/// Those of `info`'s references that are in the input closure of
+/// `roots` (computed only when it refers to anything but itself).
+async fn input_references(
+    shared: &Shared,
+    roots: Vec<StorePath>,
+    info: &PathInfo,
+) -> Result<BTreeSet<StorePath>, UploadError> {
+    if info.references.iter().all(|r| *r == info.path) {
+        return Ok(BTreeSet::new());
+    }
+    let closure = crate::store::closure(&shared.store, roots).await?;
+    Ok(closure
+        .iter()
+        .filter(|i| info.references.contains(&i.path))
+        .map(|i| i.path.clone())
+        .collect())
 }
 
 /// Receives, verifies and imports one upload.
@@ -99,8 +120,12 @@ pub(crate) async fn receive(
         .ok_or_else(|| Status::invalid_argument("the upload header has no path info"))?;
     let mut info = convert::path_info_from_wire(wire_info)?;
     let output = header.output_name;
+    let roots = shared
+        .attempts
+        .with_owned(attempt, session.machine, |e| e.input_roots().to_vec())?;
+    let input_refs = input_references(&shared, roots, &info).await?;
     let deriver = shared.attempts.with_owned(attempt, session.machine, |e| {
-        e.check_upload(&output, &info)
+        e.check_upload(&output, &info, &input_refs)
             .map(|()| e.drv_path().clone())
     })??;
     // The output's deriver is the attempt's derivation, whatever the

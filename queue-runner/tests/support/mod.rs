@@ -242,11 +242,12 @@ impl Runner {
 /// Path infos of the closure of `roots` in the queue runner's store,
 /// references before referrers (the queue runner's own query).
 pub async fn closure(store: &LocalStore, roots: &BTreeSet<StorePath>) -> Vec<PathInfo> {
-    let store = Store::new(store.clone());
-    let mut client = store.connect().await.unwrap();
-    sluice_queue_runner::store::closure(&mut client, store.store_dir(), roots.iter().cloned())
+    sluice_queue_runner::store::closure(store, roots.iter().cloned())
         .await
         .unwrap()
+        .iter()
+        .map(|i| PathInfo::clone(i))
+        .collect()
 }
 
 /// The assignment for `drv_path` (a `.drv` in the host store whose input
@@ -272,6 +273,7 @@ pub async fn assignment(store: &LocalStore, drv_path: &str, attempt: AttemptId) 
         build_timeout_s: 300,
         max_log_bytes: 1 << 20,
         max_output_bytes: 1 << 30,
+        streamed_inputs: None,
     }
 }
 

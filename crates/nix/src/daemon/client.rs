@@ -402,6 +402,40 @@ impl DaemonClient {
         Ok(call.finish(info))
     }
 
+    /// The metadata of each of `paths` (`None` where it is not valid), in
+    /// the same order: one `QueryPathInfo` per path, all written at once
+    /// while the replies are read, so the batch costs one round trip. The
+    /// requests are written concurrently with reading the replies, so a
+    /// daemon blocked on a full socket never deadlocks us; callers still
+    /// bound the batch (memory: the request buffer and the replies).
+    ///
+    /// An error the daemon reports for one path closes the connection (the
+    /// replies after it are left unread).
+    pub async fn query_path_infos(
+        &mut self,
+        paths: &[StorePath],
+    ) -> Result<Vec<Option<PathInfo>>, ClientError> {
+        let mut w = WireWriter::new();
+        for path in paths {
+            w.u64(op::QUERY_PATH_INFO).str(&self.path_str(path));
+        }
+        let dir = self.ctx.store_dir.clone();
+        let op = match paths {
+            [one] => format!("queryPathInfo {}", self.path_str(one)),
+            _ => format!("queryPathInfo of {} paths", paths.len()),
+        };
+        let mut call = Call::begin(self, op)?;
+        let infos = call
+            .send_and_read_replies(&w, paths.len(), |i, r| {
+                if !r.bool()? {
+                    return Ok(None);
+                }
+                PathInfo::decode_unkeyed(r, &dir, paths[i].clone()).map(Some)
+            })
+            .await?;
+        Ok(call.finish(infos))
+    }
+
     /// Streams the NAR of `path` into `sink`, checking it as it passes;
     /// returns its hash and size.
     pub async fn nar_from_path(

@@ -256,6 +256,65 @@ impl<'c> Call<'c> {
         }
     }
 
+    /// Sends `w`, which holds `count` operations, and reads their replies
+    /// while it is being written: each reply's stderr messages up to
+    /// `STDERR_LAST`, then its value, decoded by `f` with its index. An
+    /// error the daemon reports for one operation fails the call and
+    /// leaves the connection closed (the replies after it are unread).
+    pub(crate) async fn send_and_read_replies<T>(
+        &mut self,
+        w: &WireWriter,
+        count: usize,
+        mut f: impl FnMut(usize, &mut WireReader<'_>) -> Result<T, DecodeError>,
+    ) -> Result<Vec<T>, ClientError> {
+        let op = self.op.clone();
+        let (conn, logger, limits) = self.parts()?;
+        let Connection { reader, writer, .. } = conn;
+        let send = async {
+            writer.write_all(w.as_bytes()).await?;
+            writer.flush().await
+        };
+        let replies = async {
+            let mut out = Vec::with_capacity(count);
+            for i in 0..count {
+                if let Err(remote) = reader.process_stderr(limits, logger).await? {
+                    return Ok(Err(remote));
+                }
+                out.push(reader.decode(limits, |r| f(i, r)).await?);
+            }
+            Ok(Ok(out))
+        };
+        tokio::pin!(send, replies);
+        let mut sent = false;
+        // Replies that end early (an error) abandon the rest of the
+        // writing: the daemon may have stopped reading.
+        let read: Result<Result<Vec<T>, stderr::RemoteError>, ReadError> = loop {
+            tokio::select! {
+                biased;
+                done = &mut send, if !sent => match done {
+                    Ok(()) => sent = true,
+                    Err(source) => return Err(ClientError::Io { op, source }),
+                },
+                read = &mut replies => break read,
+            }
+        };
+        match read {
+            Ok(Ok(out)) => {
+                // Every request was answered, so every byte was read: this
+                // only completes the flush.
+                if !sent {
+                    send.await.map_err(|source| ClientError::Io {
+                        op: op.clone(),
+                        source,
+                    })?;
+                }
+                Ok(out)
+            }
+            Ok(Err(source)) => Err(ClientError::Remote { op, source }),
+            Err(e) => Err(e.for_op(&op)),
+        }
+    }
+
     /// Streams `source` as framed data while handling the daemon's stderr
     /// messages, up to its `STDERR_LAST`.
     pub(crate) async fn send_framed_and_process_stderr(

@@ -13,7 +13,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use sluice_nix::daemon::PathInfo;
 
 use sluice_nix::derivation::{BasicDerivation, Derivation};
@@ -44,14 +43,85 @@ pub enum StoreError {
 pub struct Store {
     pool: crate::grpc::LocalStore,
     store_dir: StoreDir,
+    /// The static output paths of derivations, so that dispatching a step
+    /// reads its inputs' `.drv` files only when they are not here.
+    outputs: Arc<DrvOutputCache>,
 }
+
+/// Derivations whose static output paths the queue runner remembers: the
+/// inputs of steps about to be dispatched are mostly steps that were just
+/// built, or a few popular ones (stdenv's), so a small cache catches
+/// nearly all of them. About 300 bytes each.
+pub const DRV_OUTPUT_CACHE_DRVS: usize = 16_384;
+
+/// A derivation's output name → static path.
+pub type DrvOutputs = Arc<[(String, StorePath)]>;
+
+/// Static output paths by derivation: see [`DRV_OUTPUT_CACHE_DRVS`].
+pub type DrvOutputCache = crate::bounded_cache::BoundedCache<StorePath, DrvOutputs>;
 
 impl Store {
     pub fn new(pool: crate::grpc::LocalStore) -> Store {
         Store {
             pool,
             store_dir: StoreDir::default(),
+            outputs: Arc::new(DrvOutputCache::new(DRV_OUTPUT_CACHE_DRVS)),
         }
+    }
+
+    /// Remembers the output paths of derivation `drv_path`. Only for paths
+    /// fixed by the derivation itself (input-addressed or fixed-output),
+    /// never for outputs known only once built: a derivation needing those
+    /// must be resolved, and [`basic_derivation`] refuses it.
+    pub fn remember_static_outputs<'a>(
+        &self,
+        drv_path: &str,
+        outputs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) {
+        let Ok(drv) = self.store_dir.parse_path(drv_path) else {
+            return;
+        };
+        let outputs: Result<Vec<(String, StorePath)>, _> = outputs
+            .into_iter()
+            .map(|(name, path)| {
+                self.store_dir
+                    .parse_path(path)
+                    .map(|p| (name.to_owned(), p))
+            })
+            .collect();
+        if let Ok(outputs) = outputs {
+            self.outputs.insert([(drv, DrvOutputs::from(outputs))]);
+        }
+    }
+
+    /// The static output paths of `drv` (from memory, else from its
+    /// `.drv` file, then remembered); an error names an output known only
+    /// once built.
+    async fn static_outputs(&self, drv: &StorePath) -> Result<DrvOutputs, StoreError> {
+        if let Some(outputs) = self.outputs.get(drv) {
+            return Ok(outputs);
+        }
+        let printed = self.store_dir.print(drv);
+        let parsed = self.read_derivation(&printed).await?;
+        let mut outputs = Vec::with_capacity(parsed.outputs.len());
+        for (name, output) in &parsed.outputs {
+            let path = output
+                .path(&self.store_dir, &parsed.name, name)
+                .map_err(|e| StoreError::Derivation {
+                    drv: printed.clone(),
+                    cause: e.to_string(),
+                })?
+                .ok_or_else(|| StoreError::Derivation {
+                    drv: printed.clone(),
+                    cause: format!(
+                        "the path of output {name} is known only once built: the derivation using it must be resolved first"
+                    ),
+                })?;
+            outputs.push((name.clone(), path));
+        }
+        let outputs = DrvOutputs::from(outputs);
+        self.outputs.insert([(drv.clone(), outputs.clone())]);
+        Ok(outputs)
     }
 
     pub fn store_dir(&self) -> &StoreDir {
@@ -100,31 +170,24 @@ impl Store {
 /// its input derivations added to the input sources. Every input output's
 /// path must be static: a derivation with content-addressed inputs is
 /// resolved first (`driver::resolve`), and one that was not is refused.
+/// The inputs' output paths come from memory where the queue runner has
+/// them ([`Store::remember_static_outputs`]), else from their `.drv`s.
 pub async fn basic_derivation(
     store: &Store,
     drv: &Derivation,
 ) -> Result<BasicDerivation, StoreError> {
     let dir = store.store_dir();
     let (mut basic, input_drvs) = drv.clone().into_basic();
-    for (input, outputs) in input_drvs {
-        let input_str = dir.print(&input);
-        let input_drv = store.read_derivation(&input_str).await?;
-        for name in outputs {
-            let path = input_drv
-                .outputs
-                .get(&name)
-                .map(|o| o.path(dir, &input_drv.name, &name))
-                .transpose()
-                .map_err(|e| StoreError::Derivation {
-                    drv: input_str.clone(),
-                    cause: e.to_string(),
-                })?
-                .flatten()
+    for (input, wanted) in input_drvs {
+        let outputs = store.static_outputs(&input).await?;
+        for name in wanted {
+            let path = outputs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, p)| p.clone())
                 .ok_or_else(|| StoreError::Derivation {
-                    drv: input_str.clone(),
-                    cause: format!(
-                        "the path of output {name} is known only once built: the derivation using it must be resolved first"
-                    ),
+                    drv: dir.print(&input),
+                    cause: format!("it has no output {name}"),
                 })?;
             basic.input_srcs.insert(path);
         }
@@ -143,85 +206,8 @@ pub const PATH_INFO_CACHE_PATHS: usize = 200_000;
 /// Path infos asked of the daemon in one pipelined round trip.
 const QUERY_BATCH: usize = 512;
 
-/// A bounded map of path infos with approximately least-recently-used
-/// eviction: two generations of at most half the bound each; a lookup
-/// moves a path into the young one, and a full young generation becomes
-/// the old one (the old one is dropped).
-///
-/// Invariant: it never holds more than its bound; the lock is held only
-/// for map operations, never across an `.await`.
-pub struct PathInfoCache {
-    half: usize,
-    generations: Mutex<Generations>,
-}
-
-#[derive(Default)]
-struct Generations {
-    young: HashMap<StorePath, Arc<PathInfo>>,
-    old: HashMap<StorePath, Arc<PathInfo>>,
-}
-
-impl Generations {
-    fn insert(&mut self, half: usize, info: Arc<PathInfo>) {
-        if self.young.len() >= half {
-            self.old = std::mem::take(&mut self.young);
-        }
-        self.young.insert(info.path.clone(), info);
-    }
-}
-
-impl std::fmt::Debug for PathInfoCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PathInfoCache")
-            .field("capacity", &(self.half * 2))
-            .field("len", &self.len())
-            .finish()
-    }
-}
-
-impl PathInfoCache {
-    /// A cache of at most `capacity` paths (at least 2).
-    pub fn new(capacity: usize) -> PathInfoCache {
-        PathInfoCache {
-            half: (capacity / 2).max(1),
-            generations: Mutex::new(Generations::default()),
-        }
-    }
-
-    /// Paths held.
-    pub fn len(&self) -> usize {
-        let g = self.generations.lock();
-        g.young.len() + g.old.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Passes the cached infos of `paths` to `found`; returns the others.
-    fn lookup(&self, paths: &[StorePath], mut found: impl FnMut(Arc<PathInfo>)) -> Vec<StorePath> {
-        let mut misses = Vec::new();
-        let mut g = self.generations.lock();
-        for path in paths {
-            if let Some(info) = g.young.get(path) {
-                found(info.clone());
-            } else if let Some(info) = g.old.remove(path) {
-                found(info.clone());
-                g.insert(self.half, info);
-            } else {
-                misses.push(path.clone());
-            }
-        }
-        misses
-    }
-
-    fn insert(&self, infos: impl IntoIterator<Item = Arc<PathInfo>>) {
-        let mut g = self.generations.lock();
-        for info in infos {
-            g.insert(self.half, info);
-        }
-    }
-}
+/// Path infos by path: see [`PATH_INFO_CACHE_PATHS`].
+pub type PathInfoCache = crate::bounded_cache::BoundedCache<StorePath, Arc<PathInfo>>;
 
 /// The closure of `roots` with path infos, in dependency order, from
 /// the pool's cache where it can, and otherwise from the daemon, one
@@ -268,7 +254,7 @@ pub async fn closure(
                 fresh.push(info.clone());
                 found.push(info);
             }
-            cache.insert(fresh);
+            cache.insert(fresh.into_iter().map(|info| (info.path.clone(), info)));
         }
         frontier.clear();
         for info in found {
@@ -325,40 +311,5 @@ pub fn summary(dir: &StoreDir, info: &PathInfo) -> PathSummary {
         references: info.references.iter().map(|r| dir.print(r)).collect(),
         deriver: info.deriver.as_ref().map(|d| dir.print(d)),
         ca: info.ca.clone(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sluice_nix::hash::Hash;
-
-    fn info(i: usize) -> Arc<PathInfo> {
-        let hash = sluice_nix::base32::encode(&[u8::try_from(i).unwrap_or(0); 20]);
-        let path = StoreDir::default()
-            .parse_path(&format!("/nix/store/{hash}-p{i}"))
-            .expect("test path");
-        Arc::new(PathInfo::new(path, Hash::sha256(b"x"), 1))
-    }
-
-    #[test]
-    fn the_cache_keeps_its_bound_and_what_was_used_last() {
-        let cache = PathInfoCache::new(4);
-        cache.insert((0..10).map(info));
-        assert!(cache.len() <= 4, "{} paths held", cache.len());
-        // The last two inserted are held; looking one up keeps it through
-        // the next rotation.
-        let recent = [info(8).path.clone(), info(9).path.clone()];
-        let mut found = 0;
-        assert!(cache.lookup(&recent, |_| found += 1).is_empty());
-        assert_eq!(found, 2);
-        cache.insert((10..12).map(info));
-        let mut found = Vec::new();
-        let misses = cache.lookup(&[info(9).path.clone(), info(0).path.clone()], |i| {
-            found.push(i.path.clone())
-        });
-        assert_eq!(found, vec![info(9).path.clone()]);
-        assert_eq!(misses, vec![info(0).path.clone()]);
-        assert!(cache.len() <= 4);
     }
 }

@@ -180,7 +180,19 @@ impl Driver {
             // The builds this step finished were recorded by the call
             // above; dependents read its outputs from the database.
             self.built_outputs.remove(&a.drv_path);
-            self.closure.remove(&a.drv_path);
+            if let Some(held) = self.closure.remove(&a.drv_path) {
+                // Its dependents, dispatched next, need its output paths:
+                // from memory, not from its `.drv` again. Only static
+                // ones (a step with dynamic outputs is resolved first).
+                if held.keys().is_empty() && held.outputs.iter().all(|(_, p)| p.is_some()) {
+                    self.store.remember_static_outputs(
+                        a.drv_path.as_str(),
+                        held.outputs
+                            .iter()
+                            .filter_map(|(n, p)| p.as_deref().map(|p| (&**n, p))),
+                    );
+                }
+            }
         }
         if let Some(committed) = committed {
             // Queued after the step's row and the builds it finished: runs

@@ -23,14 +23,14 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use futures::StreamExt;
 use sluice_core::{DrvPath, StepSpec};
 use sluice_nix::daemon::DaemonClient;
 use sluice_nix::derivation::Derivation;
 use sluice_nix::store_path::{StoreDir, StorePath};
 
 /// How many `.drv` files are read at once.
-const READ_CONCURRENCY: usize = 64;
+/// Blocking tasks reading and parsing a chunk of derivations at once.
+const READ_THREADS: usize = 4;
 /// Derivations of one level of a closure read and parsed before they are
 /// reduced to what is kept (see [`read_closures`]).
 const LEVEL_CHUNK: usize = 1024;
@@ -46,6 +46,11 @@ pub enum IngestError {
     Cycle { path: String },
     #[error("derivation {path} cannot be built here: {cause}")]
     Unsupported { path: String, cause: String },
+    /// Not an error of the derivation: it had a step when the batch was
+    /// read, so it was not read, and has none now. The build needing it is
+    /// loaded again, not aborted.
+    #[error("derivation {path} was held when its batch was read, and is not any more")]
+    NoLongerHeld { path: String },
 }
 
 /// One derivation of a closure, with what the driver needs besides the
@@ -127,6 +132,9 @@ pub struct BatchClosure {
     /// Derivations that are missing or malformed: the builds that need
     /// them cannot be built.
     pub broken: HashMap<String, IngestError>,
+    /// Derivations not read because the queue runner held a step for them
+    /// when the batch was read (their own inputs are held too).
+    pub held: HashSet<DrvPath>,
     /// A failure that says nothing about the derivations (the store did
     /// not answer, a read failed for another reason than a missing file):
     /// nothing of this batch may be used; read it again later.
@@ -180,6 +188,11 @@ impl BatchClosure {
         if let Some(err) = self.broken.get(top) {
             return Err(err.clone());
         }
+        if self.held.contains(top) {
+            return Err(IngestError::NoLongerHeld {
+                path: top.to_owned(),
+            });
+        }
         stack.push((top, 0));
         on_path.insert(top);
         while let Some((drv, next)) = stack.last().copied() {
@@ -206,6 +219,11 @@ impl BatchClosure {
                         done.insert(input);
                         continue;
                     }
+                    if self.held.contains(input) {
+                        return Err(IngestError::NoLongerHeld {
+                            path: input.to_owned(),
+                        });
+                    }
                     if let Some(err) = self.broken.get(input) {
                         return Err(err.clone());
                     }
@@ -228,23 +246,31 @@ impl BatchClosure {
 
 /// Reads the closures of `tops` (full `.drv` paths).
 ///
-/// `read_file` reads a store file by full path; it is a parameter so that
-/// the store's files can live under a different real directory than the
-/// logical store dir, as in a builder's isolated store.
+/// `read_file` reads a store file by full path, blocking; it is a
+/// parameter so that the store's files can live under a different real
+/// directory than the logical store dir, as in a builder's isolated store.
+/// Files are read and parsed on the blocking pool, a share of a chunk per
+/// thread (a blocking task per file cost more in thread wake-ups than the
+/// read itself).
 ///
 /// `lookup` gives the recorded realisations of (hash, output) keys;
 /// `hashes` memoises hashes modulo across batches.
-pub async fn read_closures<F, Fut, L, LFut>(
+///
+/// The walk stops at derivations `held` says the queue runner has a step
+/// for (so has every step below it): loading a queue reads the union of
+/// its builds' closures once, not once per batch. They are listed in
+/// [`BatchClosure::held`]; the caller checks they are still held.
+pub async fn read_closures<F, L, LFut>(
     store: &mut DaemonClient,
     store_dir: &StoreDir,
     tops: &[String],
+    held: &(dyn Fn(&str) -> bool + Send + Sync),
     read_file: F,
     hashes: &crate::ca::Hashes,
     lookup: L,
 ) -> BatchClosure
 where
-    F: Fn(String) -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<Vec<u8>>>,
+    F: Fn(&str) -> std::io::Result<Vec<u8>> + Clone + Send + Sync + 'static,
     L: Fn(Vec<(String, String)>) -> LFut,
     LFut: std::future::Future<Output = Result<HashMap<(String, String), String>, String>>,
 {
@@ -256,7 +282,11 @@ where
     for top in tops {
         let top = DrvPath::from(top.as_str());
         if queued.insert(top.clone()) {
-            frontier.push(top);
+            if held(top.as_str()) {
+                batch.held.insert(top);
+            } else {
+                frontier.push(top);
+            }
         }
     }
     let mut level: Vec<DrvPath> = Vec::new();
@@ -264,21 +294,18 @@ where
         if level.is_empty() {
             level = std::mem::take(&mut frontier);
         }
-        // Read and parse a chunk of this level, up to READ_CONCURRENCY
-        // files at once: a chunk's parsed derivations are all alive at
-        // once, and a whole level of a big closure is most of it.
+        // Read and parse a chunk of this level: a chunk's parsed
+        // derivations are all alive at once, and a whole level of a big
+        // closure is most of it.
         let rest = level.split_off(level.len().min(LEVEL_CHUNK));
         let chunk = std::mem::replace(&mut level, rest);
-        let reads = futures::stream::iter(chunk.into_iter().map(|path| {
-            let read_file = &read_file;
-            async move {
-                let result = read_one(store_dir, path.as_str(), read_file).await;
-                (path, result)
+        let reads = match read_chunk(store_dir, chunk, &read_file).await {
+            Ok(reads) => reads,
+            Err(e) => {
+                batch.transient = Some(e);
+                return batch;
             }
-        }))
-        .buffer_unordered(READ_CONCURRENCY)
-        .collect::<Vec<_>>()
-        .await;
+        };
         let mut parsed: Vec<(DrvPath, StorePath, Derivation)> = Vec::new();
         for (path, result) in reads {
             match result {
@@ -304,7 +331,7 @@ where
                 let path = store_dir.print(&p);
                 let read_file = &read_file;
                 async move {
-                    match read_one(store_dir, &path, read_file).await {
+                    match read_one(store_dir, &path, read_file) {
                         Ok((_, drv)) => Ok(drv),
                         Err(ReadFailure::Broken(e)) => Err(e.to_string()),
                         Err(ReadFailure::Transient(e)) => Err(e),
@@ -411,7 +438,11 @@ where
                         None => {
                             let input = DrvPath::from(printed);
                             queued.insert(input.clone());
-                            frontier.push(input.clone());
+                            if held(input.as_str()) {
+                                batch.held.insert(input.clone());
+                            } else {
+                                frontier.push(input.clone());
+                            }
                             input
                         }
                     }
@@ -458,14 +489,50 @@ enum ReadFailure {
     Transient(String),
 }
 
-async fn read_one<F, Fut>(
+/// Reads and parses `chunk` on the blocking pool, split among
+/// [`READ_THREADS`] tasks.
+async fn read_chunk<F>(
+    store_dir: &StoreDir,
+    chunk: Vec<DrvPath>,
+    read_file: &F,
+) -> Result<Vec<(DrvPath, Result<(StorePath, Derivation), ReadFailure>)>, String>
+where
+    F: Fn(&str) -> std::io::Result<Vec<u8>> + Clone + Send + Sync + 'static,
+{
+    let per_task = chunk.len().div_ceil(READ_THREADS).max(1);
+    let mut tasks = Vec::new();
+    let mut chunk = chunk;
+    while !chunk.is_empty() {
+        let rest = chunk.split_off(chunk.len().min(per_task));
+        let part = std::mem::replace(&mut chunk, rest);
+        let dir = store_dir.clone();
+        let read_file = read_file.clone();
+        tasks.push(tokio::task::spawn_blocking(move || {
+            part.into_iter()
+                .map(|path| {
+                    let result = read_one(&dir, path.as_str(), &read_file);
+                    (path, result)
+                })
+                .collect::<Vec<_>>()
+        }));
+    }
+    let mut reads = Vec::new();
+    for task in tasks {
+        reads.extend(
+            task.await
+                .map_err(|e| format!("reading derivations: {e}"))?,
+        );
+    }
+    Ok(reads)
+}
+
+fn read_one<F>(
     store_dir: &StoreDir,
     path: &str,
     read_file: &F,
 ) -> Result<(StorePath, Derivation), ReadFailure>
 where
-    F: Fn(String) -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<Vec<u8>>>,
+    F: Fn(&str) -> std::io::Result<Vec<u8>>,
 {
     let parse_error = |cause: String| {
         ReadFailure::Broken(IngestError::Parse {
@@ -476,7 +543,7 @@ where
     let sp = store_dir
         .parse_path(path)
         .map_err(|e| parse_error(e.to_string()))?;
-    let text = read_file(path.to_string()).await.map_err(|e| {
+    let text = read_file(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             ReadFailure::Broken(IngestError::Read {
                 path: path.into(),
@@ -509,4 +576,62 @@ pub fn required_features(drv: &Derivation) -> Vec<String> {
         .get("requiredSystemFeatures")
         .map(|v| v.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(name: &str) -> String {
+        format!("/nix/store/{name:a>32}-{name}.drv")
+    }
+
+    fn closure_drv(name: &str, inputs: &[&str]) -> (DrvPath, ClosureDrv) {
+        let drv_path = DrvPath::from(path(name));
+        let spec = StepSpec {
+            drv_path: drv_path.clone(),
+            system: "x86_64-linux".into(),
+            required_features: Vec::new(),
+            input_drvs: inputs.iter().map(|i| DrvPath::from(path(i))).collect(),
+            known_failed: false,
+            needs_resolution: false,
+            expected_ms: None,
+        };
+        let held = ClosureDrv {
+            spec,
+            outputs: Box::new([]),
+            keys: BTreeMap::new(),
+        };
+        (drv_path, held)
+    }
+
+    /// top needs mid, which was held when the batch was read (so not
+    /// read); mid needs leaf.
+    fn batch() -> BatchClosure {
+        let mut batch = BatchClosure::default();
+        let (p, d) = closure_drv("top", &["mid"]);
+        batch.drvs.insert(p, d);
+        batch.held.insert(DrvPath::from(path("mid")));
+        batch
+    }
+
+    #[test]
+    fn a_walk_stops_at_a_step_still_held() {
+        let mid = path("mid");
+        let steps = batch()
+            .steps_for(&path("top"), |d| d == mid)
+            .expect("mid is held");
+        let names: Vec<&str> = steps.iter().map(|s| s.drv_path.as_str()).collect();
+        assert_eq!(names, vec![path("top").as_str()]);
+    }
+
+    #[test]
+    fn a_step_held_when_read_and_gone_since_makes_the_build_load_again() {
+        // mid finished (or failed) meanwhile: its outputs may or may not be
+        // valid, and it was never read; absent, it would count as built.
+        match batch().steps_for(&path("top"), |_| false) {
+            Err(IngestError::NoLongerHeld { path: p }) => assert_eq!(p, path("mid")),
+            other => panic!("expected NoLongerHeld, got {other:?}"),
+        }
+    }
 }

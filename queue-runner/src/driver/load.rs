@@ -16,7 +16,7 @@ use sluice_core::{BuildId, BuildSpec, DrvPath, Event, JobsetId};
 
 use super::{Driver, DriverEvent};
 use crate::db::queue::{QueuedBuild, UndecodableBuild};
-use crate::ingest::{self, BatchClosure};
+use crate::ingest::{self, BatchClosure, IngestError};
 
 /// What a load found.
 #[derive(Debug)]
@@ -94,8 +94,22 @@ impl Driver {
             .chain(self.recently_finished.keys())
             .map(|b| b.0)
             .collect();
+        // What the core holds as the load starts: the reader stops there.
+        // (Only what the core holds: the driver's map may keep an entry a
+        // little longer.)
+        let core = &self.core;
+        let held_drvs: Arc<HashSet<DrvPath>> = Arc::new(
+            self.closure
+                .keys()
+                .filter(|drv| core.has_step(drv.as_str()))
+                .cloned()
+                .collect(),
+        );
         tokio::spawn(async move {
-            let batch = load(pool, store, hashes, after, limit, restarted, held).await;
+            let batch = load(
+                pool, store, hashes, after, limit, restarted, held, held_drvs,
+            )
+            .await;
             let _ = me.send(DriverEvent::Loaded(batch)).await;
         });
     }
@@ -139,6 +153,13 @@ impl Driver {
                 core.has_step(drv) || in_event.contains(drv)
             }) {
                 Ok(steps) => steps,
+                Err(IngestError::NoLongerHeld { path }) => {
+                    // Read again by the next load, which looks for
+                    // unfinished builds it does not hold.
+                    tracing::debug!(build = build.id, drv = %path, "loading a build again: a step it needs finished meanwhile");
+                    self.loader.want_restarted = true;
+                    continue;
+                }
                 Err(e) => {
                     self.abort_loaded_build(build.id, build.drv_path, e.to_string());
                     continue;
@@ -305,6 +326,7 @@ async fn load(
     limit: i64,
     restarted: bool,
     held: HashSet<i32>,
+    held_drvs: Arc<HashSet<DrvPath>>,
 ) -> LoadedBatch {
     let mut batch = LoadedBatch {
         builds: Vec::new(),
@@ -360,7 +382,8 @@ async fn load(
             &mut client,
             &dir,
             &tops,
-            |p| async move { tokio::fs::read(p).await },
+            &|drv: &str| held_drvs.contains(drv),
+            |p: &str| std::fs::read(p),
             &hashes,
             lookup,
         )

@@ -2,8 +2,9 @@
 //! `cargo bench -p sluice-queue-runner --bench scale` (as root, with Nix
 //! and PostgreSQL installed); prints figures. `SLUICE_BENCH_STEPS` and
 //! `SLUICE_BENCH_BUILDS` change the size (default 270,000 derivations and
-//! 100,000 builds); `SLUICE_BENCH_ORDER` is passed to `serve
-//! --dispatch-order` when set.
+//! 100,000 builds); `SLUICE_BENCH_ORDER` lists the `serve
+//! --dispatch-order`s to measure, one queue runner and database each, on
+//! the same store (default `critical-path,hydra`).
 //!
 //! Setup: an isolated Nix store with its own `nix-daemon`, into which the
 //! bench writes a generated nixpkgs-shaped DAG of real `.drv` files (a
@@ -57,7 +58,11 @@ fn env_usize(name: &str, default: usize) -> usize {
 async fn bench() {
     let steps = env_usize("SLUICE_BENCH_STEPS", 270_000).max(BOOTSTRAP + 1);
     let builds = env_usize("SLUICE_BENCH_BUILDS", 100_000).min(steps);
-    let order = std::env::var("SLUICE_BENCH_ORDER").ok();
+    let orders: Vec<String> = std::env::var("SLUICE_BENCH_ORDER")
+        .unwrap_or_else(|_| "critical-path,hydra".to_string())
+        .split(',')
+        .map(str::to_owned)
+        .collect();
     common::print_machine("queue scale bench");
 
     let store = IsolatedStore::new();
@@ -73,6 +78,22 @@ async fn bench() {
         started.elapsed().as_secs_f64()
     );
 
+    for order in &orders {
+        measure(&store, &daemon, &dag, builds, &system, order).await;
+    }
+    drop(daemon);
+}
+
+/// Loads the queue into a fresh queue runner (its own PostgreSQL) with
+/// dispatch order `order`, and prints the figures.
+async fn measure(
+    store: &IsolatedStore,
+    daemon: &sluice_test_support::nix::NixDaemon,
+    dag: &[Node],
+    builds: usize,
+    system: &str,
+    order: &str,
+) {
     let pg = TestPg::start();
     let data = tempfile::tempdir().expect("data dir");
     let tokens = data.path().join("tokens");
@@ -92,9 +113,7 @@ async fn bench() {
         .args(["--unsupported-grace-s", "86400"])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());
-    if let Some(order) = &order {
-        serve.args(["--dispatch-order", order]);
-    }
+    serve.args(["--dispatch-order", order]);
     let mut child = KillOnDrop(serve.spawn().expect("starting queue-runner serve"));
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], http).into();
     let up = Instant::now();
@@ -123,7 +142,7 @@ async fn bench() {
             job: d.name.clone(),
             nix_name: d.name.clone(),
             drv_path: dir.print(&d.drv_path),
-            system: system.clone(),
+            system: system.to_owned(),
             outputs: vec![("out".into(), Some(dir.print(&d.out)))],
             max_silent_s: NewBuild::DEFAULT_LIMITS.0,
             timeout_s: NewBuild::DEFAULT_LIMITS.1,
@@ -167,10 +186,7 @@ async fn bench() {
     .expect("/status is JSON")["queueRunner"]["heapBytes"]
         .as_u64()
         .unwrap_or(0);
-    println!(
-        "order: {}",
-        order.as_deref().unwrap_or("the default (critical-path)")
-    );
+    println!("order: {order}");
     println!(
         "{builds} builds, {held_steps} steps held: every build held {:.1} s after builds_added",
         seconds.as_secs_f64()
@@ -199,7 +215,6 @@ async fn bench() {
         );
     }
     drop(child);
-    drop(daemon);
 }
 
 /// One generated derivation.

@@ -35,13 +35,13 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::Client;
 use harness::{Deployment, TOKEN};
 use sluice_nix::derivation::Derivation;
 use sluice_nix::hash::Base;
 use sluice_nix::nar::dump_path;
 use sluice_nix::store_path::StoreDir;
 use sluice_proto::v1 as pb;
-use sluice_proto::v1::queue_runner_client::QueueRunnerClient;
 use sluice_proto::PROTOCOL_VERSION;
 use sluice_queue_runner::driver::unix_now;
 use sluice_queue_runner::submit::{self, Job};
@@ -49,9 +49,6 @@ use sluice_test_support::nix::{run as run_command, NixCommands, NixEnv};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 
 /// Builds measured for `builds_added` → dispatch, and warm-up builds
 /// before them (not counted).
@@ -64,8 +61,6 @@ const CHAINS: usize = 8;
 /// Slots of the simulated agent: enough that it is always idle for the
 /// next step of every chain.
 const AGENT_SLOTS: u32 = 8;
-/// Retries of an agent call the queue runner refused as `Unavailable`.
-const MAX_RETRIES: u32 = 20;
 /// How long any one thing may take before the bench gives up.
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -118,8 +113,8 @@ async fn bench() {
         "   {} samples, after {WARM_UP} warm-up builds (not counted)",
         committed.len()
     );
-    print_figures("   from submit::queue returning (committed)", &committed);
-    print_figures("   from calling submit::queue", &called);
+    common::print_figures("   from submit::queue returning (committed)", &committed);
+    common::print_figures("   from calling submit::queue", &called);
     println!(
         "   includes: the NOTIFY reaching the listener, loading the new Builds row, reading the \
          closure (.drv files, output validity through the daemon), the core's decision, the \
@@ -158,8 +153,8 @@ async fn bench() {
     );
     let sequential_label = format!("   1 chain at a time ({} chains)", sequential.len());
     let together_label = format!("   {} chains at once", concurrent.len());
-    print_figures(&sequential_label, &one_at_a_time);
-    print_figures(&together_label, &together.latencies);
+    common::print_figures(&sequential_label, &one_at_a_time);
+    common::print_figures(&together_label, &together.latencies);
     let early = early + together.early;
     if early > 0 {
         println!(
@@ -168,10 +163,10 @@ async fn bench() {
         );
     }
     println!("   the same, from the ReportResult call being made (an upper bound):");
-    print_figures(&sequential_label, &one_at_a_time_from_call);
-    print_figures(&together_label, &together.from_call);
+    common::print_figures(&sequential_label, &one_at_a_time_from_call);
+    common::print_figures(&together_label, &together.from_call);
     report_calls.extend(together.report_calls);
-    print_figures("   for scale, the ReportResult call itself", &report_calls);
+    common::print_figures("   for scale, the ReportResult call itself", &report_calls);
     println!(
         "   includes: the driver handling the result (the BuildSteps row finished, \
          step_finished), the core making the next step runnable and dispatching it, the next \
@@ -198,28 +193,6 @@ async fn bench() {
     agent.stop();
     deployment.stop().await;
     println!("total: {:.1} s", started.elapsed().as_secs_f64());
-}
-
-/// p50/p90/p99/max of `samples`, in milliseconds (nearest rank).
-fn print_figures(label: &str, samples: &[Duration]) {
-    if samples.is_empty() {
-        println!("{label}: no samples");
-        return;
-    }
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    let n = sorted.len();
-    let rank = |q: f64| sorted[((q * n as f64).ceil() as usize).clamp(1, n) - 1];
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let mean = sorted.iter().sum::<Duration>() / u32::try_from(n).unwrap_or(u32::MAX);
-    println!(
-        "{label}: n={n}  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (mean {:.2} ms)",
-        ms(rank(0.50)),
-        ms(rank(0.90)),
-        ms(rank(0.99)),
-        ms(sorted[n - 1]),
-        ms(mean)
-    );
 }
 
 /// The platform of the derivation at `drv_path`, for the agent to offer.
@@ -398,24 +371,6 @@ impl Deployment {
     }
 }
 
-/// Adds the bearer token to every call.
-#[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
-type Client = QueueRunnerClient<InterceptedService<Channel, Bearer>>;
-
 /// When the agent received, and finished reporting, one assignment.
 #[derive(Debug, Clone, Copy)]
 struct Built {
@@ -439,15 +394,7 @@ struct SimAgent {
 
 impl SimAgent {
     async fn connect(addr: SocketAddr, system: &str) -> SimAgent {
-        let token: MetadataValue<Ascii> = format!("Bearer {TOKEN}")
-            .parse()
-            .expect("the token is a valid header value");
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .expect("a valid queue runner URL")
-            .connect()
-            .await
-            .expect("connecting to the queue runner's gRPC port");
-        let mut client = QueueRunnerClient::with_interceptor(channel, Bearer(token));
+        let mut client = common::connect(addr, TOKEN).await;
         let version = client
             .version(pb::VersionRequest {
                 protocol_version: PROTOCOL_VERSION,
@@ -639,7 +586,7 @@ async fn build(
             let parts = [header.clone(), data.clone()];
             async move { client.upload_nar(tokio_stream::iter(parts)).await }
         };
-        retrying(upload, &mut retries)
+        common::retrying(upload, &mut retries)
             .await
             .map_err(|s| format!("UploadNar of {printed}: {s}"))?;
         outputs.push(pb::BuildOutput {
@@ -663,7 +610,7 @@ async fn build(
         let result = result.clone();
         async move { client.report_result(result).await }
     };
-    retrying(report, &mut retries)
+    common::retrying(report, &mut retries)
         .await
         .map_err(|s| format!("ReportResult: {s}"))?;
     Ok(Built {
@@ -672,26 +619,4 @@ async fn build(
         acked: Instant::now(),
         retries,
     })
-}
-
-/// Calls `call` until it succeeds or fails with something other than
-/// `Unavailable` (the queue runner's answer when it could not reach its
-/// own store for the moment), at most [`MAX_RETRIES`] times more; counts
-/// the retries in `retries`.
-async fn retrying<T, F, Fut>(mut call: F, retries: &mut u32) -> Result<T, tonic::Status>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
-{
-    let mut left = MAX_RETRIES;
-    loop {
-        match call().await {
-            Err(status) if status.code() == tonic::Code::Unavailable && left > 0 => {
-                left -= 1;
-                *retries += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            other => return other,
-        }
-    }
 }

@@ -540,6 +540,55 @@ async fn a_session_without_heartbeats_is_dropped() {
     runner.stop().await;
 }
 
+/// The driver never waits on an agent's command channel: an assignment
+/// that finds it full is given up as aborted. An idle agent is sent a step
+/// for each slot and each step it takes ahead at once, so they must all
+/// fit, even before the agent reads any (on one thread, nothing forwards
+/// them while they are sent).
+#[tokio::test(flavor = "current_thread")]
+async fn an_agent_s_command_channel_takes_a_step_for_every_slot_and_step_ahead() {
+    let mut runner = Runner::start().await;
+    let mut client = raw_client(&runner, TOKEN).await;
+    let (slots, ahead) = (64, 64);
+    let request = pb::RegisterRequest {
+        max_jobs: slots,
+        prefetch: ahead,
+        ..register_request("wide")
+    };
+    let (_session, _keep_open, mut commands) = raw::open_session(&mut client, request).await;
+    let (_machine, _, driver_commands) = runner.connected().await;
+    let attempts: Vec<AttemptId> = (0..slots + ahead).map(|_| AttemptId::new()).collect();
+    for (i, attempt) in attempts.iter().enumerate() {
+        let assignment = sluice_queue_runner::agents::Assignment {
+            attempt: *attempt,
+            drv_path: format!("/nix/store/00000000000000000000000000000000-step-{i}.drv"),
+            basic_drv: String::new(),
+            inputs: vec![],
+            max_silent_time_s: 60,
+            build_timeout_s: 60,
+            max_log_bytes: 1 << 20,
+            max_output_bytes: 1 << 20,
+        };
+        driver_commands
+            .try_send(ToAgent::Assign(assignment))
+            .unwrap_or_else(|e| panic!("assignment {i} of {} did not fit: {e}", attempts.len()));
+    }
+    for attempt in &attempts {
+        let command = tokio::time::timeout(Duration::from_secs(10), commands.message())
+            .await
+            .expect("the assignments arrive")
+            .expect("the work stream is open")
+            .expect("a command");
+        match command.command {
+            Some(pb::runner_command::Command::Assign(a)) => {
+                assert_eq!(a.step_id, step_id(*attempt), "in order")
+            }
+            other => panic!("expected an assignment, got {other:?}"),
+        }
+    }
+    runner.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_reconnects_after_the_queue_runner_restarts() {
     let env = NixEnv::new();

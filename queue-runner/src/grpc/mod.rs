@@ -82,13 +82,15 @@ pub struct ServiceConfig {
     pub missed_heartbeats: u32,
     /// Largest gRPC message either side may send (and the service accepts).
     pub max_message_bytes: usize,
-    /// Capacity of each agent's command channel (driver → agent).
+    /// Capacity of each agent's command channel (driver → agent) beyond
+    /// one assignment per slot and per step it takes ahead.
     pub command_buffer: usize,
 }
 
 impl ServiceConfig {
     /// Defaults for production: 10 s heartbeats, dropped after 3 missed,
-    /// 4 MiB messages, 16 queued commands per agent.
+    /// 4 MiB messages, 16 queued commands per agent beyond its slots and
+    /// steps ahead.
     pub fn new(data_dir: PathBuf) -> ServiceConfig {
         ServiceConfig {
             data_dir,

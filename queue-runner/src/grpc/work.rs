@@ -27,6 +27,9 @@ use crate::agents::{FromAgent, ToAgent};
 /// Response messages buffered towards one agent.
 const OUTBOUND_BUFFER: usize = 4;
 
+/// The most assignments an agent's command channel makes room for.
+const MAX_COMMAND_STEPS: u64 = 1 << 16;
+
 pub(crate) type WorkStream = ReceiverStream<Result<pb::RunnerCommand, Status>>;
 
 /// Accepts the stream: waits for `Hello`, connects the session, and starts
@@ -59,7 +62,11 @@ pub(crate) async fn open(
             }
         })
         .collect::<Vec<_>>();
-    let (commands_tx, commands_rx) = mpsc::channel(shared.config.command_buffer.max(1));
+    let (commands_tx, commands_rx) = mpsc::channel(command_capacity(
+        shared.config.command_buffer,
+        session.info.max_jobs,
+        session.info.prefetch,
+    ));
     session.connect(commands_tx, held).await?;
     tracing::info!(
         session = %session.id,
@@ -81,6 +88,20 @@ pub(crate) async fn open(
     ));
     tokio::spawn(receive_events(shared, session, inbound));
     Ok(ReceiverStream::new(out_rx))
+}
+
+/// The capacity of an agent's command channel: an assignment for each of
+/// its slots and each step it takes ahead, plus `buffer` (for cancels).
+/// The driver never waits on it (`try_send`): an assignment that finds it
+/// full is given up as aborted, so a burst of dispatches to an idle agent
+/// (one per slot and step ahead, prepared together) must fit.
+/// An agent that claims more than [`MAX_COMMAND_STEPS`] of them gets room
+/// for that many (its registration is its own word).
+fn command_capacity(buffer: usize, max_jobs: u32, prefetch: u32) -> usize {
+    let steps = (u64::from(max_jobs) + u64::from(prefetch)).min(MAX_COMMAND_STEPS);
+    buffer
+        .max(1)
+        .saturating_add(usize::try_from(steps).unwrap_or(0))
 }
 
 /// Driver → agent.
@@ -176,4 +197,20 @@ async fn handle_event(shared: &Shared, session: &Session, event: pb::AgentEvent)
             busy,
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_channel_holds_every_slot_and_step_ahead_plus_the_buffer() {
+        assert_eq!(command_capacity(16, 64, 64), 16 + 128);
+        assert_eq!(command_capacity(0, 1, 0), 2);
+        // An agent's claim does not size the channel beyond the cap.
+        assert_eq!(
+            command_capacity(16, u32::MAX, u32::MAX),
+            16 + (1 << 16) as usize
+        );
+    }
 }

@@ -564,6 +564,7 @@ async fn an_agent_s_command_channel_takes_a_step_for_every_slot_and_step_ahead()
             drv_path: format!("/nix/store/00000000000000000000000000000000-step-{i}.drv"),
             basic_drv: String::new(),
             inputs: vec![],
+            streamed_inputs: None,
             max_silent_time_s: 60,
             build_timeout_s: 60,
             max_log_bytes: 1 << 20,

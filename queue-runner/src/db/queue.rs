@@ -57,43 +57,6 @@ pub struct QueuedBuild {
     pub scheduling_shares: u32,
 }
 
-/// What the queue runner keeps of a queued build while it holds it: what
-/// scheduling and recording its end need, without the names that only the
-/// web UI shows (a farm holds 100,000 of these).
-#[derive(Debug, Clone)]
-pub struct HeldBuild {
-    pub id: i32,
-    pub jobset_id: i32,
-    /// The top-level derivation (sharing the string the core holds).
-    pub drv_path: sluice_core::DrvPath,
-    /// `Builds.globalPriority` as last seen.
-    pub global_priority: i32,
-    pub max_silent_s: u32,
-    pub timeout_s: u32,
-    /// As [`QueuedBuild::outputs`], compact.
-    pub outputs: Box<[crate::ingest::HeldOutput]>,
-}
-
-impl QueuedBuild {
-    /// What is kept of it while it is held; `drv_path` is its top-level
-    /// derivation's path, interned.
-    pub fn held(&self, drv_path: sluice_core::DrvPath) -> HeldBuild {
-        HeldBuild {
-            id: self.id,
-            jobset_id: self.jobset_id,
-            drv_path,
-            global_priority: self.global_priority,
-            max_silent_s: self.max_silent_s,
-            timeout_s: self.timeout_s,
-            outputs: self
-                .outputs
-                .iter()
-                .map(|(name, path)| (Box::from(name.as_str()), path.as_deref().map(Box::from)))
-                .collect(),
-        }
-    }
-}
-
 /// Why queued builds could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {

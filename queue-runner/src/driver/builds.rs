@@ -1,7 +1,45 @@
-//! Builds the core finished: the write that records them, and forgetting
-//! what nobody needs any more.
+//! Held builds (`HeldBuild`, what is kept of a loaded build) and builds
+//! the core finished: the write that records them, and forgetting what
+//! nobody needs any more.
 
 use super::*;
+
+/// What the queue runner keeps of a queued build while it holds it: what
+/// scheduling and recording its end need, without the names that only the
+/// web UI shows (a farm holds 100,000 of these).
+#[derive(Debug, Clone)]
+pub struct HeldBuild {
+    pub id: i32,
+    pub jobset_id: i32,
+    /// The top-level derivation (sharing the string the core holds).
+    pub drv_path: DrvPath,
+    /// `Builds.globalPriority` as last seen.
+    pub global_priority: i32,
+    pub max_silent_s: u32,
+    pub timeout_s: u32,
+    /// As [`crate::db::queue::QueuedBuild::outputs`], compact.
+    pub outputs: Box<[crate::ingest::HeldOutput]>,
+}
+
+impl HeldBuild {
+    /// What is kept of a loaded build; `drv_path` is its top-level
+    /// derivation's path, interned.
+    pub fn of(build: &crate::db::queue::QueuedBuild, drv_path: DrvPath) -> HeldBuild {
+        HeldBuild {
+            id: build.id,
+            jobset_id: build.jobset_id,
+            drv_path,
+            global_priority: build.global_priority,
+            max_silent_s: build.max_silent_s,
+            timeout_s: build.timeout_s,
+            outputs: build
+                .outputs
+                .iter()
+                .map(|(name, path)| (Box::from(name.as_str()), path.as_deref().map(Box::from)))
+                .collect(),
+        }
+    }
+}
 
 impl Driver {
     pub(super) fn build_finished(&mut self, finished: sluice_core::BuildFinished) {

@@ -204,7 +204,8 @@ impl Driver {
                 top_drv: top_drv.clone(),
             };
             self.set_jobset_shares(build.jobset_id, build.scheduling_shares);
-            self.builds.insert(id, build.held(top_drv));
+            self.builds
+                .insert(id, super::HeldBuild::of(&build, top_drv));
             queued.push((spec, steps));
         }
         drop(in_event);

@@ -44,11 +44,11 @@ use sluice_core::{
 use tokio::sync::{mpsc, watch};
 
 use crate::agents::{AgentInfo, AgentLoad, AttemptId, FailureKind, FromAgent, StepReport, ToAgent};
-use crate::db::queue::HeldBuild;
 use crate::ingest::HeldDrv;
 use crate::status::{MachineStatus, StatusSnapshot};
 use crate::store::Store;
 use attempts::Attempt;
+pub use builds::HeldBuild;
 use machines::Machine;
 use writer::{WriteJob, Writer};
 

@@ -32,8 +32,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use commit::Commit;
 
+use super::HeldBuild;
 use crate::agents::StepReport;
-use crate::db::queue::HeldBuild;
 use crate::db::results;
 use crate::db::results::{StepKind, StepPhase, StepRow, StepState};
 use crate::store::Store;

@@ -89,12 +89,7 @@ pub(crate) async fn open(
         .iter()
         .map(|p| convert::store_path("paths", p))
         .collect::<Result<Vec<_>, _>>()?;
-    let roots = shared
-        .attempts
-        .with_owned(attempt, session.machine, |e| e.input_roots().to_vec())?;
-    let closure = crate::store::closure(&shared.store, roots)
-        .await
-        .map_err(|e| Status::unavailable(format!("the input closure of {attempt}: {e}")))?;
+    let closure = super::input_closure::of_attempt(&shared, attempt, session.machine).await?;
     let ordered = order_inputs(&closure, &paths).map_err(|p| {
         Status::permission_denied(format!(
             "'{}' is not in the input closure of {attempt}",

@@ -31,6 +31,21 @@ const CHUNK_BUFFER: usize = 4;
 
 pub(crate) type ClosureStream = ReceiverStream<Result<pb::InputClosureChunk, Status>>;
 
+/// The input closure of `attempt`, which `machine` must own, in
+/// dependency order (from the shared path-info cache where it can).
+pub(crate) async fn of_attempt(
+    shared: &Shared,
+    attempt: crate::agents::AttemptId,
+    machine: sluice_core::MachineId,
+) -> Result<Vec<Arc<sluice_nix::daemon::PathInfo>>, Status> {
+    let roots = shared
+        .attempts
+        .with_owned(attempt, machine, |e| e.input_roots().to_vec())?;
+    crate::store::closure(&shared.store, roots)
+        .await
+        .map_err(|e| Status::unavailable(format!("the input closure of {attempt}: {e}")))
+}
+
 /// Checks the request, computes the closure and starts streaming it.
 pub(crate) async fn open(
     shared: Arc<Shared>,
@@ -39,12 +54,7 @@ pub(crate) async fn open(
 ) -> Result<ClosureStream, Status> {
     let session = shared.sessions.get(&req.session_id, &owner)?;
     let attempt = convert::attempt_id(&req.step_id)?;
-    let roots = shared
-        .attempts
-        .with_owned(attempt, session.machine, |e| e.input_roots().to_vec())?;
-    let closure = crate::store::closure(&shared.store, roots)
-        .await
-        .map_err(|e| Status::unavailable(format!("the input closure of {attempt}: {e}")))?;
+    let closure = of_attempt(&shared, attempt, session.machine).await?;
     let (tx, rx) = mpsc::channel(CHUNK_BUFFER);
     tokio::spawn(async move {
         let mut chunk = pb::InputClosureChunk::default();

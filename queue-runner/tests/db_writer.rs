@@ -113,3 +113,173 @@ async fn build_times_are_a_moving_average_per_name_read_by_point_queries() {
     assert_eq!(times.get("gcc"), Some(&600_000));
     assert_eq!(times.get("never-built"), None);
 }
+
+fn finish_step(build: i32, stepnr: i32, build_ms: u64) -> WriteJob {
+    use sluice_queue_runner::agents::{FailureKind, StepReport};
+    use sluice_queue_runner::db::results::StepRun;
+    WriteJob::FinishStep {
+        build: sluice_core::BuildId(build),
+        stepnr,
+        drv_path: DRV.into(),
+        machine: "m".into(),
+        report: StepReport {
+            status: 0,
+            error_msg: String::new(),
+            times_built: 1,
+            is_non_deterministic: false,
+            start_time: 1_700_000_000,
+            stop_time: 1_700_000_010,
+            outputs: vec![("out".into(), OUT.into())],
+            overhead_ms: 0,
+            failure: FailureKind::None,
+            run: Some(StepRun {
+                exit_code: Some(0),
+                build_ms,
+                ..StepRun::default()
+            }),
+        },
+        failed_paths: Vec::new(),
+        realisations: Vec::new(),
+        resolved_from: Vec::new(),
+    }
+}
+
+/// Writes of every common kind, queued together so that they commit as one
+/// batch (written kind by kind, a few statements each), leave the rows and
+/// send the notifications, in order, that they would one by one.
+#[tokio::test(flavor = "current_thread")]
+async fn a_mixed_batch_writes_what_its_writes_would_one_by_one() {
+    use sqlx::postgres::PgListener;
+    let (pg, pool) = database().await;
+    let a = queue_build(&pool, "a", &[("out", Some(OUT))]).await;
+    let b = queue_build(&pool, "b", &[("out", Some(OUT))]).await;
+    let c = queue_build(&pool, "c", &[("out", Some(OUT))]).await;
+    let mut listener = PgListener::connect(&pg.url()).await.expect("listener");
+    listener
+        .listen_all([
+            "build_started",
+            "step_started",
+            "step_finished",
+            "build_finished",
+        ])
+        .await
+        .expect("listen");
+    let data_dir = tempfile::tempdir().expect("data dir");
+    let store = Store::new(LocalStore::new(
+        StoreConnection::Socket(data_dir.path().join("no-daemon")),
+        1,
+    ));
+    let (events, _events_rx) = mpsc::channel(16);
+    let (writer, task) = Writer::spawn(
+        pool.clone(),
+        store,
+        data_dir.path().to_path_buf(),
+        events,
+        64,
+    );
+    let (mut first_a, first_a_answer) = create_step(a);
+    if let WriteJob::CreateStep {
+        first_for_build, ..
+    } = &mut first_a
+    {
+        *first_for_build = true;
+    }
+    let (first_b, first_b_answer) = create_step(b);
+    let (second_a, second_a_answer) = create_step(a);
+    let jobs = [
+        first_a,
+        first_b,
+        second_a,
+        WriteJob::Phase {
+            build: sluice_core::BuildId(b),
+            stepnr: 1,
+            busy: 30,
+        },
+        // The numbers the creates above are given: steps of one build
+        // are numbered in the batch's order.
+        finish_step(a, 1, 4000),
+        finish_step(a, 2, 8000),
+        WriteJob::AbortBuild {
+            build: c,
+            drv_path: DRV.into(),
+            error: "unreadable".into(),
+            time: 1_700_000_020,
+        },
+    ];
+    for job in jobs {
+        writer.try_send(job).expect("room in the queue");
+    }
+    drop(writer);
+    task.await.expect("the writer drains its queue");
+    assert_eq!(first_a_answer.await.expect("answered"), Ok(1));
+    assert_eq!(first_b_answer.await.expect("answered"), Ok(1));
+    assert_eq!(second_a_answer.await.expect("answered"), Ok(2));
+
+    let steps: Vec<(i32, i32, i32, Option<i32>)> =
+        sqlx::query_as("select build, stepnr, busy, status from BuildSteps order by build, stepnr")
+            .fetch_all(&pool)
+            .await
+            .expect("steps");
+    assert_eq!(
+        steps,
+        [
+            (a, 1, 0, Some(0)),
+            (a, 2, 0, Some(0)),
+            (b, 1, 30, None),
+            (c, 1, 0, Some(3)),
+        ]
+    );
+    let outputs: Vec<(i32, i32, Option<String>)> =
+        sqlx::query_as("select build, stepnr, path from BuildStepOutputs order by build, stepnr")
+            .fetch_all(&pool)
+            .await
+            .expect("outputs");
+    assert_eq!(
+        outputs,
+        [(a, 1, Some(OUT.to_string())), (a, 2, Some(OUT.to_string()))]
+    );
+    let attempts: Vec<(i32, i32)> = sqlx::query_as("select build, stepnr from SluiceAttempts")
+        .fetch_all(&pool)
+        .await
+        .expect("attempts");
+    assert_eq!(attempts, [(b, 1)], "finished steps forget their attempts");
+    let runs: Vec<(i32, i32, i64)> =
+        sqlx::query_as("select build, stepnr, buildMs from SluiceStepRuns order by stepnr")
+            .fetch_all(&pool)
+            .await
+            .expect("runs");
+    assert_eq!(runs, [(a, 1, 4000), (a, 2, 8000)]);
+    // Two samples of one name in one batch: as if recorded one by one.
+    let times: Vec<(String, i64, i32)> =
+        sqlx::query_as("select name, avgMs, samples from SluiceBuildTimes")
+            .fetch_all(&pool)
+            .await
+            .expect("times");
+    assert_eq!(times, [("hello".to_string(), 5000, 2)]);
+    let finished: Vec<(i32, i32, Option<i32>)> =
+        sqlx::query_as("select id, finished, buildStatus from Builds order by id")
+            .fetch_all(&pool)
+            .await
+            .expect("builds");
+    assert_eq!(finished, [(a, 0, None), (b, 0, None), (c, 1, Some(3))]);
+
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
+            .await
+            .expect("a notification within 10s")
+            .expect("recv");
+        seen.push((n.channel().to_string(), n.payload().to_string()));
+    }
+    let expected = [
+        ("build_started", format!("{a}")),
+        ("step_started", format!("{a}\t1")),
+        ("step_started", format!("{b}\t1")),
+        ("step_started", format!("{a}\t2")),
+        ("step_finished", format!("{a}\t1\t-")),
+        ("step_finished", format!("{a}\t2\t-")),
+        ("build_finished", format!("{c}")),
+    ]
+    .map(|(c, p)| (c.to_string(), p));
+    assert_eq!(seen, expected);
+}

@@ -44,27 +44,83 @@ fn db_err(channel: &'static str, build: i32) -> impl FnOnce(sqlx::Error) -> Noti
     }
 }
 
-/// Sends `payloads` on `channel`, in order.
-async fn send_all(
-    conn: &mut PgConnection,
-    channel: &'static str,
-    build: i32,
-    payloads: &[String],
-) -> Result<(), NotifyError> {
-    for payload in payloads {
-        sqlx::query("select pg_notify($1, $2)")
-            .bind(channel)
-            .bind(payload)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_err(channel, build))?;
+/// One notification, made before it is sent, so that a batch of writes
+/// can send all of theirs in one statement ([`send`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notification {
+    pub channel: &'static str,
+    /// The build it is about (for errors).
+    pub build: i32,
+    pub payload: String,
+}
+
+impl Notification {
+    /// `build_started`: `buildId`.
+    pub fn build_started(build: i32) -> Notification {
+        Notification {
+            channel: "build_started",
+            build,
+            payload: build.to_string(),
+        }
     }
+
+    /// `step_started`: `buildId\tstepnr`.
+    pub fn step_started(build: i32, stepnr: i32) -> Notification {
+        Notification {
+            channel: "step_started",
+            build,
+            payload: format!("{build}\t{stepnr}"),
+        }
+    }
+
+    /// `step_finished`: `buildId\tstepnr\tlogPath` (`-` when there is no
+    /// log).
+    pub fn step_finished(
+        build: i32,
+        stepnr: i32,
+        log_path: Option<&Path>,
+    ) -> Result<Notification, NotifyError> {
+        Ok(Notification {
+            channel: "step_finished",
+            build,
+            payload: step_finished_payload(build, stepnr, log_path)?,
+        })
+    }
+
+    /// `build_finished`, in as many notifications as needed (see
+    /// [`build_finished_payloads`]).
+    pub fn build_finished(head: i32, dependents: &[i32]) -> Vec<Notification> {
+        build_finished_payloads(head, dependents)
+            .into_iter()
+            .map(|payload| Notification {
+                channel: "build_finished",
+                build: head,
+                payload,
+            })
+            .collect()
+    }
+}
+
+/// Sends `notifications`, in order, in one statement.
+pub async fn send(
+    conn: &mut PgConnection,
+    notifications: &[Notification],
+) -> Result<(), NotifyError> {
+    let Some(first) = notifications.first() else {
+        return Ok(());
+    };
+    sqlx::query("select pg_notify(u.channel, u.payload) from unnest($1::text[], $2::text[]) as u(channel, payload)")
+        .bind(notifications.iter().map(|n| n.channel).collect::<Vec<&str>>())
+        .bind(notifications.iter().map(|n| n.payload.as_str()).collect::<Vec<&str>>())
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err(first.channel, first.build))?;
     Ok(())
 }
 
 /// `build_started`: `buildId`.
 pub async fn build_started(conn: &mut PgConnection, build: i32) -> Result<(), NotifyError> {
-    send_all(conn, "build_started", build, &[build.to_string()]).await
+    send(conn, &[Notification::build_started(build)]).await
 }
 
 /// `step_started`: `buildId\tstepnr`.
@@ -73,7 +129,7 @@ pub async fn step_started(
     build: i32,
     stepnr: i32,
 ) -> Result<(), NotifyError> {
-    send_all(conn, "step_started", build, &[format!("{build}\t{stepnr}")]).await
+    send(conn, &[Notification::step_started(build, stepnr)]).await
 }
 
 /// The `step_finished` payload: `buildId\tstepnr\tlogPath`, `-` for no log.
@@ -103,8 +159,11 @@ pub async fn step_finished(
     stepnr: i32,
     log_path: Option<&Path>,
 ) -> Result<(), NotifyError> {
-    let payload = step_finished_payload(build, stepnr, log_path)?;
-    send_all(conn, "step_finished", build, &[payload]).await
+    send(
+        conn,
+        &[Notification::step_finished(build, stepnr, log_path)?],
+    )
+    .await
 }
 
 /// The `build_finished` payloads for `head` and the builds that finished
@@ -134,8 +193,7 @@ pub async fn build_finished(
     head: i32,
     dependents: &[i32],
 ) -> Result<(), NotifyError> {
-    let payloads = build_finished_payloads(head, dependents);
-    send_all(conn, "build_finished", head, &payloads).await
+    send(conn, &Notification::build_finished(head, dependents)).await
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! agents still run rather than abort them.
 //!
 //! Invariant: a row exists from the transaction that creates its busy
-//! `BuildSteps` row to the one that finishes it; [`forget`] runs in the
+//! `BuildSteps` row to the one that finishes it; [`forget_attempts`] runs in the
 //! latter.
 
 use sqlx::PgConnection;
@@ -24,21 +24,37 @@ pub struct AttemptRow {
 
 /// Records that step `stepnr` of `build` is attempt `id` on `machine`.
 pub async fn record_attempt(conn: &mut PgConnection, row: &AttemptRow) -> Result<(), ResultsError> {
-    let what = format!(
-        "recording the attempt of step {} of build {}",
-        row.stepnr, row.build
-    );
-    let start = db_time(&what, "start time", row.start_time)?;
+    record_attempts(conn, &[row]).await
+}
+
+/// Records attempts, in one statement.
+pub async fn record_attempts(
+    conn: &mut PgConnection,
+    rows: &[&AttemptRow],
+) -> Result<(), ResultsError> {
+    let what = match rows {
+        [] => return Ok(()),
+        [row] => format!(
+            "recording the attempt of step {} of build {}",
+            row.stepnr, row.build
+        ),
+        many => format!("recording {} attempts", many.len()),
+    };
+    let starts = rows
+        .iter()
+        .map(|row| db_time(&what, "start time", row.start_time))
+        .collect::<Result<Vec<i32>, _>>()?;
     sqlx::query(
         "insert into SluiceAttempts (id, build, stepnr, machine, drvPath, startTime)
-         values ($1, $2, $3, $4, $5, $6)",
+         select * from unnest($1::uuid[], $2::int4[], $3::int4[], $4::text[], $5::text[],
+                              $6::int4[])",
     )
-    .bind(row.id)
-    .bind(row.build)
-    .bind(row.stepnr)
-    .bind(&row.machine)
-    .bind(&row.drv_path)
-    .bind(start)
+    .bind(rows.iter().map(|r| r.id).collect::<Vec<Uuid>>())
+    .bind(rows.iter().map(|r| r.build).collect::<Vec<i32>>())
+    .bind(rows.iter().map(|r| r.stepnr).collect::<Vec<i32>>())
+    .bind(rows.iter().map(|r| r.machine.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.drv_path.as_str()).collect::<Vec<_>>())
+    .bind(starts)
     .execute(&mut *conn)
     .await
     .map_err(db_err(&what))?;
@@ -51,14 +67,30 @@ pub async fn forget_attempt(
     build: i32,
     stepnr: i32,
 ) -> Result<(), ResultsError> {
-    sqlx::query("delete from SluiceAttempts where build = $1 and stepnr = $2")
-        .bind(build)
-        .bind(stepnr)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err(&format!(
-            "forgetting the attempt of step {stepnr} of build {build}"
-        )))?;
+    forget_attempts(conn, &[(build, stepnr)]).await
+}
+
+/// Forgets the attempts of steps `(build, stepnr)`, those that exist, in
+/// one statement.
+pub async fn forget_attempts(
+    conn: &mut PgConnection,
+    steps: &[(i32, i32)],
+) -> Result<(), ResultsError> {
+    let what = match steps {
+        [] => return Ok(()),
+        [(build, stepnr)] => format!("forgetting the attempt of step {stepnr} of build {build}"),
+        many => format!("forgetting {} attempts", many.len()),
+    };
+    sqlx::query(
+        "delete from SluiceAttempts a
+         using unnest($1::int4[], $2::int4[]) as u(build, stepnr)
+         where a.build = u.build and a.stepnr = u.stepnr",
+    )
+    .bind(steps.iter().map(|s| s.0).collect::<Vec<i32>>())
+    .bind(steps.iter().map(|s| s.1).collect::<Vec<i32>>())
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err(&what))?;
     Ok(())
 }
 

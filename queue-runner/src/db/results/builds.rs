@@ -67,166 +67,8 @@ pub async fn finish_build_success(
     conn: &mut PgConnection,
     finish: &BuildFinish,
 ) -> Result<bool, ResultsError> {
-    let what = format!("finishing build {} as succeeded", finish.build);
-    let mut tx = conn.begin().await.map_err(db_err(&what))?;
-    let finished = finish_success_on(&mut tx, finish).await?;
-    tx.commit().await.map_err(db_err(&what))?;
-    Ok(finished)
-}
-
-/// [`finish_build_success`] on a connection already in a transaction.
-async fn finish_success_on(
-    conn: &mut PgConnection,
-    finish: &BuildFinish,
-) -> Result<bool, ResultsError> {
-    let build = finish.build;
-    let what = format!("finishing build {build} as succeeded");
-    if !matches!(finish.status, Status::Success | Status::FailedWithOutput) {
-        return Err(invalid(
-            &what,
-            format!("status {} is not a success", finish.status.code()),
-        ));
-    }
-    let start = db_time(&what, "start time", finish.start_time)?;
-    let stop = db_time(&what, "stop time", finish.stop_time)?;
-
-    let done = sqlx::query(
-        "update Builds set finished = 1, buildStatus = $2, startTime = $3, stopTime = $4,
-                size = $5, closureSize = $6, releaseName = $7, isCachedBuild = $8,
-                notificationPendingSince = $4
-         where id = $1 and finished = 0",
-    )
-    .bind(build)
-    .bind(finish.status.code())
-    .bind(start)
-    .bind(stop)
-    .bind(db_size(finish.size))
-    .bind(db_size(finish.closure_size))
-    .bind(&finish.release_name)
-    .bind(i32::from(finish.is_cached))
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err(&what))?;
-    if done.rows_affected() == 0 {
-        // Nothing was written.
-        return Ok(false);
-    }
-
-    if !finish.outputs.is_empty() {
-        let (names, paths): (Vec<&str>, Vec<&str>) = finish
-            .outputs
-            .iter()
-            .map(|(name, path)| (name.as_str(), path.as_str()))
-            .unzip();
-        sqlx::query(
-            "update BuildOutputs o set path = u.path
-             from unnest($2::text[], $3::text[]) as u(name, path)
-             where o.build = $1 and o.name = u.name",
-        )
-        .bind(build)
-        .bind(names)
-        .bind(paths)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err(&format!(
-            "recording the output paths of build {build}"
-        )))?;
-    }
-
-    write_products(conn, build, &finish.products).await?;
-    write_metrics(conn, build, &finish.metrics).await?;
-    Ok(true)
-}
-
-async fn write_products(
-    conn: &mut PgConnection,
-    build: i32,
-    products: &[BuildProduct],
-) -> Result<(), ResultsError> {
-    let what = format!("recording the products of build {build}");
-    sqlx::query("delete from BuildProducts where build = $1")
-        .bind(build)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err(&what))?;
-    if products.is_empty() {
-        return Ok(());
-    }
-    let count = i32::try_from(products.len())
-        .map_err(|_| invalid(&what, format!("{} products", products.len())))?;
-    let numbers: Vec<i32> = (1..=count).collect();
-    let kinds: Vec<&str> = products.iter().map(|p| p.kind.as_str()).collect();
-    let subtypes: Vec<&str> = products.iter().map(|p| p.subtype.as_str()).collect();
-    let sizes: Vec<Option<i64>> = products
-        .iter()
-        .map(|p| p.file.map(|f| db_size(f.size)))
-        .collect();
-    let hashes: Vec<Option<String>> = products
-        .iter()
-        .map(|p| p.file.map(|f| f.sha256_hex()))
-        .collect();
-    let paths: Vec<&str> = products.iter().map(|p| p.path.as_str()).collect();
-    let names: Vec<&str> = products.iter().map(|p| p.name.as_str()).collect();
-    let defaults: Vec<&str> = products.iter().map(|p| p.default_path.as_str()).collect();
-    sqlx::query(
-        "insert into BuildProducts (build, productnr, type, subtype, fileSize, sha256hash,
-                                    path, name, defaultPath)
-         select $1, u.nr, u.type, u.subtype, u.size, u.hash, u.path, u.name, u.default_path
-         from unnest($2::int4[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::text[],
-                     $8::text[], $9::text[])
-              as u(nr, type, subtype, size, hash, path, name, default_path)",
-    )
-    .bind(build)
-    .bind(numbers)
-    .bind(kinds)
-    .bind(subtypes)
-    .bind(sizes)
-    .bind(hashes)
-    .bind(paths)
-    .bind(names)
-    .bind(defaults)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err(&what))?;
-    Ok(())
-}
-
-/// Metrics carry the build's project, jobset, job and queue time, copied
-/// from `Builds` and `Jobsets` by the insert itself.
-async fn write_metrics(
-    conn: &mut PgConnection,
-    build: i32,
-    metrics: &[BuildMetric],
-) -> Result<(), ResultsError> {
-    let what = format!("recording the metrics of build {build}");
-    sqlx::query("delete from BuildMetrics where build = $1")
-        .bind(build)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err(&what))?;
-    let by_name: BTreeMap<&str, &BuildMetric> =
-        metrics.iter().map(|m| (m.name.as_str(), m)).collect();
-    if by_name.is_empty() {
-        return Ok(());
-    }
-    let names: Vec<&str> = by_name.keys().copied().collect();
-    let units: Vec<Option<&str>> = by_name.values().map(|m| m.unit.as_deref()).collect();
-    let values: Vec<f64> = by_name.values().map(|m| m.value).collect();
-    sqlx::query(
-        "insert into BuildMetrics (build, name, unit, value, project, jobset, job, timestamp)
-         select b.id, u.name, u.unit, u.value, j.project, j.name, b.job, b.timestamp
-         from Builds b join Jobsets j on j.id = b.jobset_id,
-              unnest($2::text[], $3::text[], $4::float8[]) as u(name, unit, value)
-         where b.id = $1",
-    )
-    .bind(build)
-    .bind(names)
-    .bind(units)
-    .bind(values)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err(&what))?;
-    Ok(())
+    let finished = finish_builds(conn, &[BuildOutcome::Succeeded(finish.clone())]).await?;
+    Ok(!finished.is_empty())
 }
 
 /// Finishes a build that failed, was aborted, timed out, …: `status`
@@ -249,68 +91,289 @@ pub async fn finish_build_failure(
         stop_time,
         is_cached,
     };
-    finish_failure_on(conn, &failure).await
+    let finished = finish_builds(conn, &[BuildOutcome::Failed(failure)]).await?;
+    Ok(!finished.is_empty())
 }
 
-async fn finish_failure_on(
-    conn: &mut PgConnection,
-    failure: &BuildFailure,
-) -> Result<bool, ResultsError> {
-    let BuildFailure {
-        build,
-        status,
-        start_time,
-        stop_time,
-        is_cached,
-    } = *failure;
-    let what = format!("finishing build {build} as {status}");
-    if matches!(
-        status,
-        Status::Success | Status::FailedWithOutput | Status::CachedFailure | Status::Resolved
-    ) {
-        return Err(invalid(
-            &what,
-            format!("status {} is not a build failure", status.code()),
-        ));
+/// The `Builds` columns every finished build sets, checked.
+struct FinishedColumns {
+    build: i32,
+    status: i32,
+    start: i32,
+    stop: i32,
+    is_cached: i32,
+}
+
+impl FinishedColumns {
+    fn of(outcome: &BuildOutcome) -> Result<FinishedColumns, ResultsError> {
+        let (build, status, start, stop, is_cached) = match outcome {
+            BuildOutcome::Succeeded(s) => {
+                (s.build, s.status, s.start_time, s.stop_time, s.is_cached)
+            }
+            BuildOutcome::Failed(f) => (f.build, f.status, f.start_time, f.stop_time, f.is_cached),
+        };
+        let what = format!("finishing build {build} as {status}");
+        let allowed = match outcome {
+            BuildOutcome::Succeeded(_) => {
+                matches!(status, Status::Success | Status::FailedWithOutput)
+            }
+            BuildOutcome::Failed(_) => !matches!(
+                status,
+                Status::Success
+                    | Status::FailedWithOutput
+                    | Status::CachedFailure
+                    | Status::Resolved
+            ),
+        };
+        if !allowed {
+            return Err(invalid(
+                &what,
+                format!("status {} does not fit the outcome", status.code()),
+            ));
+        }
+        Ok(FinishedColumns {
+            build,
+            status: status.code(),
+            start: db_time(&what, "start time", start)?,
+            stop: db_time(&what, "stop time", stop)?,
+            is_cached: i32::from(is_cached),
+        })
     }
-    let start = db_time(&what, "start time", start_time)?;
-    let stop = db_time(&what, "stop time", stop_time)?;
-    let done = sqlx::query(
-        "update Builds set finished = 1, buildStatus = $2, startTime = $3, stopTime = $4,
-                isCachedBuild = $5, notificationPendingSince = $4
-         where id = $1 and finished = 0",
-    )
-    .bind(build)
-    .bind(status.code())
-    .bind(start)
-    .bind(stop)
-    .bind(i32::from(is_cached))
-    .execute(conn)
-    .await
-    .map_err(db_err(&what))?;
-    Ok(done.rows_affected() == 1)
 }
 
 /// Finishes a batch of builds in one transaction (a savepoint inside the
-/// caller's): all are recorded or none. Returns the ids of the builds
-/// finished now, in the order given, leaving out those that were no longer
-/// unfinished.
+/// caller's) of a few statements, whatever the number of builds: all are
+/// recorded or none. Returns the ids of the builds finished now, in the
+/// order given, leaving out those that were no longer unfinished (nothing
+/// is written for them). A build given twice is refused.
 pub async fn finish_builds(
     conn: &mut PgConnection,
     outcomes: &[BuildOutcome],
 ) -> Result<Vec<i32>, ResultsError> {
-    let what = format!("finishing a batch of {} builds", outcomes.len());
+    if outcomes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let what = match outcomes {
+        [one] => format!("finishing build {}", one.build()),
+        many => format!("finishing a batch of {} builds", many.len()),
+    };
+    let columns = outcomes
+        .iter()
+        .map(FinishedColumns::of)
+        .collect::<Result<Vec<_>, _>>()?;
+    let ids: std::collections::HashSet<i32> = columns.iter().map(|c| c.build).collect();
+    if ids.len() != outcomes.len() {
+        return Err(invalid(&what, "a build is finished twice in one batch"));
+    }
+    let int = |f: &dyn Fn(&FinishedColumns) -> i32| -> Vec<i32> { columns.iter().map(f).collect() };
+
     let mut tx = conn.begin().await.map_err(db_err(&what))?;
-    let mut finished = Vec::with_capacity(outcomes.len());
-    for outcome in outcomes {
-        let now = match outcome {
-            BuildOutcome::Succeeded(s) => finish_success_on(&mut tx, s).await?,
-            BuildOutcome::Failed(f) => finish_failure_on(&mut tx, f).await?,
-        };
-        if now {
-            finished.push(outcome.build());
-        }
+    // Sizes and the release name only for successes: a failure leaves
+    // them as they were.
+    let finished: Vec<i32> = sqlx::query_scalar(
+        "update Builds b set finished = 1, buildStatus = u.status, startTime = u.startTime,
+                stopTime = u.stopTime, isCachedBuild = u.isCached,
+                notificationPendingSince = u.stopTime,
+                size = case when u.success then u.size else b.size end,
+                closureSize = case when u.success then u.closureSize else b.closureSize end,
+                releaseName = case when u.success then u.releaseName else b.releaseName end
+         from unnest($1::int4[], $2::int4[], $3::int4[], $4::int4[], $5::int4[], $6::bool[],
+                     $7::int8[], $8::int8[], $9::text[])
+              as u(id, status, startTime, stopTime, isCached, success, size, closureSize,
+                   releaseName)
+         where b.id = u.id and b.finished = 0
+         returning b.id",
+    )
+    .bind(int(&|c| c.build))
+    .bind(int(&|c| c.status))
+    .bind(int(&|c| c.start))
+    .bind(int(&|c| c.stop))
+    .bind(int(&|c| c.is_cached))
+    .bind(
+        outcomes
+            .iter()
+            .map(|o| success(o).is_some())
+            .collect::<Vec<bool>>(),
+    )
+    .bind(
+        outcomes
+            .iter()
+            .map(|o| success(o).map(|s| db_size(s.size)))
+            .collect::<Vec<Option<i64>>>(),
+    )
+    .bind(
+        outcomes
+            .iter()
+            .map(|o| success(o).map(|s| db_size(s.closure_size)))
+            .collect::<Vec<Option<i64>>>(),
+    )
+    .bind(
+        outcomes
+            .iter()
+            .map(|o| success(o).and_then(|s| s.release_name.as_deref()))
+            .collect::<Vec<Option<&str>>>(),
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_err(&what))?;
+    let now: std::collections::HashSet<i32> = finished.iter().copied().collect();
+    let succeeded: Vec<&BuildFinish> = outcomes
+        .iter()
+        .filter_map(success)
+        .filter(|s| now.contains(&s.build))
+        .collect();
+    if !succeeded.is_empty() {
+        write_outputs(&mut tx, &succeeded, &what).await?;
+        write_products(&mut tx, &succeeded, &what).await?;
+        write_metrics(&mut tx, &succeeded, &what).await?;
     }
     tx.commit().await.map_err(db_err(&what))?;
-    Ok(finished)
+    Ok(outcomes
+        .iter()
+        .map(BuildOutcome::build)
+        .filter(|id| now.contains(id))
+        .collect())
+}
+
+fn success(outcome: &BuildOutcome) -> Option<&BuildFinish> {
+    match outcome {
+        BuildOutcome::Succeeded(s) => Some(s),
+        BuildOutcome::Failed(_) => None,
+    }
+}
+
+/// Sets the paths of the `BuildOutputs` rows the evaluator inserted.
+async fn write_outputs(
+    conn: &mut PgConnection,
+    builds: &[&BuildFinish],
+    what: &str,
+) -> Result<(), ResultsError> {
+    let rows: Vec<(i32, &str, &str)> = builds
+        .iter()
+        .flat_map(|b| {
+            b.outputs
+                .iter()
+                .map(|(n, p)| (b.build, n.as_str(), p.as_str()))
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "update BuildOutputs o set path = u.path
+         from unnest($1::int4[], $2::text[], $3::text[]) as u(build, name, path)
+         where o.build = u.build and o.name = u.name",
+    )
+    .bind(rows.iter().map(|r| r.0).collect::<Vec<i32>>())
+    .bind(rows.iter().map(|r| r.1).collect::<Vec<&str>>())
+    .bind(rows.iter().map(|r| r.2).collect::<Vec<&str>>())
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err(&format!("recording the output paths of {what}")))?;
+    Ok(())
+}
+
+/// Replaces the builds' products, numbered 1..n per build in the order
+/// given.
+async fn write_products(
+    conn: &mut PgConnection,
+    builds: &[&BuildFinish],
+    what: &str,
+) -> Result<(), ResultsError> {
+    let what = format!("recording the products of {what}");
+    sqlx::query("delete from BuildProducts where build = any($1::int4[])")
+        .bind(builds.iter().map(|b| b.build).collect::<Vec<i32>>())
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err(&what))?;
+    let mut rows: Vec<(i32, i32, &BuildProduct)> = Vec::new();
+    for build in builds {
+        for (i, product) in build.products.iter().enumerate() {
+            let nr = i32::try_from(i + 1)
+                .map_err(|_| invalid(&what, format!("{} products", build.products.len())))?;
+            rows.push((build.build, nr, product));
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let text = |f: &dyn Fn(&BuildProduct) -> &str| -> Vec<String> {
+        rows.iter().map(|r| f(r.2).to_owned()).collect()
+    };
+    sqlx::query(
+        "insert into BuildProducts (build, productnr, type, subtype, fileSize, sha256hash,
+                                    path, name, defaultPath)
+         select * from unnest($1::int4[], $2::int4[], $3::text[], $4::text[], $5::int8[],
+                              $6::text[], $7::text[], $8::text[], $9::text[])",
+    )
+    .bind(rows.iter().map(|r| r.0).collect::<Vec<i32>>())
+    .bind(rows.iter().map(|r| r.1).collect::<Vec<i32>>())
+    .bind(text(&|p| &p.kind))
+    .bind(text(&|p| &p.subtype))
+    .bind(
+        rows.iter()
+            .map(|r| r.2.file.map(|f| db_size(f.size)))
+            .collect::<Vec<Option<i64>>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|r| r.2.file.map(|f| f.sha256_hex()))
+            .collect::<Vec<Option<String>>>(),
+    )
+    .bind(text(&|p| &p.path))
+    .bind(text(&|p| &p.name))
+    .bind(text(&|p| &p.default_path))
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err(&what))?;
+    Ok(())
+}
+
+/// Replaces the builds' metrics (a name given twice keeps the last).
+/// Metrics carry the build's project, jobset, job and queue time, copied
+/// from `Builds` and `Jobsets` by the insert itself.
+async fn write_metrics(
+    conn: &mut PgConnection,
+    builds: &[&BuildFinish],
+    what: &str,
+) -> Result<(), ResultsError> {
+    let what = format!("recording the metrics of {what}");
+    sqlx::query("delete from BuildMetrics where build = any($1::int4[])")
+        .bind(builds.iter().map(|b| b.build).collect::<Vec<i32>>())
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err(&what))?;
+    let mut rows: Vec<(i32, &BuildMetric)> = Vec::new();
+    for build in builds {
+        let by_name: BTreeMap<&str, &BuildMetric> =
+            build.metrics.iter().map(|m| (m.name.as_str(), m)).collect();
+        rows.extend(by_name.into_values().map(|m| (build.build, m)));
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "insert into BuildMetrics (build, name, unit, value, project, jobset, job, timestamp)
+         select b.id, u.name, u.unit, u.value, j.project, j.name, b.job, b.timestamp
+         from unnest($1::int4[], $2::text[], $3::text[], $4::float8[])
+                  as u(build, name, unit, value)
+              join Builds b on b.id = u.build
+              join Jobsets j on j.id = b.jobset_id",
+    )
+    .bind(rows.iter().map(|r| r.0).collect::<Vec<i32>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.1.name.as_str())
+            .collect::<Vec<&str>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|r| r.1.unit.as_deref())
+            .collect::<Vec<Option<&str>>>(),
+    )
+    .bind(rows.iter().map(|r| r.1.value).collect::<Vec<f64>>())
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err(&what))?;
+    Ok(())
 }

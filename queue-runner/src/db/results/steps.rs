@@ -138,91 +138,195 @@ pub struct StepRun {
     pub upload_ms: u64,
 }
 
-/// How many times [`create_step`] retries a step number taken by a
+/// How many times [`create_steps`] retries a step number taken by a
 /// concurrent insert. Each retry follows a commit of another insert for
 /// the same build, so this bounds the concurrency it tolerates.
 const STEPNR_ATTEMPTS: u32 = 10_000;
 
 /// Inserts a step with the next free `stepnr` of its build, and its
-/// outputs; returns the `stepnr`.
-///
-/// The number is `max(stepnr) + 1`, computed by the insert; an insert that
-/// loses the race to a concurrent one (whose row it waits for) does nothing
-/// and is retried with a fresh snapshot. Inside a caller's transaction
-/// (where a savepoint is used) this needs READ COMMITTED, PostgreSQL's
-/// default.
+/// outputs; returns the `stepnr`. See [`create_steps`].
 pub async fn create_step(conn: &mut PgConnection, step: &StepRow) -> Result<i32, ResultsError> {
-    let what = format!("creating a step of build {}", step.build);
-    let (busy, status) = match step.state {
-        StepState::Busy(phase) => (phase.code(), None),
-        StepState::Finished(Status::Resolved) => {
-            return Err(invalid(
-                &what,
-                "a resolved step is recorded with mark_step_resolved",
-            ))
-        }
-        StepState::Finished(status) => (0, Some(status.code())),
+    let numbers = create_steps(conn, &[step]).await?;
+    numbers.into_iter().next().ok_or_else(|| {
+        invalid(
+            &format!("creating a step of build {}", step.build),
+            "no step number came back",
+        )
+    })
+}
+
+/// The columns of a new `BuildSteps` row, checked.
+struct NewStepColumns {
+    busy: i32,
+    status: Option<i32>,
+    start: Option<i32>,
+    stop: Option<i32>,
+}
+
+impl NewStepColumns {
+    fn of(step: &StepRow) -> Result<NewStepColumns, ResultsError> {
+        let what = format!("creating a step of build {}", step.build);
+        let (busy, status) = match step.state {
+            StepState::Busy(phase) => (phase.code(), None),
+            StepState::Finished(Status::Resolved) => {
+                return Err(invalid(
+                    &what,
+                    "a resolved step is recorded with mark_step_resolved",
+                ))
+            }
+            StepState::Finished(status) => (0, Some(status.code())),
+        };
+        Ok(NewStepColumns {
+            busy,
+            status,
+            start: db_time_opt(&what, "start time", step.start_time)?,
+            stop: db_time_opt(&what, "stop time", step.stop_time)?,
+        })
+    }
+}
+
+/// Inserts `steps`, each with the next free `stepnr` of its build (steps of
+/// one build are numbered in the order given), and their outputs, in one
+/// transaction (a savepoint inside the caller's); returns their step
+/// numbers, in order. A handful of statements, whatever the number of
+/// steps.
+///
+/// A number is `max(stepnr) + 1` (plus the step's place among the batch's
+/// steps of its build), computed by the insert. A step whose number a
+/// concurrent insert took meanwhile (its row is waited for) is left out and
+/// numbered again from a fresh snapshot. Inside a caller's transaction this
+/// needs READ COMMITTED, PostgreSQL's default.
+pub async fn create_steps(
+    conn: &mut PgConnection,
+    steps: &[&StepRow],
+) -> Result<Vec<i32>, ResultsError> {
+    if steps.is_empty() {
+        return Ok(Vec::new());
+    }
+    let columns = steps
+        .iter()
+        .map(|s| NewStepColumns::of(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let what = match steps {
+        [one] => format!("creating a step of build {}", one.build),
+        many => format!("creating {} steps", many.len()),
     };
-    let start = db_time_opt(&what, "start time", step.start_time)?;
-    let stop = db_time_opt(&what, "stop time", step.stop_time)?;
 
     let mut tx = conn.begin().await.map_err(db_err(&what))?;
-    let mut stepnr = None;
+    let mut numbers: Vec<Option<i32>> = vec![None; steps.len()];
+    let mut pending: Vec<usize> = (0..steps.len()).collect();
     for _ in 0..STEPNR_ATTEMPTS {
-        stepnr = sqlx::query_scalar(
-            "insert into BuildSteps (build, stepnr, type, drvPath, busy, status, errorMsg,
-                                     startTime, stopTime, machine, system, propagatedFrom)
-             select $1, coalesce(max(stepnr), 0) + 1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11
-             from BuildSteps where build = $1
-             on conflict do nothing
-             returning stepnr",
+        let column = |f: &dyn Fn(usize) -> Option<i32>| -> Vec<Option<i32>> {
+            pending.iter().map(|&i| f(i)).collect()
+        };
+        let text = |f: &dyn Fn(&StepRow) -> Option<&str>| -> Vec<Option<String>> {
+            pending
+                .iter()
+                .map(|&i| f(steps[i]).map(str::to_owned))
+                .collect()
+        };
+        let rows: Vec<(i64, i32)> = sqlx::query_as(
+            "with input as (
+                 select * from unnest($1::int4[], $2::int4[], $3::text[], $4::int4[], $5::int4[],
+                                      $6::text[], $7::int4[], $8::int4[], $9::text[], $10::text[],
+                                      $11::int4[]) with ordinality
+                     as u(build, type, drvPath, busy, status, errorMsg, startTime, stopTime,
+                          machine, system, propagatedFrom, ord)
+             ), numbered as (
+                 select i.*, coalesce((select max(s.stepnr) from BuildSteps s
+                                       where s.build = i.build), 0)
+                             + row_number() over (partition by i.build order by i.ord) as stepnr
+                 from input i
+             ), inserted as (
+                 insert into BuildSteps (build, stepnr, type, drvPath, busy, status, errorMsg,
+                                         startTime, stopTime, machine, system, propagatedFrom)
+                 select build, stepnr, type, drvPath, busy, status, errorMsg, startTime,
+                        stopTime, machine, system, propagatedFrom
+                 from numbered
+                 on conflict do nothing
+                 returning build, stepnr
+             )
+             select n.ord, n.stepnr::int4 from numbered n
+             join inserted i on i.build = n.build and i.stepnr = n.stepnr",
         )
-        .bind(step.build)
-        .bind(step.step_type as i32)
-        .bind(&step.drv_path)
-        .bind(busy)
-        .bind(status)
-        .bind(&step.error_msg)
-        .bind(start)
-        .bind(stop)
-        .bind(&step.machine)
-        .bind(&step.system)
-        .bind(step.propagated_from)
-        .fetch_optional(&mut *tx)
+        .bind(column(&|i| Some(steps[i].build)))
+        .bind(column(&|i| Some(steps[i].step_type as i32)))
+        .bind(text(&|s| Some(&s.drv_path)))
+        .bind(column(&|i| Some(columns[i].busy)))
+        .bind(column(&|i| columns[i].status))
+        .bind(text(&|s| s.error_msg.as_deref()))
+        .bind(column(&|i| columns[i].start))
+        .bind(column(&|i| columns[i].stop))
+        .bind(text(&|s| Some(&s.machine)))
+        .bind(text(&|s| Some(&s.system)))
+        .bind(column(&|i| steps[i].propagated_from))
+        .fetch_all(&mut *tx)
         .await
         .map_err(db_err(&what))?;
-        if stepnr.is_some() {
+        for (ord, stepnr) in rows {
+            let slot = usize::try_from(ord - 1)
+                .ok()
+                .and_then(|k| pending.get(k).copied())
+                .and_then(|i| numbers.get_mut(i));
+            if let Some(slot) = slot {
+                *slot = Some(stepnr);
+            }
+        }
+        pending.retain(|&i| numbers[i].is_none());
+        if pending.is_empty() {
             break;
         }
     }
-    let stepnr = stepnr.ok_or(ResultsError::StepNumberContention {
-        build: step.build,
-        attempts: STEPNR_ATTEMPTS,
-    })?;
+    let numbers = numbers
+        .into_iter()
+        .zip(steps)
+        .map(|(n, step)| {
+            n.ok_or(ResultsError::StepNumberContention {
+                build: step.build,
+                attempts: STEPNR_ATTEMPTS,
+            })
+        })
+        .collect::<Result<Vec<i32>, _>>()?;
 
-    if !step.outputs.is_empty() {
-        let (names, paths): (Vec<&str>, Vec<Option<&str>>) = step
-            .outputs
-            .iter()
-            .map(|(name, path)| (name.as_str(), path.as_deref()))
-            .unzip();
+    let mut outputs = OutputColumns::default();
+    for (step, stepnr) in steps.iter().zip(&numbers) {
+        for (name, path) in &step.outputs {
+            outputs.push(step.build, *stepnr, name, path.as_deref());
+        }
+    }
+    if !outputs.names.is_empty() {
         sqlx::query(
             "insert into BuildStepOutputs (build, stepnr, name, path)
-             select $1, $2, u.name, u.path from unnest($3::text[], $4::text[]) as u(name, path)",
+             select * from unnest($1::int4[], $2::int4[], $3::text[], $4::text[])",
         )
-        .bind(step.build)
-        .bind(stepnr)
-        .bind(names)
-        .bind(paths)
+        .bind(outputs.builds)
+        .bind(outputs.stepnrs)
+        .bind(outputs.names)
+        .bind(outputs.paths)
         .execute(&mut *tx)
         .await
-        .map_err(db_err(&format!(
-            "recording the outputs of step {stepnr} of build {}",
-            step.build
-        )))?;
+        .map_err(db_err(&format!("recording the outputs of {what}")))?;
     }
     tx.commit().await.map_err(db_err(&what))?;
-    Ok(stepnr)
+    Ok(numbers)
+}
+
+/// `BuildStepOutputs` rows as the columns an `unnest` takes.
+#[derive(Default)]
+struct OutputColumns<'a> {
+    builds: Vec<i32>,
+    stepnrs: Vec<i32>,
+    names: Vec<&'a str>,
+    paths: Vec<Option<&'a str>>,
+}
+
+impl<'a> OutputColumns<'a> {
+    fn push(&mut self, build: i32, stepnr: i32, name: &'a str, path: Option<&'a str>) {
+        self.builds.push(build);
+        self.stepnrs.push(stepnr);
+        self.names.push(name);
+        self.paths.push(path);
+    }
 }
 
 /// Moves a busy step to another phase. [`ResultsError::StepNotBusy`] if it
@@ -233,113 +337,224 @@ pub async fn update_step_phase(
     stepnr: i32,
     phase: StepPhase,
 ) -> Result<(), ResultsError> {
-    let what = format!("updating the phase of step {stepnr} of build {build}");
-    let done = sqlx::query(
-        "update BuildSteps set busy = $3
-         where build = $1 and stepnr = $2 and busy != 0 and status is null",
-    )
-    .bind(build)
-    .bind(stepnr)
-    .bind(phase.code())
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err(&what))?;
-    if done.rows_affected() == 0 {
+    if update_step_phases(conn, &[(build, stepnr, phase)]).await? == 0 {
         return Err(ResultsError::StepNotBusy { build, stepnr });
     }
     Ok(())
 }
 
+/// Moves busy steps `(build, stepnr, phase)` to their phases, in one
+/// statement; steps no longer busy are left alone. Returns how many moved.
+/// A step given twice takes one of its phases.
+pub async fn update_step_phases(
+    conn: &mut PgConnection,
+    phases: &[(i32, i32, StepPhase)],
+) -> Result<u64, ResultsError> {
+    if phases.is_empty() {
+        return Ok(0);
+    }
+    let what = match phases {
+        [(build, stepnr, _)] => format!("updating the phase of step {stepnr} of build {build}"),
+        many => format!("updating the phases of {} steps", many.len()),
+    };
+    let builds: Vec<i32> = phases.iter().map(|p| p.0).collect();
+    let stepnrs: Vec<i32> = phases.iter().map(|p| p.1).collect();
+    let codes: Vec<i32> = phases.iter().map(|p| p.2.code()).collect();
+    let done = sqlx::query(
+        "update BuildSteps s set busy = u.busy
+         from unnest($1::int4[], $2::int4[], $3::int4[]) as u(build, stepnr, busy)
+         where s.build = u.build and s.stepnr = u.stepnr and s.busy != 0 and s.status is null",
+    )
+    .bind(builds)
+    .bind(stepnrs)
+    .bind(codes)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err(&what))?;
+    Ok(done.rows_affected())
+}
+
 /// Records how an attempt ended: `busy = 0` and the result's columns, and
-/// the output paths it made known.
+/// the output paths it made known. See [`finish_steps`].
 pub async fn finish_step(
     conn: &mut PgConnection,
     build: i32,
     stepnr: i32,
     result: &StepResult,
 ) -> Result<(), ResultsError> {
-    let what = format!("finishing step {stepnr} of build {build}");
-    if result.status == Status::Resolved {
-        return Err(invalid(
-            &what,
-            "a resolved step is recorded with mark_step_resolved",
-        ));
+    finish_steps(conn, &[(build, stepnr, result)]).await
+}
+
+/// A finished step's columns, checked and in Hydra's encoding.
+struct FinishColumns {
+    start: i32,
+    stop: i32,
+    /// No overhead and never built are NULL, and determinism is only known
+    /// after more than one build.
+    overhead: Option<i32>,
+    times_built: Option<i32>,
+    non_deterministic: Option<bool>,
+}
+
+impl FinishColumns {
+    fn of(build: i32, stepnr: i32, result: &StepResult) -> Result<FinishColumns, ResultsError> {
+        let what = format!("finishing step {stepnr} of build {build}");
+        if result.status == Status::Resolved {
+            return Err(invalid(
+                &what,
+                "a resolved step is recorded with mark_step_resolved",
+            ));
+        }
+        Ok(FinishColumns {
+            start: db_time(&what, "start time", result.start_time)?,
+            stop: db_time(&what, "stop time", result.stop_time)?,
+            overhead: (result.overhead_ms > 0)
+                .then(|| i32::try_from(result.overhead_ms).unwrap_or(i32::MAX)),
+            times_built: (result.times_built > 0)
+                .then(|| i32::try_from(result.times_built).unwrap_or(i32::MAX)),
+            non_deterministic: (result.times_built > 1).then_some(result.is_non_deterministic),
+        })
     }
-    let start = db_time(&what, "start time", result.start_time)?;
-    let stop = db_time(&what, "stop time", result.stop_time)?;
-    // Hydra's encoding: no overhead and never built are NULL, and
-    // determinism is only known after more than one build.
-    let overhead =
-        (result.overhead_ms > 0).then(|| i32::try_from(result.overhead_ms).unwrap_or(i32::MAX));
-    let times_built =
-        (result.times_built > 0).then(|| i32::try_from(result.times_built).unwrap_or(i32::MAX));
-    let non_deterministic = (result.times_built > 1).then_some(result.is_non_deterministic);
+}
+
+/// Records how attempts `(build, stepnr, result)` ended, in one
+/// transaction (a savepoint inside the caller's) of a few statements: each
+/// row's `busy = 0` and result columns, its `SluiceStepRuns` row, and the
+/// output paths it made known (a name given twice keeps the last path).
+/// [`ResultsError::NoSuchStep`] if a row does not exist, and
+/// [`ResultsError::Invalid`] if a step is given twice.
+pub async fn finish_steps(
+    conn: &mut PgConnection,
+    finished: &[(i32, i32, &StepResult)],
+) -> Result<(), ResultsError> {
+    if finished.is_empty() {
+        return Ok(());
+    }
+    let what = match finished {
+        [(build, stepnr, _)] => format!("finishing step {stepnr} of build {build}"),
+        many => format!("finishing {} steps", many.len()),
+    };
+    let columns = finished
+        .iter()
+        .map(|(build, stepnr, result)| FinishColumns::of(*build, *stepnr, result))
+        .collect::<Result<Vec<_>, _>>()?;
+    let keys: std::collections::HashSet<(i32, i32)> =
+        finished.iter().map(|(b, s, _)| (*b, *s)).collect();
+    if keys.len() != finished.len() {
+        return Err(invalid(&what, "a step is finished twice in one batch"));
+    }
 
     let mut tx = conn.begin().await.map_err(db_err(&what))?;
-    let done = sqlx::query(
-        "update BuildSteps set busy = 0, status = $3, errorMsg = $4, startTime = $5,
-                stopTime = $6, machine = $7, overhead = $8, timesBuilt = $9,
-                isNonDeterministic = $10
-         where build = $1 and stepnr = $2",
+    let int = |f: &dyn Fn(usize) -> Option<i32>| -> Vec<Option<i32>> {
+        (0..finished.len()).map(f).collect()
+    };
+    let updated: Vec<(i32, i32)> = sqlx::query_as(
+        "update BuildSteps s set busy = 0, status = u.status, errorMsg = u.errorMsg,
+                startTime = u.startTime, stopTime = u.stopTime, machine = u.machine,
+                overhead = u.overhead, timesBuilt = u.timesBuilt,
+                isNonDeterministic = u.isNonDeterministic
+         from unnest($1::int4[], $2::int4[], $3::int4[], $4::text[], $5::int4[], $6::int4[],
+                     $7::text[], $8::int4[], $9::int4[], $10::bool[])
+              as u(build, stepnr, status, errorMsg, startTime, stopTime, machine, overhead,
+                   timesBuilt, isNonDeterministic)
+         where s.build = u.build and s.stepnr = u.stepnr
+         returning s.build, s.stepnr",
     )
-    .bind(build)
-    .bind(stepnr)
-    .bind(result.status.code())
-    .bind(&result.error_msg)
-    .bind(start)
-    .bind(stop)
-    .bind(&result.machine)
-    .bind(overhead)
-    .bind(times_built)
-    .bind(non_deterministic)
-    .execute(&mut *tx)
+    .bind(int(&|i| Some(finished[i].0)))
+    .bind(int(&|i| Some(finished[i].1)))
+    .bind(int(&|i| Some(finished[i].2.status.code())))
+    .bind(
+        finished
+            .iter()
+            .map(|f| f.2.error_msg.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(int(&|i| Some(columns[i].start)))
+    .bind(int(&|i| Some(columns[i].stop)))
+    .bind(
+        finished
+            .iter()
+            .map(|f| f.2.machine.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(int(&|i| columns[i].overhead))
+    .bind(int(&|i| columns[i].times_built))
+    .bind(
+        columns
+            .iter()
+            .map(|c| c.non_deterministic)
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(&mut *tx)
     .await
     .map_err(db_err(&what))?;
-    if done.rows_affected() == 0 {
+    if updated.len() != finished.len() {
+        let updated: std::collections::HashSet<(i32, i32)> = updated.into_iter().collect();
+        let (build, stepnr) = finished
+            .iter()
+            .map(|(b, s, _)| (*b, *s))
+            .find(|key| !updated.contains(key))
+            .unwrap_or((0, 0));
         return Err(ResultsError::NoSuchStep {
             op: "finishing",
             build,
             stepnr,
         });
     }
-    if let Some(run) = &result.run {
+
+    let runs: Vec<(i32, i32, &StepRun)> = finished
+        .iter()
+        .filter_map(|(b, s, r)| r.run.as_ref().map(|run| (*b, *s, run)))
+        .collect();
+    if !runs.is_empty() {
         let ms = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let big =
+            |f: &dyn Fn(&StepRun) -> u64| -> Vec<i64> { runs.iter().map(|r| ms(f(r.2))).collect() };
         sqlx::query(
-            "insert into SluiceStepRuns (build, stepnr, exitCode, signal, fetchMs, buildMs, uploadMs)
-             values ($1, $2, $3, $4, $5, $6, $7)
+            "insert into SluiceStepRuns (build, stepnr, exitCode, signal, fetchMs, buildMs,
+                                         uploadMs)
+             select * from unnest($1::int4[], $2::int4[], $3::int4[], $4::int4[], $5::int8[],
+                                  $6::int8[], $7::int8[])
              on conflict (build, stepnr) do update set exitCode = excluded.exitCode,
                 signal = excluded.signal, fetchMs = excluded.fetchMs,
                 buildMs = excluded.buildMs, uploadMs = excluded.uploadMs",
         )
-        .bind(build)
-        .bind(stepnr)
-        .bind(run.exit_code)
-        .bind(run.signal)
-        .bind(ms(run.fetch_ms))
-        .bind(ms(run.build_ms))
-        .bind(ms(run.upload_ms))
+        .bind(runs.iter().map(|r| r.0).collect::<Vec<_>>())
+        .bind(runs.iter().map(|r| r.1).collect::<Vec<_>>())
+        .bind(runs.iter().map(|r| r.2.exit_code).collect::<Vec<_>>())
+        .bind(runs.iter().map(|r| r.2.signal).collect::<Vec<_>>())
+        .bind(big(&|r| r.fetch_ms))
+        .bind(big(&|r| r.build_ms))
+        .bind(big(&|r| r.upload_ms))
         .execute(&mut *tx)
         .await
-        .map_err(db_err(&what))?;
+        .map_err(db_err(&format!("recording how {what} ran")))?;
     }
-    if !result.outputs.is_empty() {
-        let (names, paths): (Vec<&str>, Vec<&str>) = result
+
+    let mut outputs = OutputColumns::default();
+    for (build, stepnr, result) in finished {
+        let by_name: BTreeMap<&str, &str> = result
             .outputs
             .iter()
             .map(|(name, path)| (name.as_str(), path.as_str()))
-            .unzip();
+            .collect();
+        for (name, path) in by_name {
+            outputs.push(*build, *stepnr, name, Some(path));
+        }
+    }
+    if !outputs.names.is_empty() {
         sqlx::query(
             "insert into BuildStepOutputs (build, stepnr, name, path)
-             select $1, $2, u.name, u.path from unnest($3::text[], $4::text[]) as u(name, path)
+             select * from unnest($1::int4[], $2::int4[], $3::text[], $4::text[])
              on conflict (build, stepnr, name) do update set path = excluded.path",
         )
-        .bind(build)
-        .bind(stepnr)
-        .bind(names)
-        .bind(paths)
+        .bind(outputs.builds)
+        .bind(outputs.stepnrs)
+        .bind(outputs.names)
+        .bind(outputs.paths)
         .execute(&mut *tx)
         .await
-        .map_err(db_err(&what))?;
+        .map_err(db_err(&format!("recording the outputs of {what}")))?;
     }
     tx.commit().await.map_err(db_err(&what))?;
     Ok(())

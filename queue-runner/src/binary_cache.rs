@@ -15,6 +15,8 @@
 //! error; [`sluice_binary_cache::UploadError::is_transient`] says whether
 //! calling again later can help.
 
+#[cfg(test)]
+use std::path::Path;
 use std::sync::Arc;
 
 use sluice_binary_cache::{BinaryCache, CacheConfig, NarSource, SecretKey, SourceError};
@@ -127,5 +129,36 @@ impl NarSource for StoreNarSource {
             .nar_from_path(path, sink)
             .await
             .map_err(|e| SourceError::Failed(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grpc::StoreConnection;
+
+    fn spawnable<F: std::future::Future + Send + 'static>(_: &F) {}
+
+    /// The driver is to run uploads in tasks of their own, with a clone
+    /// of the uploader: the futures must be `Send + 'static` then.
+    #[test]
+    fn uploads_can_run_in_tasks_of_their_own() {
+        let dir = std::env::temp_dir().join(format!("sluice-spawnable-{}", std::process::id()));
+        let config = BinaryCacheConfig {
+            destination: format!("file://{}", dir.display())
+                .parse()
+                .expect("a file URI"),
+            signing_key_file: None,
+            compression: sluice_binary_cache::Compression::Zstd,
+        };
+        let store = LocalStore::new(StoreConnection::Socket("/nonexistent".into()), 1);
+        let uploader = open(&config, store).expect("opens");
+        let path =
+            StorePath::from_base_name("00000000000000000000000000000000-x.drv").expect("a path");
+        let (up, paths) = (uploader.clone(), vec![path.clone()]);
+        spawnable(&async move { up.upload_closure(paths).await });
+        let up = uploader.clone();
+        spawnable(&async move { up.upload_log_file(&path, Path::new("/x")).await });
+        let _ = std::fs::remove_dir(&dir);
     }
 }

@@ -158,8 +158,11 @@ impl<S: NarSource> BinaryCache<S> {
                 frontier.drain(..).partition(|p| inner.known.contains(p));
             report.present += known.len();
             report.checked += unknown.len();
-            let looked_up: Vec<Result<bool, CacheError>> = futures::stream::iter(&unknown)
-                .map(|p| async move { self.exists(&narinfo_key(p)).await })
+            // Owned keys: a closure over borrowed paths makes the future
+            // fail to be `Send` (rustc's higher-ranked lifetime limits).
+            let keys: Vec<String> = unknown.iter().map(narinfo_key).collect();
+            let looked_up: Vec<Result<bool, CacheError>> = futures::stream::iter(keys)
+                .map(|key| async move { self.exists(&key).await })
                 .buffered(inner.config.parallel_checks.max(1))
                 .collect()
                 .await;

@@ -4,7 +4,8 @@
 //! [`StoreNarSource`] lends the uploader a pool of store connections of
 //! its own (a sibling of the driver's, sharing its path-info cache), so
 //! uploads never take the connections dispatch or agents' transfers need.
-//! [`open`] builds the [`Uploader`] `service` holds from the configuration.
+//! [`read_signing_key`] and [`open`] build the [`Uploader`] `service`
+//! holds from the configuration.
 //!
 //! The uploader's interface, for the driver's build-finish path:
 //! [`BinaryCache::upload_closure`] with a step's output paths (it uploads
@@ -38,29 +39,30 @@ pub const PARALLEL_UPLOADS: usize = 4;
 /// The uploader `serve` runs with.
 pub type Uploader = BinaryCache<StoreNarSource>;
 
-/// Why the binary cache could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error(transparent)]
-    Key(#[from] sluice_binary_cache::KeyError),
-    #[error(transparent)]
-    Destination(#[from] sluice_binary_cache::DestinationError),
-}
-
-/// Reads the signing key (a missing or malformed file is an error here,
-/// at start-up) and opens the destination. `store` is the pool the
-/// uploader reads from. No network IO.
-pub fn open(config: &BinaryCacheConfig, store: LocalStore) -> Result<Uploader, OpenError> {
-    let signing_key = config
+/// Reads the configured signing key file, if any: `serve` does it first
+/// thing, so a missing or malformed file stops the start-up at once.
+pub fn read_signing_key(
+    config: &BinaryCacheConfig,
+) -> Result<Option<SecretKey>, sluice_binary_cache::KeyError> {
+    config
         .signing_key_file
         .as_deref()
         .map(SecretKey::from_file)
-        .transpose()?;
+        .transpose()
+}
+
+/// The uploader for `config`, signing with `signing_key` (from
+/// [`read_signing_key`]), reading from `store`. No network IO.
+pub fn open(
+    config: &BinaryCacheConfig,
+    signing_key: Option<SecretKey>,
+    store: LocalStore,
+) -> Result<Uploader, sluice_binary_cache::DestinationError> {
     let mut cache = CacheConfig::new(config.destination.clone());
     cache.signing_key = signing_key;
     cache.compression = config.compression;
     cache.parallel_uploads = PARALLEL_UPLOADS;
-    Ok(BinaryCache::new(cache, StoreNarSource { store })?)
+    BinaryCache::new(cache, StoreNarSource { store })
 }
 
 /// The queue runner's store as the uploader reads it.
@@ -152,7 +154,7 @@ mod tests {
             compression: sluice_binary_cache::Compression::Zstd,
         };
         let store = LocalStore::new(StoreConnection::Socket("/nonexistent".into()), 1);
-        let uploader = open(&config, store).expect("opens");
+        let uploader = open(&config, None, store).expect("opens");
         let path =
             StorePath::from_base_name("00000000000000000000000000000000-x.drv").expect("a path");
         let (up, paths) = (uploader.clone(), vec![path.clone()]);

@@ -63,13 +63,10 @@ pub async fn run_with(
     // The signing key is read here, so a missing or malformed file stops
     // the start-up before anything runs; the uploader gets its store
     // below.
-    if let Some(file) = config
-        .binary_cache
-        .as_ref()
-        .and_then(|c| c.signing_key_file.as_deref())
-    {
-        sluice_binary_cache::SecretKey::from_file(file)?;
-    }
+    let signing_key = match &config.binary_cache {
+        Some(cache) => binary_cache::read_signing_key(cache)?,
+        None => None,
+    };
 
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
@@ -137,7 +134,7 @@ pub async fn run_with(
     let binary_cache = match &config.binary_cache {
         Some(cache) => {
             let store = driver_store.sibling(connection, binary_cache::UPLOAD_CONNECTIONS);
-            let uploader = binary_cache::open(cache, store)?;
+            let uploader = binary_cache::open(cache, signing_key, store)?;
             let signed_by = uploader
                 .config()
                 .signing_key

@@ -48,7 +48,8 @@ async fn outputs_uploaded_from_the_queue_runners_store_are_substituted_by_nix() 
         compression: Compression::Zstd,
     };
     let store = LocalStore::new(StoreConnection::Socket(daemon.socket_path()), 2);
-    let uploader = binary_cache::open(&config, store.clone()).unwrap();
+    let key = binary_cache::read_signing_key(&config).unwrap();
+    let uploader = binary_cache::open(&config, key, store.clone()).unwrap();
     let top_path = StoreDir::default().parse_path(&top).unwrap();
     let report = uploader.upload_closure([top_path]).await.unwrap();
     assert_eq!(report.uploaded.len(), 2, "leaf and top: {report:?}");

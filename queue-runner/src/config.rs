@@ -107,6 +107,22 @@ pub struct Settings {
     /// [default: critical-path]
     #[arg(long, value_name = "ORDER")]
     pub dispatch_order: Option<String>,
+    /// Binary cache that built paths are uploaded to: file:///dir, or
+    /// s3://bucket?region=…&endpoint=…&profile=… (Nix's store URI
+    /// parameters: region, endpoint, scheme, profile, addressing-style,
+    /// log-compression, priority, want-mass-query) [default: none: no
+    /// uploads]
+    #[arg(long, value_name = "URI")]
+    pub binary_cache: Option<String>,
+    /// Nix secret key file (`name:base64`, as `nix-store
+    /// --generate-binary-cache-key` writes) that signs the binary cache's
+    /// .narinfo files; needs --binary-cache [default: none: unsigned]
+    #[arg(long, value_name = "FILE")]
+    pub signing_key_file: Option<PathBuf>,
+    /// Compression of the NARs uploaded to the binary cache: zstd, xz or
+    /// none [default: zstd]
+    #[arg(long, value_name = "METHOD")]
+    pub binary_cache_compression: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +135,12 @@ pub enum ConfigError {
     NoTokenFile,
     #[error("--dispatch-order '{0}': give critical-path or hydra")]
     DispatchOrder(String),
+    #[error("--binary-cache: {0}")]
+    BinaryCache(#[from] sluice_binary_cache::DestinationError),
+    #[error("--binary-cache-compression: {0}")]
+    Compression(#[from] sluice_binary_cache::UnknownCompression),
+    #[error("--signing-key-file {0} is given, but no --binary-cache to sign for")]
+    SigningKeyWithoutCache(PathBuf),
 }
 
 impl Settings {
@@ -166,6 +188,18 @@ pub struct ServeConfig {
     pub transfer_connections: usize,
     /// The order of runnable steps.
     pub dispatch_order: sluice_core::ConfiguredOrder,
+    /// Where built paths are uploaded; `None`: nowhere.
+    pub binary_cache: Option<BinaryCacheConfig>,
+}
+
+/// The binary cache, as configured: its URI parsed, its key file not yet
+/// read (`service` reads it first thing, so a missing file stops the
+/// start-up with a clear error).
+#[derive(Debug, Clone)]
+pub struct BinaryCacheConfig {
+    pub destination: sluice_binary_cache::Destination,
+    pub signing_key_file: Option<PathBuf>,
+    pub compression: sluice_binary_cache::Compression,
 }
 
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50051";
@@ -209,7 +243,38 @@ impl ServeConfig {
                     .parse()
                     .map_err(|_| ConfigError::DispatchOrder(name.to_owned()))?,
             },
+            binary_cache: BinaryCacheConfig::resolve(
+                file.binary_cache.as_deref(),
+                file.signing_key_file,
+                file.binary_cache_compression.as_deref(),
+            )?,
         })
+    }
+}
+
+impl BinaryCacheConfig {
+    /// `None` without a URI; a key file without one is an error (it was
+    /// surely meant to sign something), a compression is then unused.
+    fn resolve(
+        uri: Option<&str>,
+        signing_key_file: Option<PathBuf>,
+        compression: Option<&str>,
+    ) -> Result<Option<BinaryCacheConfig>, ConfigError> {
+        let compression = compression
+            .map(str::parse::<sluice_binary_cache::Compression>)
+            .transpose()?
+            .unwrap_or_default();
+        let Some(uri) = uri else {
+            return match signing_key_file {
+                Some(file) => Err(ConfigError::SigningKeyWithoutCache(file)),
+                None => Ok(None),
+            };
+        };
+        Ok(Some(BinaryCacheConfig {
+            destination: uri.parse()?,
+            signing_key_file,
+            compression,
+        }))
     }
 }
 
@@ -236,6 +301,11 @@ impl Settings {
             store_connections: self.store_connections.or(other.store_connections),
             transfer_connections: self.transfer_connections.or(other.transfer_connections),
             dispatch_order: self.dispatch_order.or(other.dispatch_order),
+            binary_cache: self.binary_cache.or(other.binary_cache),
+            signing_key_file: self.signing_key_file.or(other.signing_key_file),
+            binary_cache_compression: self
+                .binary_cache_compression
+                .or(other.binary_cache_compression),
         }
     }
 }
@@ -369,6 +439,10 @@ mod tests {
             ("lease-s", d.lease.as_secs().to_string()),
             ("max-cpu-pressure", d.max_cpu_pressure.to_string()),
             ("min-free-disk-mb", d.min_free_disk_mb.to_string()),
+            (
+                "binary-cache-compression",
+                sluice_binary_cache::Compression::default().to_string(),
+            ),
         ];
         let command = Settings::augment_args(clap::Command::new("serve"));
         let help = |long: &str| {
@@ -394,5 +468,69 @@ mod tests {
         assert!(help("agent-token-file").contains("Required"));
         assert!(help("database-url").contains("[default: none"));
         assert!(help("store-socket").contains("[default: none"));
+        assert!(help("binary-cache").contains("[default: none"));
+        assert!(help("signing-key-file").contains("[default: none"));
+        assert!(d.binary_cache.is_none());
+    }
+
+    fn with_tokens(settings: Settings) -> Settings {
+        Settings {
+            agent_token_file: Some("t".into()),
+            ..settings
+        }
+    }
+
+    #[test]
+    fn the_binary_cache_settings_merge_and_are_checked() {
+        let file: Settings = toml::from_str(
+            "binary-cache = \"s3://cache?region=eu-west-1\"\nsigning-key-file = \"/etc/key\"\nbinary-cache-compression = \"xz\"\n",
+        )
+        .expect("valid TOML");
+        let cli = Settings {
+            binary_cache_compression: Some("none".into()),
+            ..Settings::default()
+        };
+        let c = ServeConfig::resolve(with_tokens(file), cli).expect("resolves");
+        let cache = c.binary_cache.expect("a binary cache");
+        assert_eq!(cache.destination.uri, "s3://cache?region=eu-west-1");
+        assert_eq!(cache.signing_key_file, Some(PathBuf::from("/etc/key")));
+        assert_eq!(cache.compression, sluice_binary_cache::Compression::None);
+
+        let c = ServeConfig::resolve(
+            with_tokens(Settings {
+                binary_cache: Some("file:///srv/cache".into()),
+                ..Settings::default()
+            }),
+            Settings::default(),
+        )
+        .expect("resolves");
+        let cache = c.binary_cache.expect("a binary cache");
+        assert_eq!(cache.compression, sluice_binary_cache::Compression::Zstd);
+        assert!(cache.signing_key_file.is_none());
+
+        let refused = |settings: Settings| {
+            ServeConfig::resolve(with_tokens(settings), Settings::default())
+                .expect_err("refused")
+                .to_string()
+        };
+        let err = refused(Settings {
+            binary_cache: Some("ftp://cache".into()),
+            ..Settings::default()
+        });
+        assert!(
+            err.contains("--binary-cache") && err.contains("ftp"),
+            "{err}"
+        );
+        let err = refused(Settings {
+            binary_cache: Some("file:///c".into()),
+            binary_cache_compression: Some("gzip".into()),
+            ..Settings::default()
+        });
+        assert!(err.contains("zstd, xz or none"), "{err}");
+        let err = refused(Settings {
+            signing_key_file: Some("/etc/key".into()),
+            ..Settings::default()
+        });
+        assert!(err.contains("no --binary-cache"), "{err}");
     }
 }

@@ -6,6 +6,7 @@
 //!   the migrations that create (or recognise) Hydra's schema.
 
 pub mod agents;
+pub mod binary_cache;
 pub mod bounded_cache;
 pub mod ca;
 pub mod config;

@@ -17,7 +17,7 @@ use crate::config::ServeConfig;
 use crate::driver::{Driver, DriverConfig, DriverEvent, Flushed};
 use crate::status::StatusSnapshot;
 use crate::store::Store;
-use crate::{db, embedded, grpc, http};
+use crate::{binary_cache, db, embedded, grpc, http};
 
 /// The channels the queue runner listens to.
 pub const CHANNELS: [&str; 6] = [
@@ -60,6 +60,13 @@ pub async fn run_with(
     if let Some(url) = &config.database_url {
         db::connect_options(url)?;
     }
+    // The signing key is read here, so a missing or malformed file stops
+    // the start-up before anything runs; the uploader gets its store
+    // below.
+    let signing_key = match &config.binary_cache {
+        Some(cache) => binary_cache::read_signing_key(cache)?,
+        None => None,
+    };
 
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
@@ -122,7 +129,35 @@ pub async fn run_with(
     // the connections that ingestion and dispatch need. They share one
     // path-info cache.
     let driver_store = grpc::LocalStore::new(connection.clone(), config.store_connections);
-    let transfer_store = driver_store.sibling(connection, config.transfer_connections);
+    let transfer_store = driver_store.sibling(connection.clone(), config.transfer_connections);
+    // The binary cache uploader reads through a third sibling of its own.
+    let binary_cache = match &config.binary_cache {
+        Some(cache) => {
+            let store = driver_store.sibling(connection, binary_cache::UPLOAD_CONNECTIONS);
+            let uploader = binary_cache::open(cache, signing_key, store)?;
+            let signed_by = uploader
+                .config()
+                .signing_key
+                .as_ref()
+                .map(|k| k.public_key().to_string());
+            tracing::info!(
+                uri = %cache.destination,
+                compression = %cache.compression,
+                public_key = signed_by.as_deref().unwrap_or("none: unsigned"),
+                "binary cache"
+            );
+            // Found out now, not at the first build: a cache that cannot
+            // be reached, or holds another store's paths.
+            let check = uploader.clone();
+            tokio::spawn(async move {
+                if let Err(e) = check.ensure_cache_info().await {
+                    tracing::warn!("binary cache: {e}");
+                }
+            });
+            Some(uploader)
+        }
+        None => None,
+    };
     let store = Store::new(driver_store);
     store
         .connect()
@@ -243,6 +278,10 @@ pub async fn run_with(
         status_tx,
     );
     driver.resume_attempts(in_progress);
+    // Not yet handed to the driver: its build-finish path is to call
+    // `upload_closure` with a step's outputs (and `upload_log_file`) before
+    // the build is recorded as finished (see `binary_cache`).
+    let uploader: Option<binary_cache::Uploader> = binary_cache;
     let _ = bound.send(Bound {
         grpc: grpc_addr,
         http: http_addr,
@@ -287,6 +326,7 @@ pub async fn run_with(
             "shutting down: gave up waiting for pending database writes"
         ),
     }
+    drop(uploader);
     listen_task.abort();
     resync_task.abort();
     let _ = grpc_stop_tx.send(());

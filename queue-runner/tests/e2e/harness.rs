@@ -86,6 +86,7 @@ impl Deployment {
             store_connections: 8,
             transfer_connections: 16,
             dispatch_order: sluice_core::ConfiguredOrder::CriticalPath,
+            binary_cache: None,
         };
         let mut config = config;
         adjust(&mut config);

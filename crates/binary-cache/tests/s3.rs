@@ -1,0 +1,220 @@
+//! The uploader against an S3-compatible server: moto's (`moto_server`,
+//! from PyPI; `scripts/install-deps.sh` installs it), started by the test
+//! on a free port. A closure with a NAR large enough for a multipart
+//! upload goes up through an `s3://…?endpoint=…&profile=…` URI, and real
+//! Nix substitutes it over HTTP from the bucket with signatures required;
+//! a build log stored with `log-compression=zstd` is served with that
+//! `Content-Encoding` and `nix log` reads it. Needs root (an isolated
+//! store).
+//!
+//! One test in its own binary: it sets the credentials file's variable
+//! before any thread exists.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use sluice_binary_cache::{
+    BinaryCache, CacheConfig, Compression, Destination, SecretKey, PART_SIZE, WHOLE_PUT_LIMIT,
+};
+use sluice_test_support::nix::{NixCommands, NixDaemon, NixEnv};
+use support::*;
+
+/// Where `scripts/install-deps.sh` installs moto (`$SLUICE_MOTO_DIR`
+/// moves it, there and here).
+const MOTO_DIR: &str = "/opt/sluice-moto";
+
+fn moto_server() -> PathBuf {
+    let dir = std::env::var_os("SLUICE_MOTO_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(MOTO_DIR));
+    let path = dir.join("bin/moto_server");
+    assert!(
+        path.is_file(),
+        "test harness: no S3-compatible server: {} is missing; install it with \
+         scripts/install-deps.sh as root (a Python venv with PyPI's moto[s3] at {MOTO_DIR}, \
+         or at $SLUICE_MOTO_DIR)",
+        path.display()
+    );
+    path
+}
+
+/// A moto server, killed on drop.
+struct Moto {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let program = moto_server();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("moto.log")).unwrap();
+        let child = Command::new(program)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let moto = Moto {
+            child,
+            port,
+            _dir: dir,
+        };
+        let up = sluice_test_support::wait_until(Duration::from_secs(60), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up, "moto_server did not listen on port {port} within 60 s");
+        moto
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A bucket anyone may read, as Nix's HTTP binary cache store reads
+    /// it (moto lets a public-read bucket's objects be read without
+    /// signing; on AWS that takes a bucket policy).
+    fn create_public_bucket(&self, bucket: &str) {
+        command(Command::new("curl").args([
+            "-sf",
+            "-X",
+            "PUT",
+            "-H",
+            "x-amz-acl: public-read",
+            &format!("{}/{bucket}", self.url()),
+        ]));
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `leaf`; `big`, 20 MB of random bytes (compressed, still past the
+/// single-request limit); `top`, referring to both.
+const JOBS: &str = r#"rec {
+  leaf = mkDrv { name = "leaf"; args = [ "-c" "echo leaf > $out" ]; };
+  big = mkDrv { name = "big"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "head -c 20000000 /dev/urandom > $out" ]; };
+  top = mkDrv { name = "top"; inherit leaf big; args = [ "-c" "echo $leaf $big > $out" ]; };
+}"#;
+
+#[test]
+fn nix_substitutes_from_an_s3_bucket_and_reads_compressed_logs() {
+    let creds = tempfile::tempdir().unwrap();
+    let creds_file = creds.path().join("credentials");
+    std::fs::write(
+        &creds_file,
+        "[sluice-test]\naws_access_key_id = testing\naws_secret_access_key = testing\n",
+    )
+    .unwrap();
+    // No thread exists yet (the runtime comes below).
+    std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", &creds_file);
+
+    let moto = Moto::start();
+    moto.create_public_bucket("sluice-cache");
+    let env = NixEnv::new();
+    let drvs = env.instantiate(JOBS, &["top"]);
+    let top = env.realise(&drvs[0]).remove(0);
+    let daemon = NixDaemon::start();
+    let key = KeyPair::generate("sluice-s3-test-1");
+
+    let uri = format!(
+        "s3://sluice-cache?region=us-east-1&endpoint={}&profile=sluice-test&log-compression=zstd",
+        moto.url()
+    );
+    let mut config = CacheConfig::new(Destination::parse(&uri).unwrap());
+    config.compression = Compression::Zstd;
+    config.signing_key = Some(SecretKey::from_file(&key.secret_file()).unwrap());
+    let source = DaemonSource {
+        socket: daemon.socket_path(),
+    };
+    let cache = BinaryCache::new(config.clone(), source).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let report = runtime
+        .block_on(cache.upload_closure([store_path(&top)]))
+        .unwrap();
+    assert_eq!(report.uploaded.len(), 3, "{report:?}");
+    assert!(
+        report.file_bytes > WHOLE_PUT_LIMIT && report.file_bytes > 2 * PART_SIZE as u64,
+        "the big NAR went up in parts: {report:?}"
+    );
+    let log = b"building top\nsluice s3 log line\n".to_vec();
+    let drv = store_path(&drvs[0]);
+    runtime.block_on(cache.upload_log(&drv, &log[..])).unwrap();
+
+    // The bucket as Nix's HTTP binary cache store sees it.
+    let http = format!("{}/sluice-cache", moto.url());
+    let headers =
+        command(Command::new("curl").args(["-sfI", &format!("{http}/log/{}", drv.base_name())]));
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("content-encoding: zstd"),
+        "{headers}"
+    );
+    let client = fresh_store();
+    let xdg = tempfile::tempdir().unwrap();
+    let out = client
+        .command("nix-store")
+        .args(["--realise", &top, "--option", "substituters", &http])
+        .args(["--option", "trusted-public-keys", &key.public])
+        .args(["--option", "require-sigs", "true"])
+        .env("XDG_CACHE_HOME", xdg.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let big = std::fs::metadata(
+        client.host_path(
+            std::fs::read_to_string(client.host_path(&top))
+                .unwrap()
+                .split_whitespace()
+                .nth(1)
+                .unwrap(),
+        ),
+    )
+    .unwrap();
+    assert_eq!(big.len(), 20_000_000, "the multipart NAR arrived whole");
+    let printed = command(
+        env.command("nix")
+            .args(["log", "--store", &http, &top])
+            .env("XDG_CACHE_HOME", xdg.path()),
+    );
+    assert!(printed.contains("sluice s3 log line"), "{printed:?}");
+
+    // Again, from a new uploader: the root is looked up, nothing is sent.
+    let again = BinaryCache::new(
+        config,
+        DaemonSource {
+            socket: daemon.socket_path(),
+        },
+    )
+    .unwrap();
+    let report = runtime
+        .block_on(again.upload_closure([store_path(&top)]))
+        .unwrap();
+    assert!(report.uploaded.is_empty(), "{report:?}");
+    assert_eq!((report.checked, report.present), (1, 1), "{report:?}");
+}

@@ -382,6 +382,46 @@ fn as_root_the_queue_runner_serves_the_store_itself_with_less_hardening() {
 }
 
 #[test]
+fn the_readmes_module_example_evaluates_as_printed() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
+    let marker = "evaluates this block with the module, as printed)";
+    let rest = &readme[readme.find(marker).expect("the example's marker")..];
+    let open = rest.find("```nix\n").expect("a nix block") + "```nix\n".len();
+    let close = rest[open..].find("```").expect("its end");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("ci.nix");
+    std::fs::write(&file, &rest[open..open + close]).expect("write");
+
+    let s = eval_with("example", &[("example", file.to_str().expect("utf-8"))])
+        .unwrap_or_else(|e| panic!("the README's example: {e}"));
+    let words = exec_words(
+        service(&s, "queueRunner")["ExecStart"]
+            .as_str()
+            .expect("ExecStart"),
+    );
+    assert!(
+        words.contains(&"%d/signing-key-file".to_owned()),
+        "{words:?}"
+    );
+    parse_serve_args(&words[4..]);
+    let settings = &s["queueRunner"]["settings"];
+    assert_eq!(
+        settings["binary-cache"],
+        "file:///var/lib/sluice/binary-cache"
+    );
+    read_settings(settings);
+    assert_eq!(s["firewallPorts"], serde_json::json!([50051]));
+    let words = exec_words(
+        service(&s, "builderAgent")["ExecStart"]
+            .as_str()
+            .expect("ExecStart"),
+    );
+    let cli = <sluice_builder_agent::Cli as clap::Parser>::try_parse_from(&words)
+        .unwrap_or_else(|e| panic!("builder-agent refuses {words:?}: {e}"));
+    assert_eq!(cli.features, ["kvm", "big-parallel"]);
+}
+
+#[test]
 fn bad_values_and_contradictions_are_refused() {
     let cases = [
         (

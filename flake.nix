@@ -48,7 +48,9 @@
         default = withPackages;
         sluice = withPackages;
         # The bare module: the packages must be set.
-        sluice-without-packages = ./nixos/module.nix;
+        sluice-without-packages = {
+          imports = [ ./nixos/module.nix ];
+        };
       };
 
       # The nixos-tests: VMs (KVM strongly advised). `nix flake check` runs

@@ -182,7 +182,8 @@ in
       settings = {
         "grpc-listen" = "0.0.0.0:50051";
         "http-listen" = "127.0.0.1:9198";
-        "binary-cache" = "file:///srv/binary-cache?compression=zstd";
+        "binary-cache" = "file:///srv/binary-cache";
+        "binary-cache-compression" = "xz";
         "lease-s" = 45;
         "max-cpu-pressure" = 80;
         "dispatch-order" = "hydra";

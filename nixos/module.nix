@@ -410,10 +410,18 @@ in
             "binary-cache" = setting types.str ''
               Store URI every output (and its closure) is copied to before its
               build counts as finished: `file:///path` or
-              `s3://bucket?region=...`. Signed with `signingKeyFile`. A
-              `file://` directory is created and made writable for the
-              service.
+              `s3://bucket?region=...&endpoint=...&profile=...`. Signed with
+              `signingKeyFile`. A `file://` directory is created and made
+              writable for the service. S3 credentials come from the
+              environment (`environmentFile`: `AWS_ACCESS_KEY_ID=...`) or
+              from `.aws/credentials` in the data directory (the service's
+              home).
             '';
+            "binary-cache-compression" = setting (types.enum [
+              "zstd"
+              "xz"
+              "none"
+            ]) "Compression of the NARs uploaded to the binary cache (binary's default: zstd).";
           };
         };
       };

@@ -21,7 +21,11 @@ use sluice_queue_runner::config::{ServeConfig, Settings};
 /// Settings and flags another part of issue 9 adds to `serve` (the binary
 /// cache). While `serve` lacks them the module's are checked by name
 /// only; once it has them, like every other.
-const LANDING: [&str; 2] = ["binary-cache", "signing-key-file"];
+const LANDING: [&str; 3] = [
+    "binary-cache",
+    "signing-key-file",
+    "binary-cache-compression",
+];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -229,10 +233,8 @@ fn the_queue_runner_unit_runs_serve_with_the_rendered_settings() {
     );
 
     let settings = &s["queueRunner"]["settings"];
-    assert_eq!(
-        settings["binary-cache"],
-        "file:///srv/binary-cache?compression=zstd"
-    );
+    assert_eq!(settings["binary-cache"], "file:///srv/binary-cache");
+    assert_eq!(settings["binary-cache-compression"], "xz");
     assert_eq!(
         settings["database-url"],
         "postgres://sluice@localhost/sluice?host=/run/postgresql"

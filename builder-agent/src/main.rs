@@ -5,6 +5,15 @@
 //! Errors reach the user as one line on stderr and a non-zero exit code.
 //! SIGTERM or SIGINT drains the agent (see `--drain-timeout-s`); a second
 //! one stops the running steps at once.
+//!
+//! Under systemd (`Type=notify`) the agent reports `READY=1` once it runs:
+//! its settings are checked (token read, topology read) and it starts to
+//! dial. Not once it has registered: an agent is meant to run while its
+//! queue runner is away (it redials with backoff, and its builds go on),
+//! so a start job that waited for the queue runner would hold up boot and
+//! fail the unit whenever the queue runner is down. A queue runner that
+//! refuses the agent still fails it: the agent then exits 1. The first
+//! signal reports `STOPPING=1`.
 
 use std::process::ExitCode;
 
@@ -49,6 +58,14 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Tells systemd how the agent is doing (nothing without
+/// `$NOTIFY_SOCKET`). A failure is logged, never fatal.
+fn notify_systemd(state: &str) {
+    if let Err(e) = sluice_sd_notify::notify(state) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -70,8 +87,17 @@ async fn main() -> ExitCode {
     // The first signal drains, a second one stops the running steps.
     let (count, counted) = tokio::sync::watch::channel(0);
     tokio::spawn(count_signals(count));
-    let drain = signals(counted.clone(), 1);
+    let first = signals(counted.clone(), 1);
+    let drain = async move {
+        first.await;
+        notify_systemd(sluice_sd_notify::STOPPING);
+    };
     let abort = signals(counted, 2);
+    notify_systemd(&format!(
+        "{}\nSTATUS=dialing {}",
+        sluice_sd_notify::READY,
+        config.queue_runner
+    ));
     match sluice_builder_agent::run_until(config, drain, abort).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -4,6 +4,10 @@
 //! once, and a non-zero exit code; nothing that comes from outside may
 //! panic. SIGTERM and SIGINT shut `serve` down cleanly (exit 0); a second
 //! signal exits at once.
+//!
+//! Under systemd (`Type=notify`), `serve` reports `READY=1` once the
+//! schema is migrated and both the gRPC and the HTTP listener are bound,
+//! and `STOPPING=1` when the first signal starts the shutdown.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -248,11 +252,35 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = config::ServeConfig::resolve(file, args.settings)?;
     let mut shutdown = shutdown;
-    service::run(config, async move {
-        // Also resolves when the signal came before this is polled.
-        let _ = shutdown.wait_for(|signalled| *signalled).await;
-    })
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<service::Bound>();
+    tokio::spawn(async move {
+        // Sent only once everything is up; dropped unsent if start-up fails.
+        if let Ok(bound) = bound_rx.await {
+            notify_systemd(&format!(
+                "{}\nSTATUS=agents dial {}; status on http://{}/status",
+                sluice_sd_notify::READY,
+                bound.grpc,
+                bound.http
+            ));
+        }
+    });
+    service::run_with(
+        config,
+        async move {
+            // Also resolves when the signal came before this is polled.
+            let _ = shutdown.wait_for(|signalled| *signalled).await;
+        },
+        bound_tx,
+    )
     .await
+}
+
+/// Tells systemd how `serve` is doing (nothing without `$NOTIFY_SOCKET`).
+/// A failure is logged, never fatal: the service runs the same either way.
+fn notify_systemd(state: &str) {
+    if let Err(e) = sluice_sd_notify::notify(state) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
 }
 
 /// Watches SIGTERM and SIGINT: the first flips the returned flag, the
@@ -268,6 +296,7 @@ fn shutdown_on_signals() -> anyhow::Result<watch::Receiver<bool>> {
             _ = int.recv() => "SIGINT",
         };
         tracing::info!("{first} received: shutting down; a second signal exits at once");
+        notify_systemd(sluice_sd_notify::STOPPING);
         let _ = tx.send(true);
         let (second, code) = tokio::select! {
             _ = term.recv() => ("SIGTERM", 128 + 15),

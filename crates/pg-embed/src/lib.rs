@@ -300,7 +300,12 @@ fn command_as(program: PathBuf, owner: Option<(Uid, Gid)>) -> Command {
             });
         }
     }
-    cmd.env_remove("PGDATA").env("LC_ALL", "C");
+    // A server built with systemd support would report its own readiness
+    // to the socket of the service that started it (a `Type=notify` queue
+    // runner), which systemd refuses from a process not the main one.
+    cmd.env_remove("PGDATA")
+        .env_remove("NOTIFY_SOCKET")
+        .env("LC_ALL", "C");
     cmd
 }
 

@@ -1,14 +1,16 @@
-//! The ordered database writer: one task that commits the driver's writes
-//! one after another, so that a step's row exists before it is finished
-//! and a build's steps are finished before the build.
+//! The ordered database writer: it commits the driver's writes in the
+//! order they come, so that a step's row exists before it is finished and
+//! a build's steps are finished before the build.
 //!
-//! Each write is first made ready ([`commit::Commit`]): what it needs from
-//! the store and the filesystem (a build's sizes, products and metrics; a
-//! log file's existence) is read once. Then it is committed in one
-//! transaction with its notifications ([`commit`]). Writes that queued
-//! meanwhile are committed together, in order, in one transaction (group
-//! commit, at most [`MAX_BATCH`]); a phase update that a later write of
-//! the batch supersedes is left out. Replies and `AfterCommit` actions
+//! It is two stages, two tasks. The prepare stage makes each write ready
+//! ([`commit::Commit`]): what it needs from the store and the filesystem
+//! (a build's sizes, products and metrics; a log file's existence) is read
+//! once, for up to [`PREPARING`] writes at a time, and passed on in the
+//! order the writes came. The commit stage commits what is ready in one
+//! transaction with its notifications ([`commit`]): writes that queued
+//! meanwhile go together, in order (group commit, at most [`MAX_BATCH`]),
+//! a few statements per kind of write; a phase update that a later write
+//! of the batch supersedes is left out. Replies and `AfterCommit` actions
 //! run once the whole batch has committed.
 //!
 //! Invariants:
@@ -148,14 +150,33 @@ pub enum WriteJob {
     },
 }
 
+/// The commit stage: batches prepared writes into transactions.
 pub struct Writer {
     pool: sqlx::PgPool,
-    store: Store,
-    data_dir: PathBuf,
     events: mpsc::Sender<super::DriverEvent>,
     /// Since when the database has been failing, if it is.
     outage: Option<Instant>,
 }
+
+/// The prepare stage: turns jobs into [`Commit`]s, reading the store and
+/// the filesystem. Cheap to clone; preparations run side by side.
+#[derive(Clone)]
+struct Preparer {
+    store: Store,
+    data_dir: PathBuf,
+}
+
+/// A job as the commit stage takes it, in the order the jobs came.
+enum Prepared {
+    Write(Commit, Option<Reply>),
+    After(Box<dyn FnOnce() + Send>),
+    /// Nothing to write.
+    Nothing,
+}
+
+/// How many jobs are prepared at once. Their results still reach the
+/// commit stage in the order the jobs came.
+const PREPARING: usize = 32;
 
 /// The most writes committed in one transaction.
 pub const MAX_BATCH: usize = 128;
@@ -191,41 +212,58 @@ impl Writer {
         events: mpsc::Sender<super::DriverEvent>,
         queue: usize,
     ) -> (mpsc::Sender<WriteJob>, tokio::task::JoinHandle<()>) {
-        let (tx, mut rx) = mpsc::channel(queue.max(1));
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let preparer = Preparer { store, data_dir };
+        // Prepared jobs, in order; bounded, so a slow database holds the
+        // jobs back in the first channel, where the driver sees them.
+        let (ready_tx, mut ready_rx) = mpsc::channel::<Prepared>(MAX_BATCH);
+        tokio::spawn(async move {
+            use futures::StreamExt as _;
+            let mut prepared = tokio_stream::wrappers::ReceiverStream::new(rx)
+                .map(|job| {
+                    let preparer = preparer.clone();
+                    async move { preparer.prepare(job).await }
+                })
+                .buffered(PREPARING);
+            while let Some(job) = prepared.next().await {
+                if ready_tx.send(job).await.is_err() {
+                    break;
+                }
+            }
+        });
         let mut writer = Writer {
             pool,
-            store,
-            data_dir,
             events,
             outage: None,
         };
         let task = tokio::spawn(async move {
-            while let Some(job) = rx.recv().await {
+            while let Some(job) = ready_rx.recv().await {
                 let mut batch = vec![job];
                 while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
+                    match ready_rx.try_recv() {
                         Ok(job) => batch.push(job),
                         Err(_) => break,
                     }
                 }
-                let waiting = rx.len();
+                let waiting = ready_rx.len();
                 writer.execute_batch(batch, waiting).await;
             }
         });
         (tx, task)
     }
 
-    /// Makes the jobs ready and commits them in one transaction, retrying
-    /// transient failures; if the database refuses the batch for good,
-    /// commits them one by one, so that only the write at fault is
-    /// dropped. `waiting` is how many writes queue behind (for the log).
-    async fn execute_batch(&mut self, jobs: Vec<WriteJob>, waiting: usize) {
+    /// Commits prepared jobs in one transaction, retrying transient
+    /// failures; if the database refuses the batch for good, commits them
+    /// one by one, so that only the write at fault is dropped. `waiting`
+    /// is how many writes queue behind (for the log).
+    async fn execute_batch(&mut self, jobs: Vec<Prepared>, waiting: usize) {
         let mut ready = Vec::with_capacity(jobs.len());
         let mut after = Vec::new();
         for job in jobs {
             match job {
-                WriteJob::AfterCommit(OnCommit(run)) => after.push(run),
-                job => ready.extend(self.ready(job).await),
+                Prepared::Write(commit, reply) => ready.push((commit, reply)),
+                Prepared::After(run) => after.push(run),
+                Prepared::Nothing => {}
             }
         }
         // A phase update that a later write of the batch supersedes (a
@@ -375,10 +413,22 @@ impl Writer {
                 .try_send(super::DriverEvent::Database(DatabaseHealth::Up));
         }
     }
+}
 
+impl Preparer {
     /// Turns a job into a [`Commit`], reading what it needs from the store
     /// and the filesystem; splits off the reply a new step waits for.
     /// `None`: nothing to write (a phase code Hydra does not know).
+    async fn prepare(&self, job: WriteJob) -> Prepared {
+        match job {
+            WriteJob::AfterCommit(OnCommit(run)) => Prepared::After(run),
+            job => match self.ready(job).await {
+                Some((commit, reply)) => Prepared::Write(commit, reply),
+                None => Prepared::Nothing,
+            },
+        }
+    }
+
     async fn ready(&self, job: WriteJob) -> Option<(Commit, Option<Reply>)> {
         Some(match job {
             WriteJob::CreateStep {
@@ -483,9 +533,9 @@ impl Writer {
                 },
                 None,
             ),
+            // `prepare` passes these on to the commit stage; were one to
+            // come here, nothing would be left to wait for.
             WriteJob::AfterCommit(OnCommit(run)) => {
-                // Writes run one at a time, in order: everything queued
-                // before this has committed (or been refused).
                 run();
                 return None;
             }

@@ -3,7 +3,9 @@
 //! derivation and the closure of its inputs, inline when it is small).
 //!
 //! Runs as a short-lived task per dispatch, so the driver never waits for
-//! the database or the store. It always ends by sending exactly one
+//! the database or the store. The row is committed and the assignment read
+//! from the store at the same time; the assignment is sent only once the
+//! row exists (a restarted queue runner knows every attempt an agent runs). It always ends by sending exactly one
 //! [`DriverEvent::Prepared`] for its attempt, carrying the assignment (or
 //! why there is none); the driver sends it on.
 
@@ -47,22 +49,27 @@ pub async fn run(
     me: mpsc::Sender<DriverEvent>,
 ) {
     let attempt = job.attempt;
-    let stepnr = match job.existing_row {
-        Some(stepnr) => Ok(stepnr),
-        None => create_row(&job, &writer).await,
+    // The row and the assignment are made side by side; the assignment
+    // goes out only once the row has committed.
+    let row = async {
+        match job.existing_row {
+            Some(stepnr) => Ok(stepnr),
+            None => create_row(&job, &writer).await,
+        }
     };
+    let made = async {
+        assignment(&job, &store).await.and_then(|assignment| {
+            // What the gRPC layer checks the agent against, parsed here
+            // rather than on the driver's task.
+            let entry = AttemptEntry::from_assignment(job.machine, &assignment)
+                .map_err(|e| e.to_string())?;
+            Ok((assignment, entry))
+        })
+    };
+    let (stepnr, made) = tokio::join!(row, made);
     let (stepnr, assignment) = match stepnr {
         Err(e) => (0, Err(format!("recording the step: {e}"))),
-        Ok(stepnr) => (
-            stepnr,
-            assignment(&job, &store).await.and_then(|assignment| {
-                // What the gRPC layer checks the agent against, parsed here
-                // rather than on the driver's task.
-                let entry = AttemptEntry::from_assignment(job.machine, &assignment)
-                    .map_err(|e| e.to_string())?;
-                Ok((assignment, entry))
-            }),
-        ),
+        Ok(stepnr) => (stepnr, made),
     };
     // The driver registers the attempt with the gRPC layer and sends the
     // assignment itself, so a cancel that came meanwhile wins cleanly.

@@ -168,7 +168,7 @@ struct Preparer {
 
 /// A job as the commit stage takes it, in the order the jobs came.
 enum Prepared {
-    Write(Commit, Option<Reply>),
+    Write(Box<Commit>, Option<Reply>),
     After(Box<dyn FnOnce() + Send>),
     /// Nothing to write.
     Nothing,
@@ -261,7 +261,7 @@ impl Writer {
         let mut after = Vec::new();
         for job in jobs {
             match job {
-                Prepared::Write(commit, reply) => ready.push((commit, reply)),
+                Prepared::Write(commit, reply) => ready.push((*commit, reply)),
                 Prepared::After(run) => after.push(run),
                 Prepared::Nothing => {}
             }
@@ -423,7 +423,7 @@ impl Preparer {
         match job {
             WriteJob::AfterCommit(OnCommit(run)) => Prepared::After(run),
             job => match self.ready(job).await {
-                Some((commit, reply)) => Prepared::Write(commit, reply),
+                Some((commit, reply)) => Prepared::Write(Box::new(commit), reply),
                 None => Prepared::Nothing,
             },
         }

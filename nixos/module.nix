@@ -384,6 +384,9 @@ in
               Database writes queued at most before dispatching pauses
               (binary's default: 4096).
             '';
+            "load-batch" = setting types.ints.positive ''
+              Queued builds one load reads at most (binary's default: 2000).
+            '';
             "lease-s" = setting types.ints.positive ''
               Seconds a disconnected agent keeps its running steps, and that a
               restarted queue runner waits for agents to report theirs

@@ -74,6 +74,10 @@ pub struct Settings {
     /// [default: 4096]
     #[arg(long, value_name = "N")]
     pub max_pending_writes: Option<usize>,
+    /// Queued builds one load reads from the database at most; the next
+    /// batch is read while the one before is applied [default: 2000]
+    #[arg(long, value_name = "N")]
+    pub load_batch: Option<u32>,
     /// Seconds an agent's running steps are kept for it after its
     /// connection drops (and, after a restart, how long the queue runner
     /// waits for agents to report the steps they still run); past that
@@ -178,6 +182,8 @@ pub struct ServeConfig {
     pub shutdown_timeout: Duration,
     /// Writes queued at most before dispatching pauses.
     pub max_pending_writes: usize,
+    /// Queued builds read per load.
+    pub load_batch: u32,
     /// How long a disconnected agent keeps its steps.
     pub lease: Duration,
     /// Capacity thresholds of agents (0: off).
@@ -232,6 +238,7 @@ impl ServeConfig {
             max_output_bytes: file.max_output_bytes.unwrap_or(2 << 30),
             shutdown_timeout: Duration::from_secs(file.shutdown_timeout_s.unwrap_or(30)),
             max_pending_writes: file.max_pending_writes.unwrap_or(4096).max(1),
+            load_batch: file.load_batch.unwrap_or(2000).max(1),
             lease: Duration::from_secs(file.lease_s.unwrap_or(30)),
             max_cpu_pressure: file.max_cpu_pressure.unwrap_or(0.0),
             min_free_disk_mb: file.min_free_disk_mb.unwrap_or(0),
@@ -295,6 +302,7 @@ impl Settings {
             max_output_bytes: self.max_output_bytes.or(other.max_output_bytes),
             shutdown_timeout_s: self.shutdown_timeout_s.or(other.shutdown_timeout_s),
             max_pending_writes: self.max_pending_writes.or(other.max_pending_writes),
+            load_batch: self.load_batch.or(other.load_batch),
             lease_s: self.lease_s.or(other.lease_s),
             max_cpu_pressure: self.max_cpu_pressure.or(other.max_cpu_pressure),
             min_free_disk_mb: self.min_free_disk_mb.or(other.min_free_disk_mb),
@@ -406,6 +414,7 @@ mod tests {
         assert_eq!(example.max_output_bytes, defaults.max_output_bytes);
         assert_eq!(example.shutdown_timeout, defaults.shutdown_timeout);
         assert_eq!(example.max_pending_writes, defaults.max_pending_writes);
+        assert_eq!(example.load_batch, defaults.load_batch);
     }
 
     #[test]
@@ -436,6 +445,7 @@ mod tests {
                 d.shutdown_timeout.as_secs().to_string(),
             ),
             ("max-pending-writes", d.max_pending_writes.to_string()),
+            ("load-batch", d.load_batch.to_string()),
             ("lease-s", d.lease.as_secs().to_string()),
             ("max-cpu-pressure", d.max_cpu_pressure.to_string()),
             ("min-free-disk-mb", d.min_free_disk_mb.to_string()),

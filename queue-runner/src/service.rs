@@ -259,7 +259,7 @@ pub async fn run_with(
         data_dir: config.data_dir.clone(),
         max_log_bytes: config.max_log_bytes,
         max_output_bytes: config.max_output_bytes,
-        load_batch: 2000,
+        load_batch: i64::from(config.load_batch),
         shutdown_timeout: config.shutdown_timeout,
         max_pending_writes: config.max_pending_writes,
         lease: config.lease,

@@ -66,6 +66,16 @@ impl Driver {
     }
 
     pub(super) fn start_load(&mut self) {
+        self.start_load_ahead_of(None);
+    }
+
+    /// Starts a load; `ahead_of`, a batch loaded but not yet applied, counts
+    /// as held already: the new load reads past neither its builds nor its
+    /// derivations. A derivation of it that ends up with no step after all
+    /// (its build was aborted, or it finished meanwhile) makes the builds
+    /// that need it load again later ([`IngestError::NoLongerHeld`]), as
+    /// for any step that finishes while a load reads.
+    fn start_load_ahead_of(&mut self, ahead_of: Option<&LoadedBatch>) {
         // Nothing new is loaded while writes are backlogged: a load's
         // cached builds would only add to them. `drain_backlog` calls again.
         // Nor while a restart waits for agents to report their attempts:
@@ -88,11 +98,18 @@ impl Driver {
         // Builds whose rows were written before this load starts are seen
         // finished by it: no need to keep them out any more.
         self.recently_finished.retain(|_, written| !*written);
+        let ahead_builds = ahead_of.into_iter().flat_map(|b| {
+            b.builds
+                .iter()
+                .map(|build| build.id)
+                .chain(b.undecodable.iter().map(|bad| bad.id))
+        });
         let held: HashSet<i32> = self
             .builds
             .keys()
             .chain(self.recently_finished.keys())
             .map(|b| b.0)
+            .chain(ahead_builds)
             .collect();
         // What the core holds as the load starts: the reader stops there.
         // (Only what the core holds: the driver's map may keep an entry a
@@ -102,6 +119,7 @@ impl Driver {
             self.closure
                 .keys()
                 .filter(|drv| core.has_step(drv.as_str()))
+                .chain(ahead_of.into_iter().flat_map(|b| b.closure.drvs.keys()))
                 .cloned()
                 .collect(),
         );
@@ -129,6 +147,17 @@ impl Driver {
         }
         if batch.more {
             self.loader.want_new = true;
+            // The next batch is read while this one is applied.
+            let last = batch
+                .builds
+                .iter()
+                .map(|b| b.id)
+                .chain(batch.undecodable.iter().map(|b| b.id))
+                .max();
+            if let Some(last) = last {
+                self.loader.max_id = self.loader.max_id.max(last);
+            }
+            self.start_load_ahead_of(Some(&batch));
         }
         for bad in batch.undecodable {
             self.loader.max_id = self.loader.max_id.max(bad.id);

@@ -80,6 +80,7 @@ impl Deployment {
             max_output_bytes: 1 << 30,
             shutdown_timeout: Duration::from_secs(10),
             max_pending_writes: 4096,
+            load_batch: 2000,
             lease: Duration::from_secs(5),
             max_cpu_pressure: 0.0,
             min_free_disk_mb: 0,

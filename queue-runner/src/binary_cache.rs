@@ -7,7 +7,8 @@
 //! [`read_signing_key`] and [`open`] build the [`Uploader`] `service`
 //! holds from the configuration.
 //!
-//! The uploader's interface, for the driver's build-finish path:
+//! The uploader's interface, as the driver's build-finish path uses it
+//! (`driver/upload.rs`):
 //! [`BinaryCache::upload_closure`] with a step's output paths (it uploads
 //! their closures minus what the cache has; dependencies' `.narinfo`s
 //! first, so the cache is consistent whenever it stops), and
@@ -141,7 +142,7 @@ mod tests {
 
     fn spawnable<F: std::future::Future + Send + 'static>(_: &F) {}
 
-    /// The driver is to run uploads in tasks of their own, with a clone
+    /// The driver runs uploads in tasks of their own, with a clone
     /// of the uploader: the futures must be `Send + 'static` then.
     #[test]
     fn uploads_can_run_in_tasks_of_their_own() {

@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::status::StatusSnapshot;
+use crate::status::{StatusSnapshot, UploadStatus};
 
 type Snapshot = watch::Receiver<StatusSnapshot>;
 
@@ -73,7 +73,26 @@ pub fn status_value(s: &StatusSnapshot) -> Value {
             "databaseDownSince": s.database_down_since,
             "nrPendingWrites": s.pending_writes,
             "heapBytes": crate::memory::heap_bytes(),
+            "binaryCache": s.uploads.as_ref().map(|u| uploads_value(u, now)),
         }
+    })
+}
+
+/// The binary cache's uploads: successful builds are written finished
+/// only once their outputs are uploaded, so `nrBuildsWaiting` is what an
+/// outage holds back.
+fn uploads_value(u: &UploadStatus, now: i64) -> Value {
+    json!({
+        "nrUploadsPending": u.pending,
+        "nrBuildsWaiting": u.builds_waiting,
+        "oldestUploadPendingSince": u.oldest_pending_since,
+        "oldestUploadPendingS": u.oldest_pending_since.map(|t| (now - t).max(0)),
+        "nrUploadsDone": u.done,
+        "nrPathsUploaded": u.paths_uploaded,
+        "nrUploadFailures": u.failures,
+        "lastUploadError": u.last_error,
+        "nrLogsUploaded": u.logs_uploaded,
+        "nrLogUploadsFailed": u.logs_failed,
     })
 }
 
@@ -207,6 +226,32 @@ pub fn metrics_text(s: &StatusSnapshot) -> String {
         "gauge",
         s.core.machines_in_use as f64,
     );
+    if let Some(u) = &s.uploads {
+        gauge(
+            "binary_cache_uploads_pending",
+            "Binary cache uploads not done yet.",
+            "gauge",
+            u.pending as f64,
+        );
+        gauge(
+            "binary_cache_builds_waiting",
+            "Successful builds waiting for their outputs to be uploaded.",
+            "gauge",
+            u.builds_waiting as f64,
+        );
+        gauge(
+            "binary_cache_upload_failures_total",
+            "Failed tries at binary cache uploads (each is tried again).",
+            "counter",
+            u.failures as f64,
+        );
+        gauge(
+            "binary_cache_log_uploads_failed_total",
+            "Build logs not uploaded to the binary cache.",
+            "counter",
+            u.logs_failed as f64,
+        );
+    }
     out.push_str("# HELP sluice_machine_running_steps Steps running on each agent.\n# TYPE sluice_machine_running_steps gauge\n");
     for m in &s.machines {
         out.push_str(&format!(

@@ -278,10 +278,11 @@ pub async fn run_with(
         status_tx,
     );
     driver.resume_attempts(in_progress);
-    // Not yet handed to the driver: its build-finish path is to call
-    // `upload_closure` with a step's outputs (and `upload_log_file`) before
-    // the build is recorded as finished (see `binary_cache`).
-    let uploader: Option<binary_cache::Uploader> = binary_cache;
+    // Successful builds are finished only once their outputs are in the
+    // cache (see `driver::upload`).
+    if let Some(uploader) = binary_cache {
+        driver.upload_to(uploader);
+    }
     let _ = bound.send(Bound {
         grpc: grpc_addr,
         http: http_addr,
@@ -326,7 +327,6 @@ pub async fn run_with(
             "shutting down: gave up waiting for pending database writes"
         ),
     }
-    drop(uploader);
     listen_task.abort();
     resync_task.abort();
     let _ = grpc_stop_tx.send(());

@@ -22,6 +22,28 @@ pub struct StatusSnapshot {
     pub database_down_since: Option<i64>,
     /// Writes queued and not yet committed.
     pub pending_writes: usize,
+    /// Binary cache uploads; `None` without a cache.
+    pub uploads: Option<UploadStatus>,
+}
+
+/// What `/status` shows of the binary cache uploads.
+#[derive(Debug, Clone, Default)]
+pub struct UploadStatus {
+    /// Uploads not done yet (waiting, running, or waiting to retry).
+    pub pending: usize,
+    /// Successful builds not written finished until their upload is done.
+    pub builds_waiting: usize,
+    /// When (unix seconds) the oldest pending upload was asked for.
+    pub oldest_pending_since: Option<i64>,
+    /// Uploads done, and store paths they uploaded (the rest were there).
+    pub done: u64,
+    pub paths_uploaded: u64,
+    /// Failed tries (each is tried again), and the last one's error.
+    pub failures: u64,
+    pub last_error: Option<String>,
+    pub logs_uploaded: u64,
+    /// Build logs given up on.
+    pub logs_failed: u64,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -105,6 +105,22 @@ impl Driver {
         } else {
             outcome_of(report.status, retryable)
         };
+        if self.uploads.is_some() {
+            // Into the binary cache: the outputs (the builds this step
+            // finishes wait for them), and the log of a step that ended
+            // for good as its agent reported it.
+            if outcome == StepOutcome::Success {
+                self.upload_step_outputs(&a.drv_path, &report.outputs);
+            }
+            let for_good = match outcome {
+                StepOutcome::Success => true,
+                StepOutcome::Failed { can_retry, .. } => !can_retry,
+                StepOutcome::Refused => false,
+            };
+            if for_good && committed.is_some() {
+                self.upload_log(&a.drv_path);
+            }
+        }
         if report.status == 0 {
             self.built_outputs.insert(
                 a.drv_path.clone(),

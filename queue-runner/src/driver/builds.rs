@@ -1,6 +1,7 @@
 //! Held builds (`HeldBuild`, what is kept of a loaded build) and builds
-//! the core finished: the write that records them, and forgetting what
-//! nobody needs any more.
+//! the core finished: the write that records them (for a success with a
+//! binary cache, once its outputs are uploaded: see [`super::upload`]),
+//! and forgetting what nobody needs any more.
 
 use super::*;
 
@@ -51,8 +52,9 @@ impl Driver {
                 continue;
             };
             self.started_builds.remove(&id);
+            // Finished as far as loads go, even while its write waits for
+            // an upload (`upload.rs`): a load must not take it for queued.
             self.recently_finished.insert(id, false);
-            self.counters.builds_done += 1;
             let built = self.built_outputs.get(&build.drv_path);
             builds.push(writer::FinishedBuild {
                 status: status.code(),
@@ -67,13 +69,25 @@ impl Driver {
         if builds.is_empty() {
             return;
         }
-        self.send_write(WriteJob::FinishBuilds {
-            head: finished.build,
-            cached: finished.cached,
-            failed_step: finished.failed_step.map(|d| d.as_str().to_string()),
-            builds,
-            time: unix_now(),
-        });
+        // With a binary cache, a success is written once its outputs are in
+        // the cache. (A success finishes one build: the step's, or a
+        // cached one.)
+        let upload = builds
+            .first()
+            .filter(|_| finished.status == sluice_core::Status::Success && self.uploads.is_some())
+            .map(|b| b.build.drv_path.clone());
+        if let Some(drv) = upload {
+            self.finish_once_uploaded(finished.build, finished.cached, builds, &drv);
+        } else {
+            self.counters.builds_done += builds.len() as u64;
+            self.send_write(WriteJob::FinishBuilds {
+                head: finished.build,
+                cached: finished.cached,
+                failed_step: finished.failed_step.map(|d| d.as_str().to_string()),
+                builds,
+                time: unix_now(),
+            });
+        }
         // Forget closure details nobody needs any more.
         if self.builds.is_empty() {
             self.prune();

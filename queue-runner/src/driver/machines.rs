@@ -164,6 +164,7 @@ impl Driver {
             },
             pending_writes: self.writer.max_capacity() - self.writer.capacity()
                 + self.write_backlog.len(),
+            uploads: self.uploads.as_ref().map(upload::Uploads::status),
         };
         let _ = self.status.send(snapshot);
     }

@@ -13,14 +13,17 @@
 //! disconnected agents, attempts adopted after a restart), [`builds`] (finished
 //! builds), [`load`] (queued builds in), [`resolve`] (content-addressed
 //! steps resolved into fresh ones), [`backlog`] (writes out, with
-//! backpressure) and the [`writer`] task itself.
+//! backpressure), [`upload`] (outputs and logs into the binary cache
+//! before successful builds are written finished) and the [`writer`] task
+//! itself.
 //!
 //! Invariants: only this task touches the `Core`; the driver never awaits
 //! the database or the store itself (background tasks do and answer with
 //! events), so a slow query never delays a dispatch decision; every
 //! attempt's `BuildSteps` row is written by the writer in the order the
 //! driver asked, so a step's row exists before it is finished, and a build's
-//! steps are finished before the build.
+//! steps are finished before the build; with a binary cache, a successful
+//! build is written finished only after its outputs are in the cache.
 
 mod attempts;
 mod backlog;
@@ -31,6 +34,7 @@ mod postprocess;
 mod prepare;
 pub mod resolve;
 mod resume;
+pub mod upload;
 pub mod writer;
 
 use std::collections::{HashMap, HashSet};
@@ -89,6 +93,12 @@ pub enum DriverEvent {
         drv_path: DrvPath,
         build: BuildId,
     },
+    /// A binary cache upload ended (see [`upload`]).
+    Uploaded(upload::Uploaded),
+    /// A failed upload is due to be tried again.
+    UploadDue(upload::UploadId),
+    /// A build log's upload to the binary cache ended.
+    LogUploaded(upload::LogUploaded),
     Shutdown,
 }
 
@@ -217,6 +227,8 @@ pub struct Driver {
     resolutions: resolve::Resolutions,
     /// Hashes modulo of the derivations read so far (realisation keys).
     hashes: crate::ca::Hashes,
+    /// The binary cache, if one is configured ([`Driver::upload_to`]).
+    uploads: Option<upload::Uploads>,
     status: watch::Sender<StatusSnapshot>,
 }
 
@@ -281,6 +293,7 @@ impl Driver {
             jobset_shares: HashMap::new(),
             resolutions: Default::default(),
             hashes: Default::default(),
+            uploads: None,
             status,
         }
     }
@@ -294,6 +307,11 @@ impl Driver {
     pub async fn run(mut self) -> Flushed {
         self.serve().await;
         self.publish_status();
+        // Builds waiting for an upload stay unfinished: the next start
+        // finishes them (see `upload`).
+        if let Some(uploads) = self.uploads.take() {
+            uploads.stop();
+        }
         self.flush().await
     }
 
@@ -402,6 +420,9 @@ impl Driver {
                     self.resolve(drv_path, build);
                 }
             }
+            DriverEvent::Uploaded(done) => self.on_uploaded(done),
+            DriverEvent::UploadDue(id) => self.on_upload_due(id),
+            DriverEvent::LogUploaded(outcome) => self.on_log_uploaded(outcome),
             DriverEvent::Shutdown => {}
         }
     }

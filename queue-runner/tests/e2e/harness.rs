@@ -28,6 +28,8 @@ pub struct Deployment {
     pub host_daemon: NixDaemon,
     pub data_dir: tempfile::TempDir,
     pub bound: Bound,
+    /// What the queue runner runs with (for [`Deployment::restart_queue_runner`]).
+    config: ServeConfig,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     agents: Vec<Agent>,
@@ -91,22 +93,7 @@ impl Deployment {
         };
         let mut config = config;
         adjust(&mut config);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (bound_tx, bound_rx) = oneshot::channel();
-        let task = tokio::spawn(service::run_with(
-            config,
-            async {
-                let _ = stopped.await;
-            },
-            bound_tx,
-        ));
-        let bound = match tokio::time::timeout(Duration::from_secs(60), bound_rx).await {
-            Ok(Ok(bound)) => bound,
-            _ => {
-                let result = task.await;
-                panic!("the queue runner did not come up: {result:?}");
-            }
-        };
+        let (bound, stop, task) = start_queue_runner(config.clone()).await;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(4)
             .connect(&pg.url())
@@ -119,6 +106,7 @@ impl Deployment {
             host_daemon,
             data_dir,
             bound,
+            config,
             stop: Some(stop),
             task: Some(task),
             agents: Vec::new(),
@@ -357,6 +345,22 @@ impl Deployment {
         self.task.take().expect("the queue runner runs")
     }
 
+    /// Stops the queue runner as SIGTERM does and starts it again with the
+    /// same settings, database, data directory and store. It listens on
+    /// new ports: agents started before do not find it again.
+    pub async fn restart_queue_runner(&mut self) {
+        let stopping = self.begin_stopping_queue_runner();
+        tokio::time::timeout(Duration::from_secs(30), stopping)
+            .await
+            .expect("the queue runner stops within 30 s")
+            .unwrap()
+            .unwrap();
+        let (bound, stop, task) = start_queue_runner(self.config.clone()).await;
+        self.bound = bound;
+        self.stop = Some(stop);
+        self.task = Some(task);
+    }
+
     pub async fn stop(mut self) {
         for agent in &mut self.agents {
             if let Some(stop) = agent.stop.take() {
@@ -371,6 +375,28 @@ impl Deployment {
         }
         if let Some(task) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+/// Starts `service::run_with(config)`; returns once it is up.
+async fn start_queue_runner(
+    config: ServeConfig,
+) -> (Bound, oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = oneshot::channel();
+    let task = tokio::spawn(service::run_with(
+        config,
+        async {
+            let _ = stopped.await;
+        },
+        bound_tx,
+    ));
+    match tokio::time::timeout(Duration::from_secs(60), bound_rx).await {
+        Ok(Ok(bound)) => (bound, stop, task),
+        _ => {
+            let result = task.await;
+            panic!("the queue runner did not come up: {result:?}");
         }
     }
 }

@@ -14,97 +14,14 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 use sluice_binary_cache::{
     BinaryCache, CacheConfig, Compression, Destination, SecretKey, PART_SIZE, WHOLE_PUT_LIMIT,
 };
 use sluice_test_support::nix::{NixCommands, NixDaemon, NixEnv};
+use sluice_test_support::s3::Moto;
 use support::*;
-
-/// Where `scripts/install-deps.sh` installs moto (`$SLUICE_MOTO_DIR`
-/// moves it, there and here).
-const MOTO_DIR: &str = "/opt/sluice-moto";
-
-fn moto_server() -> PathBuf {
-    let dir = std::env::var_os("SLUICE_MOTO_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(MOTO_DIR));
-    let path = dir.join("bin/moto_server");
-    assert!(
-        path.is_file(),
-        "test harness: no S3-compatible server: {} is missing; install it with \
-         scripts/install-deps.sh as root (a Python venv with PyPI's moto[s3] at {MOTO_DIR}, \
-         or at $SLUICE_MOTO_DIR)",
-        path.display()
-    );
-    path
-}
-
-/// A moto server, killed on drop.
-struct Moto {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let program = moto_server();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("moto.log")).unwrap();
-        let child = Command::new(program)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let moto = Moto {
-            child,
-            port,
-            _dir: dir,
-        };
-        let up = sluice_test_support::wait_until(Duration::from_secs(60), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        assert!(up, "moto_server did not listen on port {port} within 60 s");
-        moto
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// A bucket anyone may read, as Nix's HTTP binary cache store reads
-    /// it (moto lets a public-read bucket's objects be read without
-    /// signing; on AWS that takes a bucket policy).
-    fn create_public_bucket(&self, bucket: &str) {
-        command(Command::new("curl").args([
-            "-sf",
-            "-X",
-            "PUT",
-            "-H",
-            "x-amz-acl: public-read",
-            &format!("{}/{bucket}", self.url()),
-        ]));
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `leaf`; `big`, 20 MB of random bytes (compressed, still past the
 /// single-request limit); `top`, referring to both.

@@ -15,6 +15,7 @@
 
 pub mod nix;
 pub mod pg;
+pub mod s3;
 
 /// Polls `cond` until it is true or `timeout` passes; returns whether it
 /// became true. For waiting on a condition with a deadline instead of

@@ -12,13 +12,24 @@ use std::time::Duration;
 /// Load figures of the machine.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct HostLoad {
-    pub load1: f32,
+    /// Load averages over 1, 5 and 15 minutes.
+    pub load: [f32; 3],
     pub mem_total_bytes: u64,
     pub mem_used_bytes: u64,
-    /// `some avg10` of `/proc/pressure/{cpu,memory,io}` (0 when absent).
-    pub cpu_pressure: f32,
-    pub memory_pressure: f32,
-    pub io_pressure: f32,
+    /// The `some` lines of `/proc/pressure/{cpu,memory,io}` (zeros when
+    /// absent).
+    pub cpu_pressure: Pressure,
+    pub memory_pressure: Pressure,
+    pub io_pressure: Pressure,
+}
+
+/// One `some` line of a pressure file: the share of time (percent) some
+/// task stalled, over 10, 60 and 300 seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Pressure {
+    pub avg10: f32,
+    pub avg60: f32,
+    pub avg300: f32,
 }
 
 /// Reads the current figures under `proc_root`.
@@ -26,22 +37,22 @@ pub fn load(proc_root: &Path) -> HostLoad {
     let read = |rel: &str| std::fs::read_to_string(proc_root.join(rel)).unwrap_or_default();
     let (total, available) = parse_meminfo(&read("meminfo"));
     HostLoad {
-        load1: parse_loadavg(&read("loadavg")).unwrap_or(0.0),
+        load: parse_loadavg(&read("loadavg")).unwrap_or_default(),
         mem_total_bytes: total,
         mem_used_bytes: total.saturating_sub(available),
-        cpu_pressure: parse_pressure(&read("pressure/cpu")).unwrap_or(0.0),
-        memory_pressure: parse_pressure(&read("pressure/memory")).unwrap_or(0.0),
-        io_pressure: parse_pressure(&read("pressure/io")).unwrap_or(0.0),
+        cpu_pressure: parse_pressure(&read("pressure/cpu")).unwrap_or_default(),
+        memory_pressure: parse_pressure(&read("pressure/memory")).unwrap_or_default(),
+        io_pressure: parse_pressure(&read("pressure/io")).unwrap_or_default(),
     }
 }
 
-/// The 1-minute load average: the first field of `/proc/loadavg`.
-pub fn parse_loadavg(text: &str) -> Option<f32> {
-    text.split_whitespace()
-        .next()?
-        .parse::<f32>()
-        .ok()
-        .filter(|x| x.is_finite())
+/// The load averages over 1, 5 and 15 minutes: the first three fields of
+/// `/proc/loadavg`.
+pub fn parse_loadavg(text: &str) -> Option<[f32; 3]> {
+    let mut fields = text
+        .split_whitespace()
+        .map(|f| f.parse::<f32>().ok().filter(|x| x.is_finite()));
+    Some([fields.next()??, fields.next()??, fields.next()??])
 }
 
 /// `(MemTotal, MemAvailable)` in bytes from `/proc/meminfo` (kB there).
@@ -55,14 +66,23 @@ pub fn parse_meminfo(text: &str) -> (u64, u64) {
     (field("MemTotal"), field("MemAvailable"))
 }
 
-/// `avg10` of the `some` line of a `/proc/pressure/*` file.
-pub fn parse_pressure(text: &str) -> Option<f32> {
+/// The averages of the `some` line of a `/proc/pressure/*` file; `None`
+/// without one, or when its `avg10` is missing or malformed (a missing
+/// `avg60` or `avg300` reads as 0).
+pub fn parse_pressure(text: &str) -> Option<Pressure> {
     let line = text.lines().find(|l| l.starts_with("some "))?;
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix("avg10="))?
-        .parse::<f32>()
-        .ok()
-        .filter(|x| x.is_finite())
+    let avg = |key: &str| {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))?
+            .parse::<f32>()
+            .ok()
+            .filter(|x| x.is_finite())
+    };
+    Some(Pressure {
+        avg10: avg("avg10")?,
+        avg60: avg("avg60").unwrap_or(0.0),
+        avg300: avg("avg300").unwrap_or(0.0),
+    })
 }
 
 /// Free bytes on the filesystem holding `path` (0 if it cannot be read).
@@ -124,8 +144,12 @@ mod tests {
 
     #[test]
     fn proc_files_parse() {
-        assert_eq!(parse_loadavg("0.52 0.58 0.59 1/467 12345\n"), Some(0.52));
+        assert_eq!(
+            parse_loadavg("0.52 0.58 0.59 1/467 12345\n"),
+            Some([0.52, 0.58, 0.59])
+        );
         assert_eq!(parse_loadavg(""), None);
+        assert_eq!(parse_loadavg("0.52 x 0.59"), None);
         assert_eq!(
             parse_meminfo(
                 "MemTotal:       16303368 kB\nMemFree: 1 kB\nMemAvailable:   8000000 kB\n"
@@ -137,9 +161,14 @@ mod tests {
             parse_pressure(
                 "some avg10=1.25 avg60=0.50 avg300=0.10 total=123\nfull avg10=9.00 avg60=0 avg300=0 total=1\n"
             ),
-            Some(1.25)
+            Some(Pressure {
+                avg10: 1.25,
+                avg60: 0.5,
+                avg300: 0.1
+            })
         );
         assert_eq!(parse_pressure("full avg10=1.00"), None);
+        assert_eq!(parse_pressure("some avg60=1.00"), None);
     }
 
     #[test]
@@ -159,11 +188,11 @@ mod tests {
         )
         .expect("write");
         let load = load(root);
-        assert_eq!(load.load1, 2.0);
+        assert_eq!(load.load, [2.0, 1.0, 0.5]);
         assert_eq!(load.mem_total_bytes, 102_400);
         assert_eq!(load.mem_used_bytes, 61_440);
-        assert_eq!(load.io_pressure, 3.5);
-        assert_eq!(load.cpu_pressure, 0.0);
+        assert_eq!(load.io_pressure.avg10, 3.5);
+        assert_eq!(load.cpu_pressure, Pressure::default());
         assert_eq!(super::load(&root.join("nowhere")), HostLoad::default());
     }
 }

@@ -200,7 +200,7 @@ pub(crate) async fn run(mut link: Link, assignment: pb::Assignment, slots: Arc<S
         refuse(ctx, step, "the agent is draining").await;
         return;
     };
-    let outcome = match build(&mut link, &assignment, slot.placement()).await {
+    let outcome = match build(&mut link, &assignment, slot.placement(), slot.index()).await {
         Ok(outcome) => outcome,
         Err(e) => {
             tracing::warn!(step, drv = assignment.drv_path, "step aborted: {e}");
@@ -294,7 +294,8 @@ async fn upload_all(
     infos: &BTreeMap<String, PathInfo>,
     nix: &mut DaemonClient,
 ) -> Result<Vec<pb::BuildOutput>, JobError> {
-    ctx.phase(step, RECEIVING_OUTPUTS);
+    // The build is over and its slot released: the upload holds none.
+    ctx.phase(step, RECEIVING_OUTPUTS, None);
     let dir = StoreDir::default();
     let mut outputs = Vec::with_capacity(infos.len());
     for name in upload_order(infos) {
@@ -321,14 +322,17 @@ fn store_path(what: &str, path: &str) -> Result<StorePath, JobError> {
         .map_err(|e| JobError::Assignment(format!("{what} '{path}': {e}")))
 }
 
+/// Builds `a` in the slot of `placement` (`slot`: its index among the
+/// registered slots, if it is pinned).
 async fn build(
     link: &mut Link,
     a: &pb::Assignment,
     placement: Placement<'_>,
+    slot: Option<u32>,
 ) -> Result<Outcome, JobError> {
     let step = a.step_id.as_str();
     let ctx = link.session().await;
-    ctx.phase(step, SENDING_INPUTS);
+    ctx.phase(step, SENDING_INPUTS, slot);
     let dir = StoreDir::default();
     let drv_path = store_path("drv_path", &a.drv_path)?;
     let drv = Derivation::parse_drv_file(&dir, &drv_path, &a.drv)
@@ -343,7 +347,8 @@ async fn build(
     let cores = placement
         .cpus
         .map_or(0, |c| u32::try_from(c.len()).unwrap_or(0));
-    let built = build_with(link, &ctx, a, &drv_path, &basic, &mut conn.nix, cores).await;
+    let seat = Seat { cores, slot };
+    let built = build_with(link, &ctx, a, &drv_path, &basic, &mut conn.nix, seat).await;
     match built {
         // The connection stays open: the outputs are read from it. What
         // the build left running goes now; only the daemon stays.
@@ -379,6 +384,14 @@ enum Built {
     Upload(pb::StepResult, BTreeMap<String, PathInfo>),
 }
 
+/// Where a step builds: its slot's CPU count (`NIX_BUILD_CORES`; 0: all)
+/// and the slot's index, when it is pinned.
+#[derive(Clone, Copy)]
+struct Seat {
+    cores: u32,
+    slot: Option<u32>,
+}
+
 async fn build_with(
     link: &mut Link,
     ctx: &SessionCtx,
@@ -386,7 +399,7 @@ async fn build_with(
     drv_path: &StorePath,
     basic: &BasicDerivation,
     nix: &mut DaemonClient,
-    cores: u32,
+    Seat { cores, slot }: Seat,
 ) -> Result<Built, JobError> {
     let step = a.step_id.as_str();
     let copying = Instant::now();
@@ -395,7 +408,7 @@ async fn build_with(
     let building_since = Instant::now();
 
     if let Some(current) = link.now() {
-        current.phase(step, BUILDING);
+        current.phase(step, BUILDING, slot);
     }
     nix.set_options(&ClientOptions {
         max_silent_time: a.max_silent_time_s,

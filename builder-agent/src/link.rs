@@ -180,6 +180,14 @@ pub(crate) struct SlotGuard {
 }
 
 impl SlotGuard {
+    /// The pinned slot's index in the layout (the order the slots were
+    /// registered in); `None` when steps are not pinned.
+    pub(crate) fn index(&self) -> Option<u32> {
+        self.pinned
+            .as_ref()
+            .and_then(|(index, _)| u32::try_from(*index).ok())
+    }
+
     /// Where the job's step runs: its slot's CPUs and memory nodes, if it
     /// is pinned, and in a cgroup of its own, if cgroups are used.
     pub(crate) fn placement(&self) -> Placement<'_> {

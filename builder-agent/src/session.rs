@@ -71,14 +71,16 @@ pub(crate) struct SessionCtx {
 }
 
 impl SessionCtx {
-    /// Reports a busy phase (Hydra's `BuildSteps.busy` code) of a step.
-    /// Advisory: dropped if the stream is full or gone.
-    pub(crate) fn phase(&self, step_id: &str, busy: u32) {
+    /// Reports a busy phase (Hydra's `BuildSteps.busy` code) of a step,
+    /// and the pinned slot it holds (its index in the registered slots),
+    /// if it holds one. Advisory: dropped if the stream is full or gone.
+    pub(crate) fn phase(&self, step_id: &str, busy: u32, slot: Option<u32>) {
         let event = pb::AgentEvent {
             session_id: self.id.clone(),
             event: Some(pb::agent_event::Event::Phase(pb::PhaseUpdate {
                 step_id: step_id.to_owned(),
                 busy,
+                slot,
             })),
         };
         let _ = self.events.try_send(event);
@@ -293,12 +295,20 @@ async fn heartbeat(ctx: Arc<SessionCtx>, interval: Duration) -> Ended {
         let load = host::load(&ctx.config.proc_root);
         let request = pb::HeartbeatRequest {
             session_id: ctx.id.clone(),
-            load1: load.load1,
+            load1: load.load[0],
+            load5: load.load[1],
+            load15: load.load[2],
             mem_used_bytes: load.mem_used_bytes,
             pressure: Some(pb::Pressure {
-                cpu_some_avg10: load.cpu_pressure,
-                memory_some_avg10: load.memory_pressure,
-                io_some_avg10: load.io_pressure,
+                cpu_some_avg10: load.cpu_pressure.avg10,
+                cpu_some_avg60: load.cpu_pressure.avg60,
+                cpu_some_avg300: load.cpu_pressure.avg300,
+                memory_some_avg10: load.memory_pressure.avg10,
+                memory_some_avg60: load.memory_pressure.avg60,
+                memory_some_avg300: load.memory_pressure.avg300,
+                io_some_avg10: load.io_pressure.avg10,
+                io_some_avg60: load.io_pressure.avg60,
+                io_some_avg300: load.io_pressure.avg300,
             }),
             store_free_bytes: host::free_bytes(std::path::Path::new("/nix/store")),
             build_dir_free_bytes: host::free_bytes(&std::env::temp_dir()),

@@ -486,6 +486,7 @@ impl SimAgent {
                             event: Some(pb::agent_event::Event::Phase(pb::PhaseUpdate {
                                 step_id: assignment.step_id.clone(),
                                 busy,
+                                slot: None,
                             })),
                         });
                     }

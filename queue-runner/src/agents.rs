@@ -61,14 +61,25 @@ pub struct AgentInfo {
 /// Load figures from a heartbeat.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AgentLoad {
-    pub load1: f32,
+    /// Load averages over 1, 5 and 15 minutes.
+    pub load: [f32; 3],
     pub mem_used_bytes: u64,
-    pub cpu_pressure: f32,
-    pub memory_pressure: f32,
-    pub io_pressure: f32,
+    /// Pressure stall information (the `some` lines).
+    pub cpu_pressure: Pressure,
+    pub memory_pressure: Pressure,
+    pub io_pressure: Pressure,
     /// Free bytes where the agent's store is and where it builds.
     pub store_free_bytes: u64,
     pub build_dir_free_bytes: u64,
+}
+
+/// The share of time (percent) some task stalled on a resource, over 10,
+/// 60 and 300 seconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Pressure {
+    pub avg10: f32,
+    pub avg60: f32,
+    pub avg300: f32,
 }
 
 /// Messages from the gRPC layer to the driver.
@@ -94,11 +105,14 @@ pub enum FromAgent {
     Draining {
         machine: MachineId,
     },
-    /// The attempt entered a busy phase (Hydra's `BuildSteps.busy` codes).
+    /// The attempt entered a busy phase (Hydra's `BuildSteps.busy` codes),
+    /// holding the agent's pinned slot `slot` (an index into
+    /// [`AgentInfo::slots`], unchecked) if it says so.
     Phase {
         machine: MachineId,
         attempt: AttemptId,
         busy: i32,
+        slot: Option<u32>,
     },
     /// The attempt ended. For a success, every output in the report has
     /// already been uploaded, verified and imported into the queue

@@ -119,16 +119,16 @@ pub fn machines_value(s: &StatusSnapshot) -> Value {
                 "totalMem": m.total_mem,
                 "currentJobs": m.running,
                 "stats": {
-                    "load": m.load.load1,
+                    "load": m.load.load[0],
                     "memUsage": m.load.mem_used_bytes,
                     "nrStepsDone": m.steps_done,
                     "avgStepBuildTimeMs": m.avg_step_build_ms,
                     "storeFreeBytes": m.load.store_free_bytes,
                     "buildDirFreeBytes": m.load.build_dir_free_bytes,
                     "pressure": {
-                        "cpuSomeAvg10": m.load.cpu_pressure,
-                        "memorySomeAvg10": m.load.memory_pressure,
-                        "ioSomeAvg10": m.load.io_pressure,
+                        "cpuSomeAvg10": m.load.cpu_pressure.avg10,
+                        "memorySomeAvg10": m.load.memory_pressure.avg10,
+                        "ioSomeAvg10": m.load.io_pressure.avg10,
                     },
                 },
             })

@@ -52,6 +52,7 @@ impl Driver {
                 machine,
                 attempt,
                 busy,
+                slot: _,
             } => {
                 if let Some(a) = self.attempts.get(&attempt) {
                     if a.machine == machine {
@@ -78,10 +79,10 @@ impl Driver {
     /// pressure over the threshold, or too little free disk.
     fn over_capacity(&self, m: &Machine) -> Option<String> {
         let pressure = self.config.max_cpu_pressure;
-        if pressure > 0.0 && m.load.cpu_pressure > pressure {
+        if pressure > 0.0 && m.load.cpu_pressure.avg10 > pressure {
             return Some(format!(
                 "CPU pressure {:.1}% is over {pressure}%",
-                m.load.cpu_pressure
+                m.load.cpu_pressure.avg10
             ));
         }
         let min = self.config.min_free_disk_mb.saturating_mul(1 << 20);

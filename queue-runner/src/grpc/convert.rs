@@ -12,7 +12,7 @@ use sluice_proto::v1 as pb;
 use thiserror::Error;
 
 use crate::agents::{
-    AgentInfo, AgentLoad, AttemptId, FailureKind, PathSummary, StepReport, ToAgent,
+    AgentInfo, AgentLoad, AttemptId, FailureKind, PathSummary, Pressure, StepReport, ToAgent,
 };
 
 /// A message field that does not hold what it must.
@@ -94,12 +94,29 @@ pub(crate) fn agent_info(req: pb::RegisterRequest) -> Result<AgentInfo, ConvertE
 pub(crate) fn agent_load(req: &pb::HeartbeatRequest) -> AgentLoad {
     let finite = |x: f32| if x.is_finite() { x } else { 0.0 };
     let pressure = req.pressure.unwrap_or_default();
+    let avgs = |avg10, avg60, avg300| Pressure {
+        avg10: finite(avg10),
+        avg60: finite(avg60),
+        avg300: finite(avg300),
+    };
     AgentLoad {
-        load1: finite(req.load1),
+        load: [finite(req.load1), finite(req.load5), finite(req.load15)],
         mem_used_bytes: req.mem_used_bytes,
-        cpu_pressure: finite(pressure.cpu_some_avg10),
-        memory_pressure: finite(pressure.memory_some_avg10),
-        io_pressure: finite(pressure.io_some_avg10),
+        cpu_pressure: avgs(
+            pressure.cpu_some_avg10,
+            pressure.cpu_some_avg60,
+            pressure.cpu_some_avg300,
+        ),
+        memory_pressure: avgs(
+            pressure.memory_some_avg10,
+            pressure.memory_some_avg60,
+            pressure.memory_some_avg300,
+        ),
+        io_pressure: avgs(
+            pressure.io_some_avg10,
+            pressure.io_some_avg60,
+            pressure.io_some_avg300,
+        ),
         store_free_bytes: req.store_free_bytes,
         build_dir_free_bytes: req.build_dir_free_bytes,
     }

@@ -195,6 +195,7 @@ async fn handle_event(shared: &Shared, session: &Session, event: pb::AgentEvent)
             machine: session.machine,
             attempt,
             busy,
+            slot: phase.slot,
         })
         .await;
 }

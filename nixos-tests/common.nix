@@ -84,7 +84,7 @@ in
 
       def machines():
           status = runner.succeed("curl -fsS http://127.0.0.1:9198/status/machines")
-          return json.loads(status)["machines"]
+          return list(json.loads(status)["machines"].values())
 
 
       def wait_for_agents(*names):

@@ -188,6 +188,7 @@ in
         "max-cpu-pressure" = 80;
         "dispatch-order" = "hydra";
         "shutdown-timeout-s" = 50;
+        "status-interval-s" = 10;
       };
     };
     services.sluice.builderAgent = {

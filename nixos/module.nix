@@ -341,7 +341,7 @@ in
             "http-listen" = mkOption {
               type = types.str;
               default = "127.0.0.1:9198";
-              description = "Address of /status, /status/machines and /metrics.";
+              description = "Address of the dashboard (/), /status, /status/machines and /metrics.";
             };
             "store-socket" = mkOption {
               type = types.nullOr types.str;
@@ -425,6 +425,12 @@ in
               "xz"
               "none"
             ]) "Compression of the NARs uploaded to the binary cache (binary's default: zstd).";
+            "status-interval-s" = setting types.ints.positive ''
+              Seconds between writes of the queue runner's status to the
+              database's SystemStatus row (which older Hydra web UIs read),
+              and between the dashboard's reads of the queue and of recent
+              failures (binary's default: 5).
+            '';
           };
         };
       };

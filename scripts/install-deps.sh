@@ -3,7 +3,8 @@
 # Nix (Debian's nix-bin, 2.8 or newer), Nix 2.26 in a Debian trixie chroot
 # (scripts/install-nix-2.26.sh), the PostgreSQL server binaries, an
 # S3-compatible server for the binary cache's test (PyPI's moto, in a venv
-# at /opt/sluice-moto), and the rustfmt and clippy components. Installs only as root on Debian/Ubuntu;
+# at /opt/sluice-moto), headless Chromium for the dashboard's test, and the
+# rustfmt and clippy components. Installs only as root on Debian/Ubuntu;
 # elsewhere it says what is missing and fails.
 set -euo pipefail
 
@@ -14,6 +15,7 @@ command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 /usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium fonts-dejavu-core)
 
 if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then

@@ -33,7 +33,8 @@ pub struct Settings {
     /// Address the builder agents dial [default: 127.0.0.1:50051]
     #[arg(long, value_name = "ADDR")]
     pub grpc_listen: Option<SocketAddr>,
-    /// Address of /status, /status/machines and /metrics [default: 127.0.0.1:9198]
+    /// Address of the dashboard (/), /status, /status/machines and
+    /// /metrics [default: 127.0.0.1:9198]
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<SocketAddr>,
     /// File with the tokens agents must present, one per line (`name:token`
@@ -127,6 +128,12 @@ pub struct Settings {
     /// none [default: zstd]
     #[arg(long, value_name = "METHOD")]
     pub binary_cache_compression: Option<String>,
+    /// Seconds between writes of the queue runner's status (the JSON of
+    /// /status) to the database's SystemStatus row 'queue-runner', which
+    /// older Hydra web UIs read, and between the dashboard's reads of the
+    /// queue and recent failures; at least 1 [default: 5]
+    #[arg(long, value_name = "SECONDS")]
+    pub status_interval_s: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +203,9 @@ pub struct ServeConfig {
     pub dispatch_order: sluice_core::ConfiguredOrder,
     /// Where built paths are uploaded; `None`: nowhere.
     pub binary_cache: Option<BinaryCacheConfig>,
+    /// How often the `SystemStatus` row is written and the dashboard reads
+    /// the database.
+    pub status_interval: Duration,
 }
 
 /// The binary cache, as configured: its URI parsed, its key file not yet
@@ -255,6 +265,7 @@ impl ServeConfig {
                 file.signing_key_file,
                 file.binary_cache_compression.as_deref(),
             )?,
+            status_interval: Duration::from_secs(file.status_interval_s.unwrap_or(5).max(1)),
         })
     }
 }
@@ -314,6 +325,7 @@ impl Settings {
             binary_cache_compression: self
                 .binary_cache_compression
                 .or(other.binary_cache_compression),
+            status_interval_s: self.status_interval_s.or(other.status_interval_s),
         }
     }
 }
@@ -415,6 +427,7 @@ mod tests {
         assert_eq!(example.shutdown_timeout, defaults.shutdown_timeout);
         assert_eq!(example.max_pending_writes, defaults.max_pending_writes);
         assert_eq!(example.load_batch, defaults.load_batch);
+        assert_eq!(example.status_interval, defaults.status_interval);
     }
 
     #[test]
@@ -453,6 +466,7 @@ mod tests {
                 "binary-cache-compression",
                 sluice_binary_cache::Compression::default().to_string(),
             ),
+            ("status-interval-s", d.status_interval.as_secs().to_string()),
         ];
         let command = Settings::augment_args(clap::Command::new("serve"));
         let help = |long: &str| {

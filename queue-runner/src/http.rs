@@ -1,80 +1,167 @@
-//! The HTTP endpoints: `GET /status` and `GET /status/machines` as Hydra's
-//! web UI reads them (camelCase JSON), and `GET /metrics` in Prometheus'
-//! text format.
+//! The HTTP endpoints: the dashboard (`GET /`, with build logs at
+//! `GET /log/<drv>`), `GET /status` and `GET /status/machines` as Hydra's
+//! web UIs read them (camelCase JSON, machines keyed by name), and
+//! `GET /metrics` in Prometheus' text format.
 //!
-//! Invariant: handlers only read the latest [`StatusSnapshot`] from a watch
-//! channel; they never reach into the driver, so a slow client cannot slow
-//! scheduling.
+//! Invariant: handlers only read the latest [`StatusSnapshot`] and the
+//! dashboard's [`Figures`] from watch channels, and log files; they never
+//! reach into the driver or wait for the database, so a slow client cannot
+//! slow scheduling and an outage cannot slow a page.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 
-use crate::status::{StatusSnapshot, UploadStatus};
+use crate::agents::Pressure;
+use crate::dashboard::Figures;
+use crate::status::{MachineStatus, StatusSnapshot, UploadStatus};
 
 type Snapshot = watch::Receiver<StatusSnapshot>;
 
-pub fn router(status: Snapshot) -> Router {
+/// What the handlers read.
+#[derive(Clone)]
+pub struct HttpState {
+    pub status: Snapshot,
+    pub figures: watch::Receiver<Figures>,
+    /// Where build logs are (`<data_dir>/build-logs`).
+    pub data_dir: PathBuf,
+    /// How often the dashboard reloads itself.
+    pub refresh: Duration,
+}
+
+/// No script, no frame, nothing from elsewhere: the pages are text,
+/// tables and inline SVG.
+const CONTENT_SECURITY_POLICY: &str =
+    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+pub fn router(state: HttpState) -> Router {
     Router::new()
+        .route("/", get(dashboard))
+        .route("/log/{drv}", get(build_log))
         .route("/status", get(status_json))
         .route("/status/machines", get(machines_json))
         .route("/metrics", get(metrics))
-        .with_state(status)
+        .with_state(state)
 }
 
 /// Serves until the listener fails or the task is dropped.
-pub async fn serve(addr: SocketAddr, status: Snapshot) -> std::io::Result<()> {
+pub async fn serve(addr: SocketAddr, state: HttpState) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, router(status)).await
+    axum::serve(listener, router(state)).await
 }
 
 /// Binds first (so the caller learns of a bad address at once), then serves
 /// in a task.
 pub async fn spawn(
     addr: SocketAddr,
-    status: Snapshot,
+    state: HttpState,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    tracing::info!(bound = %local, "listening for HTTP (/status, /status/machines, /metrics)");
-    let handle = tokio::spawn(async move { axum::serve(listener, router(status)).await });
+    tracing::info!(bound = %local, "listening for HTTP (the dashboard at /, /status, /status/machines, /metrics)");
+    let handle = tokio::spawn(async move { axum::serve(listener, router(state)).await });
     Ok((local, handle))
 }
 
+async fn dashboard(State(state): State<HttpState>) -> Response {
+    let now = crate::driver::unix_now();
+    let refresh = state.refresh.as_secs().max(2);
+    // The snapshot is copied out first: a borrow held while the page is
+    // drawn would hold up the driver's next publication. The figures'
+    // borrow only holds up the sampler.
+    let status = state.status.borrow().clone();
+    let page = {
+        let figures = state.figures.borrow();
+        crate::dashboard::render::page(&status, &figures, now, refresh)
+    };
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        page,
+    )
+        .into_response()
+}
+
+/// The log of a derivation, `drv` its base name (`<hash>-<name>.drv`), as
+/// plain text that a browser never takes for a page.
+async fn build_log(State(state): State<HttpState>, Path(drv): Path<String>) -> Response {
+    let not_found = || (StatusCode::NOT_FOUND, "no such build log\n").into_response();
+    if drv.contains('/') {
+        return not_found();
+    }
+    let Ok(path) = crate::logs::log_path(&state.data_dir, &drv) else {
+        return not_found();
+    };
+    let Ok(file) = tokio::fs::File::open(&path).await else {
+        return not_found();
+    };
+    (
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CONTENT_SECURITY_POLICY, "default-src 'none'"),
+        ],
+        Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+    )
+        .into_response()
+}
+
+/// The JSON of `/status`, and of the `SystemStatus` row: Hydra's
+/// `queueRunner` counters, and the machines as `/status/machines` has
+/// them.
 pub fn status_value(s: &StatusSnapshot) -> Value {
     // Computed now: the snapshot is only refreshed when something happens.
     let now = crate::driver::unix_now();
     let uptime = (now - s.started_unix).max(0);
+    let avg = |total: u64| total.checked_div(s.steps_done).unwrap_or(0);
+    let c = &s.core;
     json!({
         "queueRunner": {
             "status": "up",
             "time": now,
             "uptime": uptime,
             "nrQueuedBuilds": s.builds_queued,
-            "nrStepsWaiting": s.core.steps_waiting,
-            "nrStepsRunnable": s.core.steps_runnable,
-            "nrStepsBuilding": s.core.steps_building,
-            "nrRetries": s.core.retries,
+            "nrBuildsUnfinished": s.builds_queued,
+            "nrBuildsRead": s.builds_read,
+            "nrStepsWaiting": c.steps_waiting,
+            "nrStepsRunnable": c.steps_runnable,
+            "nrStepsBuilding": c.steps_building,
+            "nrStepsUnfinished": c.steps_waiting + c.steps_runnable + c.steps_retry_pending
+                + c.steps_resolving + c.steps_building,
+            "nrStepsStarted": c.dispatches,
+            "nrRetries": c.retries,
+            "maxNrRetries": s.max_tries,
             "nrStepsDone": s.steps_done,
+            "totalStepTimeMs": s.step_ms_total,
+            "totalStepBuildTimeMs": s.build_ms_total,
+            "avgStepTimeMs": avg(s.step_ms_total),
+            "avgStepBuildTimeMs": avg(s.build_ms_total),
             "nrBuildsDone": s.builds_done,
-            "nrUnsupportedSteps": s.core.steps_unsupported,
+            "nrUnsupportedSteps": c.steps_unsupported,
             "nrQueueWakeups": s.queue_wakeups,
             "nrDispatcherWakeups": s.dispatcher_wakeups,
             "dispatchTimeMs": s.dispatch_time_ms,
-            "machinesTotal": s.core.machines_total,
-            "machinesInUse": s.core.machines_in_use,
+            "machinesTotal": c.machines_total,
+            "machinesInUse": c.machines_in_use,
             "databaseUp": s.database_down_since.is_none(),
             "databaseDownSince": s.database_down_since,
             "nrPendingWrites": s.pending_writes,
             "heapBytes": crate::memory::heap_bytes(),
             "binaryCache": s.uploads.as_ref().map(|u| uploads_value(u, now)),
-        }
+        },
+        "machines": machines_by_name(s, now),
     })
 }
 
@@ -96,49 +183,121 @@ fn uploads_value(u: &UploadStatus, now: i64) -> Value {
     })
 }
 
-async fn status_json(State(status): State<Snapshot>) -> Json<Value> {
-    Json(status_value(&status.borrow()))
+async fn status_json(State(state): State<HttpState>) -> Json<Value> {
+    let status = state.status.borrow().clone();
+    Json(status_value(&status))
 }
 
+/// Every machine under its name, as Hydra's web UIs look them up (the
+/// name is what `BuildSteps.machine` says). Two agents of one name (under
+/// different tokens) are told apart: the one connected first keeps the
+/// name, the others get `name#<id>`.
+fn machines_by_name(s: &StatusSnapshot, now: i64) -> Map<String, Value> {
+    let mut machines: Vec<&MachineStatus> = s.machines.iter().collect();
+    machines.sort_by(|a, b| (&a.hostname, a.id).cmp(&(&b.hostname, b.id)));
+    let mut out = Map::new();
+    for m in machines {
+        let key = if out.contains_key(&m.hostname) {
+            format!("{}#{}", m.hostname, m.id)
+        } else {
+            m.hostname.clone()
+        };
+        out.insert(key, machine_value(m, now));
+    }
+    out
+}
+
+/// One machine, with the fields of both kinds of Hydra web UI and
+/// Sluice's own:
+/// - what a web UI asking `/status/machines` reads (Hydra's current queue
+///   runner: `systems`, `maxJobs`, `speedFactor`, `supportedFeatures`,
+///   `mandatoryFeatures`, `hasCapacity`, `hasStaticCapacity`,
+///   `hasDynamicCapacity`, `totalMem`, and `stats` with `load1`, `load5`,
+///   `load15`, `memUsage`, `pressure`, `nrStepsDone`,
+///   `avgStepBuildTimeMs`, times in ms);
+/// - what one reading the `SystemStatus` row reads (Hydra's C++ queue
+///   runner: `enabled`, `systemTypes`, `currentJobs`, `nrStepsDone`,
+///   `avgStepBuildTime`, … times in seconds);
+/// - Sluice's: `connected`, `draining`, `paused`, `slots`, free disk.
+fn machine_value(m: &MachineStatus, now: i64) -> Value {
+    let ms_avg = |total: u64| total.checked_div(m.steps_done).unwrap_or(0);
+    let s_avg = |total: u64| match m.steps_done {
+        0 => 0.0,
+        n => total as f64 / 1000.0 / n as f64,
+    };
+    let pressure = |p: &Pressure| json!({ "avg10": p.avg10, "avg60": p.avg60, "avg300": p.avg300 });
+    let static_capacity = u64::try_from(m.running).unwrap_or(u64::MAX) < u64::from(m.max_jobs);
+    let dynamic_capacity = m.paused.is_none();
+    let enabled = m.connected && !m.draining;
+    let idle_since = (m.running == 0).then_some(m.idle_since);
+    json!({
+        "hostname": m.hostname,
+        "systems": m.systems,
+        "maxJobs": m.max_jobs,
+        "speedFactor": m.speed_factor,
+        "supportedFeatures": m.supported_features,
+        "mandatoryFeatures": m.mandatory_features,
+        "hasCapacity": enabled && static_capacity && dynamic_capacity,
+        "hasStaticCapacity": static_capacity,
+        "hasDynamicCapacity": dynamic_capacity,
+        "totalMem": m.total_mem,
+        "stats": {
+            "currentJobs": m.running,
+            "nrStepsDone": m.steps_done,
+            "totalStepTimeMs": m.step_ms_total,
+            "totalStepBuildTimeMs": m.build_ms_total,
+            "avgStepTimeMs": ms_avg(m.step_ms_total),
+            "avgStepBuildTimeMs": ms_avg(m.build_ms_total),
+            "idleSince": m.idle_since,
+            "lastFailure": m.last_failure,
+            "disabledUntil": 0,
+            "consecutiveFailures": m.consecutive_failures,
+            "lastPing": m.last_heard_unix,
+            "sinceLastPing": (now - m.last_heard_unix).max(0),
+            "load1": m.load.load[0],
+            "load5": m.load.load[1],
+            "load15": m.load.load[2],
+            "memUsage": m.load.mem_used_bytes,
+            "pressure": {
+                "cpuSome": pressure(&m.load.cpu_pressure),
+                "memSome": pressure(&m.load.memory_pressure),
+                "ioSome": pressure(&m.load.io_pressure),
+            },
+            "storeFreeBytes": m.load.store_free_bytes,
+            "buildDirFreeBytes": m.load.build_dir_free_bytes,
+        },
+        "enabled": enabled,
+        "systemTypes": m.systems,
+        "currentJobs": m.running,
+        "nrStepsDone": m.steps_done,
+        "totalStepTime": m.step_ms_total / 1000,
+        "totalStepBuildTime": m.build_ms_total / 1000,
+        "avgStepTime": s_avg(m.step_ms_total),
+        "avgStepBuildTime": s_avg(m.build_ms_total),
+        "idleSince": idle_since,
+        "disabledUntil": 0,
+        "lastFailure": m.last_failure,
+        "consecutiveFailures": m.consecutive_failures,
+        "connected": m.connected,
+        "draining": m.draining,
+        "paused": m.paused,
+        "slots": m
+            .slots
+            .iter()
+            .map(|(node, cpus)| json!({ "node": node, "cpus": cpus }))
+            .collect::<Vec<_>>(),
+    })
+}
+
+/// The JSON of `/status/machines`.
 pub fn machines_value(s: &StatusSnapshot) -> Value {
-    let machines: Vec<Value> = s
-        .machines
-        .iter()
-        .map(|m| {
-            json!({
-                "hostname": m.hostname,
-                "systems": m.systems,
-                "maxJobs": m.max_jobs,
-                "speedFactor": m.speed_factor,
-                "supportedFeatures": m.supported_features,
-                "mandatoryFeatures": m.mandatory_features,
-                "hasCapacity": !m.draining && m.paused.is_none() && (m.running as u32) < m.max_jobs,
-                "draining": m.draining,
-                "paused": m.paused,
-                "slots": m.slots.iter().map(|(node, cpus)| json!({ "node": node, "cpus": cpus })).collect::<Vec<_>>(),
-                "totalMem": m.total_mem,
-                "currentJobs": m.running,
-                "stats": {
-                    "load": m.load.load[0],
-                    "memUsage": m.load.mem_used_bytes,
-                    "nrStepsDone": m.steps_done,
-                    "avgStepBuildTimeMs": m.avg_step_build_ms,
-                    "storeFreeBytes": m.load.store_free_bytes,
-                    "buildDirFreeBytes": m.load.build_dir_free_bytes,
-                    "pressure": {
-                        "cpuSomeAvg10": m.load.cpu_pressure.avg10,
-                        "memorySomeAvg10": m.load.memory_pressure.avg10,
-                        "ioSomeAvg10": m.load.io_pressure.avg10,
-                    },
-                },
-            })
-        })
-        .collect();
-    json!({ "machines": machines })
+    let machines = machines_by_name(s, crate::driver::unix_now());
+    json!({ "machinesCount": machines.len(), "machines": machines })
 }
 
-async fn machines_json(State(status): State<Snapshot>) -> Json<Value> {
-    Json(machines_value(&status.borrow()))
+async fn machines_json(State(state): State<HttpState>) -> Json<Value> {
+    let status = state.status.borrow().clone();
+    Json(machines_value(&status))
 }
 
 pub fn metrics_text(s: &StatusSnapshot) -> String {
@@ -269,9 +428,9 @@ fn escape_label(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-async fn metrics(State(status): State<Snapshot>) -> impl IntoResponse {
+async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics_text(&status.borrow()),
+        metrics_text(&state.status.borrow()),
     )
 }

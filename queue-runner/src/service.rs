@@ -17,7 +17,7 @@ use crate::config::ServeConfig;
 use crate::driver::{Driver, DriverConfig, DriverEvent, Flushed};
 use crate::status::StatusSnapshot;
 use crate::store::Store;
-use crate::{binary_cache, db, embedded, grpc, http};
+use crate::{binary_cache, dashboard, db, embedded, grpc, http, status_row};
 
 /// The channels the queue runner listens to.
 pub const CHANNELS: [&str; 6] = [
@@ -206,7 +206,15 @@ pub async fn run_with(
             let _ = grpc_stop_rx.await;
         })
         .await?;
-    let (http_addr, http_task) = http::spawn(config.http_listen, status_rx)
+    // Filled by the dashboard's sampler, started with the driver below.
+    let (figures_tx, figures_rx) = watch::channel(dashboard::Figures::default());
+    let http_state = http::HttpState {
+        status: status_rx.clone(),
+        figures: figures_rx,
+        data_dir: config.data_dir.clone(),
+        refresh: config.status_interval,
+    };
+    let (http_addr, http_task) = http::spawn(config.http_listen, http_state)
         .await
         .with_context(|| format!("listening for HTTP on {}", config.http_listen))?;
 
@@ -283,6 +291,17 @@ pub async fn run_with(
     if let Some(uploader) = binary_cache {
         driver.upload_to(uploader);
     }
+    // The status row and the dashboard's figures: tasks of their own on
+    // the pool, which never hold up the driver or the writer.
+    let status_row_task =
+        status_row::spawn(db_pool.clone(), status_rx.clone(), config.status_interval);
+    let figures_task = dashboard::spawn(
+        db_pool.clone(),
+        status_rx,
+        config.data_dir.clone(),
+        config.status_interval,
+        figures_tx,
+    );
     let _ = bound.send(Bound {
         grpc: grpc_addr,
         http: http_addr,
@@ -335,6 +354,8 @@ pub async fn run_with(
         Err(_) => tracing::warn!("shutting down: the gRPC service did not stop within 5 s"),
     }
     http_task.abort();
+    status_row_task.abort();
+    figures_task.abort();
     // Close our connections before the database goes, so none fails.
     db_pool.close().await;
     if let Some(server) = embedded {

@@ -23,7 +23,7 @@ fn pressure(avg10: f32) -> String {
 async fn machine(d: &Deployment) -> serde_json::Value {
     let body = http_get(d.bound.http, "/status/machines").await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["machines"][0].clone()
+    v["machines"]["pressed"].clone()
 }
 
 async fn wait_machine(

@@ -35,10 +35,7 @@ async fn draining(d: &Deployment, name: &str) -> Option<bool> {
     let body = http_get(d.bound.http, "/status/machines").await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["hostname"] == name)
+        .get(name)
         .and_then(|m| m["draining"].as_bool())
 }
 

@@ -255,6 +255,7 @@ fn the_queue_runner_unit_runs_serve_with_the_rendered_settings() {
     assert_eq!(config.shutdown_timeout.as_secs(), 50);
     assert_eq!(config.max_cpu_pressure, 80.0);
     assert_eq!(config.dispatch_order, sluice_core::ConfiguredOrder::Hydra);
+    assert_eq!(config.status_interval.as_secs(), 10);
     assert_eq!(
         config.store_socket.as_deref(),
         Some(Path::new("/nix/var/nix/daemon-socket/socket"))

@@ -5,6 +5,7 @@
 //! message fits one line and names the server and the cause, never the
 //! password.
 
+pub mod dashboard;
 pub mod evaluator;
 pub mod held;
 pub mod migrate;

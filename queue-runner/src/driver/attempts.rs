@@ -24,6 +24,12 @@ pub(super) struct Attempt {
     pub(super) adopted: bool,
     /// It occupies one of its machine's slots (`Machine::running`).
     pub(super) in_slot: bool,
+    /// Its phase as last reported (Hydra's `busy` code): 1, preparing,
+    /// until its agent reports one; 0 for an adopted attempt until then.
+    pub(super) busy: i32,
+    /// The agent's pinned slot it holds, as last reported (an index into
+    /// the machine's slots, checked).
+    pub(super) slot: Option<u32>,
 }
 
 impl Driver {
@@ -85,18 +91,26 @@ impl Driver {
                 m.refusals_in_a_row = 0;
             }
         }
-        if let Some(m) = self.machines.get_mut(&a.machine).filter(|_| a.in_slot) {
-            m.running = m.running.saturating_sub(1);
-            if !refused {
-                m.steps_done += 1;
-                let ms = (report.stop_time - report.start_time).max(0) as u64 * 1000;
-                m.build_ms_total += ms;
-            }
-        }
-        self.counters.steps_done += 1;
         // A failure the agent blames on the machinery is recorded as an
         // aborted attempt (3), whatever code came with it, and retried.
         let retryable = report.status != 0 && report.is_retryable();
+        if let Some(m) = self.machines.get_mut(&a.machine).filter(|_| a.in_slot) {
+            let ran = (!refused).then(|| {
+                let step_ms = (report.stop_time - report.start_time).max(0) as u64 * 1000;
+                machines::Ran {
+                    step_ms,
+                    // Building alone, as the agent measured it.
+                    build_ms: report.run.as_ref().map_or(step_ms, |r| r.build_ms),
+                    machinery_failed: retryable,
+                }
+            });
+            if let Some(ran) = &ran {
+                self.counters.step_ms_total += ran.step_ms;
+                self.counters.build_ms_total += ran.build_ms;
+            }
+            m.attempt_ended(report.stop_time, ran);
+        }
+        self.counters.steps_done += 1;
         if retryable {
             report.status = 3;
         }
@@ -231,7 +245,7 @@ impl Driver {
         };
         let _ = self.attempts_shared.remove(attempt);
         if let Some(m) = self.machines.get_mut(&a.machine).filter(|_| a.in_slot) {
-            m.running = m.running.saturating_sub(1);
+            m.attempt_ended(unix_now(), None);
         }
         match a.stepnr {
             Some(stepnr) => self.finish_row(&a, stepnr, status, error),
@@ -293,6 +307,8 @@ impl Driver {
                 sent: false,
                 adopted: false,
                 in_slot: true,
+                busy: 1,
+                slot: None,
             },
         );
         self.by_step.insert((drv_path.clone(), machine), id);

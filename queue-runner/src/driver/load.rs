@@ -239,6 +239,7 @@ impl Driver {
         }
         drop(in_event);
         if !queued.is_empty() {
+            self.counters.builds_read += queued.len() as u64;
             self.apply(Event::BuildsQueued { builds: queued });
         }
         self.hold_dispatches = false;

@@ -1,24 +1,91 @@
-//! Machines: agents connecting, leaving and reporting load, and the
-//! snapshot `/status` and `/status/machines` serve.
+//! Machines: agents connecting, leaving and reporting load and phases,
+//! and the snapshot `/status`, `/status/machines`, the dashboard and the
+//! `SystemStatus` row show.
 
 use super::*;
+use crate::status::RunningStep;
 
 pub(super) struct Machine {
     pub(super) info: AgentInfo,
     pub(super) commands: mpsc::Sender<ToAgent>,
     pub(super) load: AgentLoad,
     pub(super) running: usize,
+    /// Attempts that ran here and ended (refusals left out), and their
+    /// milliseconds from dispatch to result and building alone.
     pub(super) steps_done: u64,
+    pub(super) step_ms_total: u64,
     pub(super) build_ms_total: u64,
+    /// Since when (unix seconds) none of its slots is taken.
+    pub(super) idle_since: i64,
+    /// When (unix seconds; 0: never) an attempt here last failed for the
+    /// machinery's reasons, and how many did in a row since one did not.
+    pub(super) last_failure: i64,
+    pub(super) consecutive_failures: u64,
     /// Its last heartbeat (or connection): its attempts are held under a
     /// lease that this renews.
     pub(super) last_heard: Instant,
+    /// It has a session now (a machine whose session dropped is kept,
+    /// detached, while it holds attempts).
+    pub(super) connected: bool,
     /// Why it gets no new steps for now (pressure, disk), until it recovers.
     pub(super) paused: Option<String>,
     /// Assignments it refused since it last took one: past
     /// `FREE_REFUSALS`, a refusal costs a try like an aborted attempt, so
     /// an agent that refuses everything cannot keep a step spinning.
     pub(super) refusals_in_a_row: u32,
+}
+
+/// An attempt that ran on a machine and ended.
+pub(super) struct Ran {
+    /// From dispatch to result, by our clock.
+    pub(super) step_ms: u64,
+    /// Building alone, as the agent measured it (else `step_ms`).
+    pub(super) build_ms: u64,
+    /// It failed for the machinery's reasons (aborted, to be retried).
+    pub(super) machinery_failed: bool,
+}
+
+impl Machine {
+    /// A machine that just connected, idle.
+    pub(super) fn new(info: AgentInfo, commands: mpsc::Sender<ToAgent>) -> Machine {
+        Machine {
+            info,
+            commands,
+            load: AgentLoad::default(),
+            running: 0,
+            steps_done: 0,
+            step_ms_total: 0,
+            build_ms_total: 0,
+            idle_since: unix_now(),
+            last_failure: 0,
+            consecutive_failures: 0,
+            last_heard: Instant::now(),
+            connected: true,
+            paused: None,
+            refusals_in_a_row: 0,
+        }
+    }
+
+    /// One of its attempts left its slot at `now` (unix seconds): `ran`
+    /// says how it went, `None` when it never ran (refused, or given up).
+    pub(super) fn attempt_ended(&mut self, now: i64, ran: Option<Ran>) {
+        self.running = self.running.saturating_sub(1);
+        if self.running == 0 {
+            self.idle_since = now;
+        }
+        let Some(ran) = ran else {
+            return;
+        };
+        self.steps_done += 1;
+        self.step_ms_total += ran.step_ms;
+        self.build_ms_total += ran.build_ms;
+        if ran.machinery_failed {
+            self.consecutive_failures += 1;
+            self.last_failure = now;
+        } else {
+            self.consecutive_failures = 0;
+        }
+    }
 }
 
 /// Refusals in a row from one machine that cost no try.
@@ -52,18 +119,30 @@ impl Driver {
                 machine,
                 attempt,
                 busy,
-                slot: _,
+                slot,
             } => {
-                if let Some(a) = self.attempts.get(&attempt) {
-                    if a.machine == machine {
-                        if let Some(stepnr) = a.stepnr {
-                            self.send_write(WriteJob::Phase {
-                                build: a.build,
-                                stepnr,
-                                busy,
-                            });
-                        }
-                    }
+                // A slot the machine did not register is not believed.
+                let slots = self
+                    .machines
+                    .get(&machine)
+                    .map_or(0, |m| m.info.slots.len());
+                let slot = slot.filter(|s| usize::try_from(*s).is_ok_and(|s| s < slots));
+                let Some(a) = self
+                    .attempts
+                    .get_mut(&attempt)
+                    .filter(|a| a.machine == machine)
+                else {
+                    return;
+                };
+                a.busy = busy;
+                a.slot = slot;
+                if let Some(stepnr) = a.stepnr {
+                    let build = a.build;
+                    self.send_write(WriteJob::Phase {
+                        build,
+                        stepnr,
+                        busy,
+                    });
                 }
             }
             FromAgent::Finished {
@@ -127,6 +206,7 @@ impl Driver {
 
     pub(super) fn publish_status(&mut self) {
         let stats = self.core.stats();
+        let now = unix_now();
         let machines = self
             .machines
             .iter()
@@ -142,10 +222,30 @@ impl Driver {
                 total_mem: m.info.total_mem_bytes,
                 load: m.load.clone(),
                 steps_done: m.steps_done,
-                avg_step_build_ms: m.build_ms_total.checked_div(m.steps_done).unwrap_or(0),
+                step_ms_total: m.step_ms_total,
+                build_ms_total: m.build_ms_total,
+                idle_since: m.idle_since,
+                last_failure: m.last_failure,
+                consecutive_failures: m.consecutive_failures,
+                last_heard_unix: now
+                    .saturating_sub(i64::try_from(m.last_heard.elapsed().as_secs()).unwrap_or(0)),
+                connected: m.connected,
                 draining: m.info.draining,
                 paused: m.paused.clone(),
                 slots: m.info.slots.clone(),
+            })
+            .collect();
+        let running = self
+            .attempts
+            .values()
+            .map(|a| RunningStep {
+                machine: a.machine.0,
+                build: a.build.0,
+                stepnr: a.stepnr,
+                drv_path: a.drv_path.clone(),
+                started_unix: a.started_unix,
+                busy: a.busy,
+                slot: a.slot,
             })
             .collect();
         let snapshot = StatusSnapshot {
@@ -158,7 +258,12 @@ impl Driver {
             dispatch_time_ms: self.counters.dispatch_time_ms,
             builds_done: self.counters.builds_done,
             steps_done: self.counters.steps_done,
+            builds_read: self.counters.builds_read,
+            max_tries: self.counters.max_tries,
+            step_ms_total: self.counters.step_ms_total,
+            build_ms_total: self.counters.build_ms_total,
             machines,
+            running,
             database_down_since: match self.database {
                 writer::DatabaseHealth::Up => None,
                 writer::DatabaseHealth::Down { since_unix } => Some(since_unix),

@@ -163,6 +163,14 @@ struct Counters {
     dispatch_time_ms: u64,
     builds_done: u64,
     steps_done: u64,
+    /// Builds handed to the core by loads.
+    builds_read: u64,
+    /// The most failed tries any step had when it was queued again.
+    max_tries: u32,
+    /// Of the attempts that ran on a machine: milliseconds from dispatch
+    /// to result, and building as their agents measured it.
+    step_ms_total: u64,
+    build_ms_total: u64,
 }
 
 use crate::grpc::AttemptEntry;
@@ -478,8 +486,9 @@ impl Driver {
                 machine,
                 "it is not runnable, or its builder is gone or has no free slot",
             ),
-            Command::StepRequeued { .. } => {
+            Command::StepRequeued { tries, .. } => {
                 // The failed attempt's row was finished when it ended.
+                self.counters.max_tries = self.counters.max_tries.max(tries);
             }
             Command::StepUnsupported { drv_path, builds } => {
                 let system = self

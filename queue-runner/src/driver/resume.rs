@@ -138,6 +138,9 @@ impl Driver {
             self.give_up_machine(machine, "the builder disconnected");
             return;
         }
+        if let Some(m) = self.machines.get_mut(&machine) {
+            m.connected = false;
+        }
         self.deferred_dispatches.retain(|(_, m, _)| *m != machine);
         self.apply(Event::MachineDetached { machine });
     }
@@ -180,22 +183,11 @@ impl Driver {
                 m.commands = commands.clone();
                 m.last_heard = Instant::now();
                 m.paused = None;
+                m.connected = true;
             }
             None => {
-                self.machines.insert(
-                    machine,
-                    Machine {
-                        info: info.clone(),
-                        commands: commands.clone(),
-                        load: AgentLoad::default(),
-                        running: 0,
-                        steps_done: 0,
-                        build_ms_total: 0,
-                        last_heard: Instant::now(),
-                        paused: None,
-                        refusals_in_a_row: 0,
-                    },
-                );
+                self.machines
+                    .insert(machine, Machine::new(info.clone(), commands.clone()));
             }
         }
         self.apply(Event::MachineConnected(spec));
@@ -285,6 +277,8 @@ impl Driver {
                 sent: true,
                 adopted: true,
                 in_slot: false,
+                busy: 0,
+                slot: None,
             };
             match claimed_by {
                 Some(machine) => {

@@ -7,7 +7,7 @@
 //! failure ([`report`]): the step that failed, its error, and the end of
 //! its log.
 
-mod report;
+pub(crate) mod report;
 
 use report::printable;
 

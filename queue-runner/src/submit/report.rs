@@ -132,7 +132,7 @@ pub(super) fn printable(text: &str) -> String {
 /// next line (`nix-store -l` instead of `nix log` without the `nix-command`
 /// feature). Either way the line before the excerpt ends with `;`, which
 /// goes too.
-fn error_lines(error_msg: &str) -> Vec<String> {
+pub(crate) fn error_lines(error_msg: &str) -> Vec<String> {
     let mut lines: Vec<String> = Vec::new();
     let mut in_excerpt = false;
     let mut command_follows = false;

@@ -90,6 +90,7 @@ impl Deployment {
             transfer_connections: 16,
             dispatch_order: sluice_core::ConfiguredOrder::CriticalPath,
             binary_cache: None,
+            status_interval: Duration::from_secs(1),
         };
         let mut config = config;
         adjust(&mut config);

@@ -197,6 +197,21 @@ fn summary(out: &mut String, s: &StatusSnapshot, f: &Figures, now: i64) -> fmt::
         s.core.slots_busy,
         s.core.slots_total,
     )?;
+    if let Some(u) = &s.uploads {
+        write!(
+            out,
+            "<p>Binary cache: {} uploads pending, {} builds waiting for theirs",
+            u.pending, u.builds_waiting
+        )?;
+        if let Some(since) = u.oldest_pending_since {
+            write!(out, ", the oldest for {}", duration(now - since))?;
+        }
+        write!(out, "; {} failed tries", u.failures)?;
+        if let Some(error) = &u.last_error {
+            write!(out, ", the last: {}", Html(error))?;
+        }
+        out.push_str(".</p>\n");
+    }
     if let Some(error) = &f.read_error {
         write!(
             out,
@@ -547,6 +562,94 @@ fn throughput(out: &mut String, f: &Figures, now: i64) -> fmt::Result {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dashboard::{DatabaseFigures, Failure, JobsetQueue};
+    use crate::db::dashboard::{BuildName, FailedStep};
+    use crate::status::UploadStatus;
+
+    const EVIL: &str = "<script>alert(1)</script>";
+
+    /// A page where every string from outside is `EVIL`.
+    fn evil_page() -> String {
+        let now = 1_000_000;
+        let s = StatusSnapshot {
+            started_unix: now - 100,
+            machines: vec![MachineStatus {
+                id: 7,
+                hostname: EVIL.into(),
+                systems: vec![EVIL.into()],
+                max_jobs: 2,
+                connected: true,
+                paused: Some(EVIL.into()),
+                slots: vec![(0, EVIL.into())],
+                ..MachineStatus::default()
+            }],
+            running: vec![RunningStep {
+                machine: 7,
+                build: 1,
+                stepnr: Some(1),
+                drv_path: sluice_core::DrvPath::from("/nix/store/abc-<script>x</script>.drv"),
+                started_unix: now - 5,
+                busy: 30,
+                slot: Some(0),
+            }],
+            uploads: Some(UploadStatus {
+                last_error: Some(EVIL.into()),
+                ..UploadStatus::default()
+            }),
+            ..StatusSnapshot::default()
+        };
+        let name = || BuildName {
+            project: EVIL.into(),
+            jobset: EVIL.into(),
+            job: EVIL.into(),
+        };
+        let f = Figures {
+            read: Some(DatabaseFigures {
+                at: now,
+                by_system: vec![(EVIL.into(), 1)],
+                by_jobset: vec![JobsetQueue {
+                    project: EVIL.into(),
+                    jobset: EVIL.into(),
+                    builds: 1,
+                    systems: vec![(EVIL.into(), 1)],
+                }],
+                queued_total: 1,
+                failures: vec![Failure {
+                    step: FailedStep {
+                        build: 1,
+                        stepnr: 1,
+                        project: EVIL.into(),
+                        jobset: EVIL.into(),
+                        job: EVIL.into(),
+                        drv_path: "/nix/store/abc-a?b=c.drv".into(),
+                        machine: EVIL.into(),
+                        status: 1,
+                        error_msg: Some(EVIL.into()),
+                        stop_time: now - 1,
+                    },
+                    has_log: true,
+                }],
+                names: [(1, name())].into_iter().collect(),
+            }),
+            read_error: Some(EVIL.into()),
+            ..Figures::default()
+        };
+        page(&s, &f, now, 5)
+    }
+
+    #[test]
+    fn every_string_from_outside_is_escaped() {
+        let page = evil_page();
+        assert!(!page.to_ascii_lowercase().contains("<script"), "{page}");
+        // Each place shows it, as text.
+        let shown = page
+            .matches("&lt;script&gt;alert(1)&lt;/script&gt;")
+            .count();
+        assert!(shown >= 15, "{shown} times:\n{page}");
+        // A link's path cannot be cut short by a `?` in a name.
+        assert!(page.contains("href=\"/log/abc-a%3Fb%3Dc.drv\""), "{page}");
+        assert!(page.contains("Binary cache: 0 uploads pending"), "{page}");
+    }
 
     #[test]
     fn html_escapes_markup_and_quotes() {

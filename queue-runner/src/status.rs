@@ -31,8 +31,11 @@ pub struct StatusSnapshot {
     pub build_ms_total: u64,
     pub machines: Vec<MachineStatus>,
     /// Every attempt in progress (being prepared, sent, or adopted after
-    /// a restart).
-    pub running: Vec<RunningStep>,
+    /// a restart). Shared between snapshots and rebuilt at most every
+    /// [`RUNNING_REFRESH`], so a busy driver does not copy a thousand
+    /// attempts per batch of events; a snapshot's list is at most that
+    /// old.
+    pub running: std::sync::Arc<Vec<RunningStep>>,
     /// Since when (unix seconds) writes to the database have been failing.
     pub database_down_since: Option<i64>,
     /// Writes queued and not yet committed.
@@ -96,6 +99,9 @@ pub struct MachineStatus {
     /// Its slots: (NUMA node, CPU list).
     pub slots: Vec<(u32, String)>,
 }
+
+/// How old the list of attempts in a snapshot may be.
+pub const RUNNING_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// One attempt in progress.
 #[derive(Debug, Clone)]

@@ -81,7 +81,7 @@ fn snapshot(now: i64) -> StatusSnapshot {
             ..MachineStatus::default()
         })
         .collect();
-    let running = (0..MACHINES)
+    let running: Vec<RunningStep> = (0..MACHINES)
         .flat_map(|m| {
             (0..SLOTS).map(move |s| RunningStep {
                 machine: m,
@@ -97,6 +97,7 @@ fn snapshot(now: i64) -> StatusSnapshot {
             })
         })
         .collect();
+    let running = std::sync::Arc::new(running);
     StatusSnapshot {
         started_unix: now - 3600,
         core: Stats {

@@ -313,7 +313,7 @@ fn running(out: &mut String, s: &StatusSnapshot, f: &Figures, now: i64) -> fmt::
         s.running.len()
     )?;
     let mut by_machine: BTreeMap<u64, Vec<&RunningStep>> = BTreeMap::new();
-    for r in &s.running {
+    for r in s.running.iter() {
         by_machine.entry(r.machine).or_default().push(r);
     }
     for steps in by_machine.values_mut() {
@@ -583,7 +583,7 @@ mod tests {
                 slots: vec![(0, EVIL.into())],
                 ..MachineStatus::default()
             }],
-            running: vec![RunningStep {
+            running: std::sync::Arc::new(vec![RunningStep {
                 machine: 7,
                 build: 1,
                 stepnr: Some(1),
@@ -591,7 +591,7 @@ mod tests {
                 started_unix: now - 5,
                 busy: 30,
                 slot: Some(0),
-            }],
+            }]),
             uploads: Some(UploadStatus {
                 last_error: Some(EVIL.into()),
                 ..UploadStatus::default()

@@ -235,19 +235,32 @@ impl Driver {
                 slots: m.info.slots.clone(),
             })
             .collect();
-        let running = self
-            .attempts
-            .values()
-            .map(|a| RunningStep {
-                machine: a.machine.0,
-                build: a.build.0,
-                stepnr: a.stepnr,
-                drv_path: a.drv_path.clone(),
-                started_unix: a.started_unix,
-                busy: a.busy,
-                slot: a.slot,
-            })
-            .collect();
+        let running = match &self.running_published {
+            Some((at, list)) if at.elapsed() < crate::status::RUNNING_REFRESH => {
+                // Maybe stale: the loop publishes again once it is due.
+                self.running_stale = true;
+                list.clone()
+            }
+            _ => {
+                let list: std::sync::Arc<Vec<RunningStep>> = std::sync::Arc::new(
+                    self.attempts
+                        .values()
+                        .map(|a| RunningStep {
+                            machine: a.machine.0,
+                            build: a.build.0,
+                            stepnr: a.stepnr,
+                            drv_path: a.drv_path.clone(),
+                            started_unix: a.started_unix,
+                            busy: a.busy,
+                            slot: a.slot,
+                        })
+                        .collect(),
+                );
+                self.running_published = Some((Instant::now(), list.clone()));
+                self.running_stale = false;
+                list
+            }
+        };
         let snapshot = StatusSnapshot {
             started_unix: self.started_unix,
             uptime_s: self.clock.elapsed().as_secs(),

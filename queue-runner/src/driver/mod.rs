@@ -238,6 +238,11 @@ pub struct Driver {
     /// The binary cache, if one is configured ([`Driver::upload_to`]).
     uploads: Option<upload::Uploads>,
     status: watch::Sender<StatusSnapshot>,
+    /// The list of attempts last published, and when it was made.
+    running_published: Option<(Instant, std::sync::Arc<Vec<crate::status::RunningStep>>)>,
+    /// A snapshot went out with that list after attempts may have changed:
+    /// publish again once it is [`crate::status::RUNNING_REFRESH`] old.
+    running_stale: bool,
 }
 
 pub fn unix_now() -> i64 {
@@ -303,6 +308,8 @@ impl Driver {
             hashes: Default::default(),
             uploads: None,
             status,
+            running_published: None,
+            running_stale: false,
         }
     }
 
@@ -334,7 +341,11 @@ impl Driver {
                 .next_lease_deadline()
                 .map(|at| at.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(3600));
-            let sleep_for = core_sleep.min(lease_sleep);
+            let mut sleep_for = core_sleep.min(lease_sleep);
+            if let (true, Some((at, _))) = (self.running_stale, &self.running_published) {
+                sleep_for =
+                    sleep_for.min(crate::status::RUNNING_REFRESH.saturating_sub(at.elapsed()));
+            }
             let backlogged = !self.write_backlog.is_empty();
             // The handlers only touch fields the futures do not borrow;
             // the rest happens after the select.

@@ -1,10 +1,15 @@
-//! The dashboard with a farm's queue: 100,000 queued builds over 100
-//! jobsets and three systems, 2,000 failed steps in the history, 32
-//! machines of 8 slots all busy. The page is served by the real HTTP
-//! router from the dashboard's real sampler on a real PostgreSQL (the
-//! status snapshot, which the driver would publish, is made up). Each
-//! load of `/` must take under 200 ms, and the page must stay small: the
-//! queue arrives grouped and at most 50 jobsets are listed.
+//! The dashboard with a farm's queue, timed. Run with `cargo bench -p
+//! sluice-queue-runner --bench dashboard` (PostgreSQL installed); prints
+//! figures. Issue 9 asks that `/` loads in under 200 ms with 100,000
+//! queued builds.
+//!
+//! Setup: 100,000 queued builds over 100 jobsets and three systems, 2,000
+//! failed steps in the history, 32 machines of 8 slots all busy. The page
+//! is served by the real HTTP router from the dashboard's real sampler on
+//! a real PostgreSQL (the status snapshot, which the driver would publish,
+//! is made up). Measured: the sampler's database read, and 100 loads of
+//! `/` (p50, p99, max). The page is checked to hold the queue, grouped,
+//! with at most 50 jobsets listed, and to stay small.
 
 #![allow(clippy::unwrap_used)]
 
@@ -111,8 +116,25 @@ fn snapshot(now: i64) -> StatusSnapshot {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_loads_in_under_200_ms_with_100000_queued_builds() {
+/// What issue 9 asks of a load of `/`.
+const TARGET: Duration = Duration::from_millis(200);
+const LOADS: usize = 100;
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(bench());
+}
+
+async fn bench() {
+    println!("dashboard bench");
+    println!(
+        "machine: nproc {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     let pg = TestPg::start();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
@@ -127,9 +149,9 @@ async fn the_dashboard_loads_in_under_200_ms_with_100000_queued_builds() {
     let read = sluice_queue_runner::db::dashboard::read(&pool, &ids, 20, Duration::from_secs(10))
         .await
         .unwrap();
-    eprintln!(
-        "the dashboard's database read, {BUILDS} queued builds: {:?}",
-        started.elapsed()
+    println!(
+        "the sampler's database read (in the background, every interval), {BUILDS} queued builds: {:.1} ms",
+        started.elapsed().as_secs_f64() * 1000.0
     );
     assert_eq!(read.queue.iter().map(|g| g.builds).sum::<i64>(), BUILDS);
     assert_eq!(read.failures.len(), 20);
@@ -168,20 +190,25 @@ async fn the_dashboard_loads_in_under_200_ms_with_100000_queued_builds() {
     .await
     .unwrap();
 
-    let mut slowest = Duration::ZERO;
+    let mut times = Vec::with_capacity(LOADS);
     let mut page = String::new();
-    for _ in 0..20 {
+    for _ in 0..LOADS {
         let asked = Instant::now();
         page = get(addr, "/").await;
-        slowest = slowest.max(asked.elapsed());
+        times.push(asked.elapsed());
     }
-    eprintln!(
-        "the dashboard page: {} bytes, slowest of 20 loads {slowest:?}",
-        page.len()
-    );
-    assert!(
-        slowest < Duration::from_millis(200),
-        "a load took {slowest:?}"
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    let slowest = times[times.len() - 1];
+    println!(
+        "GET / ({} bytes), {LOADS} loads: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms ({} the {} ms issue 9 asks for)",
+        page.len(),
+        ms(at(0.5)),
+        ms(at(0.99)),
+        ms(slowest),
+        if slowest < TARGET { "within" } else { "above" },
+        TARGET.as_millis()
     );
     assert!(page.contains("100000 queued builds"), "{page}");
     assert!(page.contains("… 50 more jobsets"), "{page}");

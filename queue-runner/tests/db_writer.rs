@@ -46,7 +46,7 @@ async fn a_write_refused_in_a_batch_costs_only_itself() {
         1,
     ));
     let (events, _events_rx) = mpsc::channel(16);
-    let (writer, task) = Writer::spawn(
+    let (writer, task, _in_flight) = Writer::spawn(
         pool.clone(),
         store,
         data_dir.path().to_path_buf(),
@@ -170,7 +170,7 @@ async fn a_mixed_batch_writes_what_its_writes_would_one_by_one() {
         1,
     ));
     let (events, _events_rx) = mpsc::channel(16);
-    let (writer, task) = Writer::spawn(
+    let (writer, task, _in_flight) = Writer::spawn(
         pool.clone(),
         store,
         data_dir.path().to_path_buf(),

@@ -68,11 +68,14 @@ impl Driver {
         let Driver {
             writer,
             writer_task,
+            writer_in_flight,
             write_backlog,
             config,
             ..
         } = self;
-        let pending = writer.max_capacity() - writer.capacity() + write_backlog.len();
+        let pending = writer.max_capacity() - writer.capacity()
+            + writer_in_flight.get()
+            + write_backlog.len();
         let started = Instant::now();
         let flushing = async move {
             for job in write_backlog {

@@ -282,6 +282,7 @@ impl Driver {
                 writer::DatabaseHealth::Down { since_unix } => Some(since_unix),
             },
             pending_writes: self.writer.max_capacity() - self.writer.capacity()
+                + self.writer_in_flight.get()
                 + self.write_backlog.len(),
             uploads: self.uploads.as_ref().map(upload::Uploads::status),
         };

@@ -187,6 +187,8 @@ pub struct Driver {
     pool: sqlx::PgPool,
     store: Store,
     writer: mpsc::Sender<WriteJob>,
+    /// Writes the writer took from its queue and has not committed yet.
+    writer_in_flight: writer::InFlight,
     writer_task: tokio::task::JoinHandle<()>,
     /// Writes that found the writer's queue full, in order: they go before
     /// any later write. While any wait, dispatches and loads wait too.
@@ -266,7 +268,7 @@ impl Driver {
         events: mpsc::Receiver<DriverEvent>,
         status: watch::Sender<StatusSnapshot>,
     ) -> Driver {
-        let (writer, writer_task) = Writer::spawn(
+        let (writer, writer_task, writer_in_flight) = Writer::spawn(
             pool.clone(),
             store.clone(),
             config.data_dir.clone(),
@@ -285,6 +287,7 @@ impl Driver {
             store,
             writer,
             writer_task,
+            writer_in_flight,
             write_backlog: Default::default(),
             deferred_dispatches: Default::default(),
             hold_dispatches: false,

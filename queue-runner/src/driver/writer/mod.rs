@@ -21,16 +21,20 @@
 //!   (a constraint, a bad value) is logged with its build and dropped.
 //! - An outage is logged once when it starts and once when it ends, and
 //!   reported to the driver ([`DriverEvent::Database`]) for `/status`.
-//! - The queue of writes is bounded.
+//! - The queue of writes is bounded, and so are the writes taken from it
+//!   and not yet committed ([`InFlight`]): a slow or absent database
+//!   backs the queue up, where the driver sees it.
 
 mod commit;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_core::BuildId;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use commit::Commit;
 
@@ -150,6 +154,18 @@ pub enum WriteJob {
     },
 }
 
+/// How many writes the writer has taken from its queue and not yet
+/// committed (or dropped): being prepared, ready, or in a transaction. At
+/// most the queue's size.
+#[derive(Clone, Debug, Default)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// The commit stage: batches prepared writes into transactions.
 pub struct Writer {
     pool: sqlx::PgPool,
@@ -202,29 +218,49 @@ impl Writer {
     /// the queue is empty, then the returned handle completes: awaiting it
     /// after dropping the senders flushes the queue. `events` is the
     /// driver's inbox, told when the database goes away and comes back.
-    /// `queue` writes wait in the channel at most; beyond that the driver
-    /// holds them back in order and stops dispatching (see
-    /// `Driver::send_write`).
+    /// `queue` writes wait in the channel at most, and `queue` more are
+    /// being prepared or committed ([`InFlight`] counts those); beyond
+    /// that the driver holds them back in order and stops dispatching
+    /// (see `Driver::send_write`).
     pub fn spawn(
         pool: sqlx::PgPool,
         store: Store,
         data_dir: PathBuf,
         events: mpsc::Sender<super::DriverEvent>,
         queue: usize,
-    ) -> (mpsc::Sender<WriteJob>, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(queue.max(1));
+    ) -> (
+        mpsc::Sender<WriteJob>,
+        tokio::task::JoinHandle<()>,
+        InFlight,
+    ) {
+        let queue = queue.max(1);
+        let (tx, rx) = mpsc::channel(queue);
         let preparer = Preparer { store, data_dir };
-        // Prepared jobs, in order; bounded, so a slow database holds the
-        // jobs back in the first channel, where the driver sees them.
-        let (ready_tx, mut ready_rx) = mpsc::channel::<Prepared>(MAX_BATCH);
+        let in_flight = InFlight::default();
+        // A write taken from the queue holds a permit until its batch has
+        // committed: at most `queue` are being prepared or committed, so a
+        // slow database backs the queue up, where the driver sees it.
+        let permits = Arc::new(tokio::sync::Semaphore::new(queue));
+        let (ready_tx, mut ready_rx) = mpsc::channel::<(Prepared, OwnedSemaphorePermit)>(queue);
+        let counter = in_flight.clone();
         tokio::spawn(async move {
             use futures::StreamExt as _;
-            let mut prepared = tokio_stream::wrappers::ReceiverStream::new(rx)
-                .map(|job| {
+            let taken = futures::stream::unfold(
+                (rx, permits, counter),
+                |(mut rx, permits, counter)| async move {
+                    let permit = permits.clone().acquire_owned().await.ok()?;
+                    let job = rx.recv().await?;
+                    counter.0.fetch_add(1, Ordering::SeqCst);
+                    Some(((job, permit), (rx, permits, counter)))
+                },
+            );
+            let prepared = taken
+                .map(|(job, permit)| {
                     let preparer = preparer.clone();
-                    async move { preparer.prepare(job).await }
+                    async move { (preparer.prepare(job).await, permit) }
                 })
                 .buffered(PREPARING);
+            let mut prepared = std::pin::pin!(prepared);
             while let Some(job) = prepared.next().await {
                 if ready_tx.send(job).await.is_err() {
                     break;
@@ -236,6 +272,7 @@ impl Writer {
             events,
             outage: None,
         };
+        let counter = in_flight.clone();
         let task = tokio::spawn(async move {
             while let Some(job) = ready_rx.recv().await {
                 let mut batch = vec![job];
@@ -246,10 +283,14 @@ impl Writer {
                     }
                 }
                 let waiting = ready_rx.len();
-                writer.execute_batch(batch, waiting).await;
+                let taken = batch.len();
+                let (jobs, permits): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                writer.execute_batch(jobs, waiting).await;
+                drop(permits);
+                counter.0.fetch_sub(taken, Ordering::SeqCst);
             }
         });
-        (tx, task)
+        (tx, task, in_flight)
     }
 
     /// Commits prepared jobs in one transaction, retrying transient

@@ -153,10 +153,24 @@ pub fn postmasters_of(data_dir: &Path) -> Vec<i32> {
             })
             .is_some_and(|state| state != "Z");
         if alive && String::from_utf8_lossy(&cmdline).contains(&needle) {
-            pids.push(pid);
+            let ppid = std::fs::read_to_string(entry.path().join("status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("PPid:"))
+                        .and_then(|v| v.trim().parse::<i32>().ok())
+                })
+                .unwrap_or(0);
+            pids.push((pid, ppid));
         }
     }
-    pids
+    // A backend just forked shows its postmaster's command line until it
+    // sets its own: only processes whose parent is not one count.
+    let all: Vec<i32> = pids.iter().map(|(pid, _)| *pid).collect();
+    pids.into_iter()
+        .filter(|(_, ppid)| !all.contains(ppid))
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 /// Stops whatever postmaster still runs on `data_dir`'s cluster, so a

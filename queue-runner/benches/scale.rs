@@ -4,7 +4,10 @@
 //! `SLUICE_BENCH_BUILDS` change the size (default 270,000 derivations and
 //! 100,000 builds); `SLUICE_BENCH_ORDER` lists the `serve
 //! --dispatch-order`s to measure, one queue runner and database each, on
-//! the same store (default `critical-path,hydra`).
+//! the same store (default `critical-path,hydra`). `SLUICE_BENCH_STORE`
+//! names a directory to keep the store and its DAG in, and reuse them on
+//! the next run of the same size (writing 270,000 `.drv` files takes
+//! minutes).
 //!
 //! Setup: an isolated Nix store with its own `nix-daemon`, into which the
 //! bench writes a generated nixpkgs-shaped DAG of real `.drv` files (a
@@ -65,11 +68,30 @@ async fn bench() {
         .collect();
     common::print_machine("queue scale bench");
 
-    let store = IsolatedStore::new();
-    run(store.command("nix-store").arg("--init"));
+    let kept = std::env::var_os("SLUICE_BENCH_STORE").map(std::path::PathBuf::from);
+    let store = match &kept {
+        Some(dir) => IsolatedStore::kept_at(dir),
+        None => IsolatedStore::new(),
+    };
     let system = sluice_builder_agent::host::nix_system().await;
     let started = Instant::now();
-    let dag = write_dag(&store, steps, &system);
+    let list = kept
+        .as_ref()
+        .map(|dir| dir.join(format!("dag-{steps}-{system}.tsv")));
+    let dag = match list.as_deref().and_then(read_dag) {
+        Some(dag) => {
+            println!("reusing the DAG in {}", store.root().display());
+            dag
+        }
+        None => {
+            run(store.command("nix-store").arg("--init"));
+            let dag = write_dag(&store, steps, &system);
+            if let Some(list) = &list {
+                save_dag(list, &dag);
+            }
+            dag
+        }
+    };
     let daemon = store.start_daemon();
     println!(
         "wrote {} .drv files ({:.1} inputs each on average) in {:.1} s",
@@ -328,6 +350,46 @@ fn write_dag(store: &IsolatedStore, n: usize, system: &str) -> Vec<Node> {
         .expect("waiting for nix-store --register-validity");
     assert!(status.success(), "nix-store --register-validity: {status}");
     nodes
+}
+
+/// Saves the DAG's list beside a kept store: one node per line, its name,
+/// `.drv` path, output path and number of inputs, tab-separated.
+fn save_dag(list: &std::path::Path, dag: &[Node]) {
+    let dir = StoreDir::default();
+    let text: String = dag
+        .iter()
+        .map(|n| {
+            format!(
+                "{}\t{}\t{}\t{}\n",
+                n.name,
+                dir.print(&n.drv_path),
+                dir.print(&n.out),
+                n.inputs
+            )
+        })
+        .collect();
+    std::fs::write(list, text).expect("saving the DAG's list");
+}
+
+/// A DAG saved by [`save_dag`], if there is one and it reads back whole.
+fn read_dag(list: &std::path::Path) -> Option<Vec<Node>> {
+    let dir = StoreDir::default();
+    let text = std::fs::read_to_string(list).ok()?;
+    text.lines()
+        .map(|line| {
+            let mut fields = line.split('\t');
+            let name = fields.next()?.to_owned();
+            let drv_path = dir.parse_path(fields.next()?).ok()?;
+            let out = dir.parse_path(fields.next()?).ok()?;
+            let inputs = fields.next()?.parse().ok()?;
+            Some(Node {
+                name,
+                drv_path,
+                out,
+                inputs,
+            })
+        })
+        .collect()
 }
 
 /// (VmRSS, VmHWM) of process `pid`, in bytes.

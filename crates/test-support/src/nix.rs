@@ -331,7 +331,24 @@ pub fn run(cmd: &mut Command) -> String {
 /// A store of its own: commands run in a private mount namespace in which
 /// an initially empty directory is bind-mounted over `/nix`. Needs root.
 pub struct IsolatedStore {
-    dir: tempfile::TempDir,
+    dir: StoreRoot,
+}
+
+/// Where an [`IsolatedStore`] lives: a temp dir removed with it, or a
+/// directory kept for later runs.
+#[derive(Debug)]
+enum StoreRoot {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl StoreRoot {
+    fn path(&self) -> &Path {
+        match self {
+            StoreRoot::Temp(dir) => dir.path(),
+            StoreRoot::Kept(dir) => dir,
+        }
+    }
 }
 
 impl Default for IsolatedStore {
@@ -352,7 +369,24 @@ impl IsolatedStore {
             .tempdir()
             .expect("test harness: creating a temp dir for an isolated store");
         std::fs::create_dir(dir.path().join("nix")).expect("test harness: creating store root");
-        IsolatedStore { dir }
+        IsolatedStore {
+            dir: StoreRoot::Temp(dir),
+        }
+    }
+
+    /// An isolated store in `dir` (its `nix/` subdirectory), created if
+    /// missing and kept when dropped: for benches that reuse a store they
+    /// took long to fill.
+    pub fn kept_at(dir: &Path) -> IsolatedStore {
+        require_nix_or_panic();
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "test harness: an isolated store needs root (mount namespaces and bind mounts)"
+        );
+        std::fs::create_dir_all(dir.join("nix")).expect("test harness: creating store root");
+        IsolatedStore {
+            dir: StoreRoot::Kept(dir.to_path_buf()),
+        }
     }
 
     /// The directory that this store's processes see as `/nix`.

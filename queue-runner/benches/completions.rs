@@ -58,12 +58,10 @@ use harness::{http_get, Deployment, TOKEN};
 use sluice_nix::derivation::Derivation;
 use sluice_nix::store_path::StoreDir;
 use sluice_proto::v1 as pb;
-use sluice_proto::PROTOCOL_VERSION;
 use sluice_queue_runner::driver::unix_now;
 use sluice_test_support::nix::{run as run_command, NixCommands, NixEnv};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 
 const DEFAULT_STEPS: usize = 5000;
 const DEFAULT_AGENTS: usize = 8;
@@ -114,7 +112,7 @@ async fn bench() {
     })
     .await;
     let drvs = instantiate(&deployment.env, steps);
-    let system = parse_drv(&drvs[0]).platform;
+    let system = common::read_drv(&drvs[0]).platform;
     println!(
         "setup (PostgreSQL, nix-daemon, queue runner, {steps} derivations): {:.1} s",
         started.elapsed().as_secs_f64()
@@ -240,15 +238,6 @@ fn instantiate(env: &NixEnv, steps: usize) -> Vec<String> {
     drvs
 }
 
-fn parse_drv(drv_path: &str) -> Derivation {
-    let dir = StoreDir::default();
-    let path = dir
-        .parse_path(drv_path)
-        .expect("a store path from nix-instantiate");
-    let text = std::fs::read(drv_path).expect("reading a .drv the bench instantiated");
-    Derivation::parse_drv_file(&dir, &path, &text).expect("parsing a .drv the bench instantiated")
-}
-
 /// Waits until the queue runner holds `steps` runnable steps.
 async fn wait_held(deployment: &Deployment, steps: usize) {
     let deadline = Instant::now() + DEADLINE;
@@ -279,7 +268,7 @@ fn register_outputs(env: &NixEnv, drvs: &[String]) {
     let dir = StoreDir::default();
     let mut listing = String::new();
     for drv_path in drvs {
-        let drv = parse_drv(drv_path);
+        let drv = common::read_drv(drv_path);
         for (name, output) in &drv.outputs {
             let path = output
                 .path(&dir, &drv.name, name)
@@ -419,64 +408,37 @@ impl SimAgent {
         slots: u32,
         results: &mpsc::UnboundedSender<Result<Reported, String>>,
     ) -> SimAgent {
-        let mut client = common::connect(addr, TOKEN).await;
-        let version = client
-            .version(pb::VersionRequest {
-                protocol_version: PROTOCOL_VERSION,
-                agent_version: "completions-bench".into(),
-            })
-            .await
-            .expect("the Version call")
-            .into_inner();
-        assert_eq!(version.protocol_version, PROTOCOL_VERSION);
-        let registered = client
-            .register(pb::RegisterRequest {
-                name: name.to_owned(),
-                systems: vec![system.to_owned(), "builtin".into()],
-                supported_features: vec![],
-                mandatory_features: vec![],
+        let common::Session {
+            client,
+            id: session,
+            events,
+            mut commands,
+            heartbeats,
+        } = common::open_session(
+            addr,
+            TOKEN,
+            common::Registration {
+                agent_version: "completions-bench",
+                name,
+                system,
                 max_jobs: slots,
-                speed_factor: 1.0,
-                total_mem_bytes: 1 << 30,
-                draining: false,
-                slots: vec![],
                 prefetch: slots,
-            })
-            .await
-            .expect("the Register call")
-            .into_inner();
-        let session = registered.session_id;
-
-        // Phase updates are advisory: dropped when the stream is full, as
-        // the agent's are.
-        let (events, events_rx) = mpsc::channel(1024);
-        events
-            .send(pb::AgentEvent {
-                session_id: session.clone(),
-                event: Some(pb::agent_event::Event::Hello(pb::Hello::default())),
-            })
-            .await
-            .expect("queueing Hello");
-        let mut commands = client
-            .work(ReceiverStream::new(events_rx))
-            .await
-            .expect("opening the work stream")
-            .into_inner();
+                // Phase updates are advisory: dropped when the stream is
+                // full, as the agent's are.
+                events: 1024,
+            },
+        )
+        .await;
 
         let reader = {
-            let client = client.clone();
-            let session = session.clone();
             let results = results.clone();
             tokio::spawn(async move {
                 loop {
-                    let assignment = match commands.message().await {
-                        Ok(Some(pb::RunnerCommand {
-                            command: Some(pb::runner_command::Command::Assign(a)),
-                        })) => a,
-                        Ok(Some(_)) => continue,
+                    let assignment = match common::next_assignment(&mut commands).await {
+                        Ok(Some(a)) => a,
                         Ok(None) => break,
-                        Err(status) => {
-                            let _ = results.send(Err(format!("the work stream failed: {status}")));
+                        Err(e) => {
+                            let _ = results.send(Err(e));
                             break;
                         }
                     };
@@ -500,24 +462,6 @@ impl SimAgent {
                             .map_err(|e| format!("step {drv}: {e}"));
                         let _ = results.send(reported);
                     });
-                }
-            })
-        };
-        let heartbeats = {
-            let mut client = client.clone();
-            let interval =
-                Duration::from_millis(u64::from(registered.heartbeat_interval_ms).max(100));
-            tokio::spawn(async move {
-                let mut ticks = tokio::time::interval(interval);
-                loop {
-                    ticks.tick().await;
-                    let beat = pb::HeartbeatRequest {
-                        session_id: session.clone(),
-                        ..Default::default()
-                    };
-                    if let Err(status) = client.heartbeat(beat).await {
-                        eprintln!("sim agent: heartbeat failed: {status}");
-                    }
                 }
             })
         };

@@ -42,13 +42,11 @@ use sluice_nix::hash::Base;
 use sluice_nix::nar::dump_path;
 use sluice_nix::store_path::StoreDir;
 use sluice_proto::v1 as pb;
-use sluice_proto::PROTOCOL_VERSION;
 use sluice_queue_runner::driver::unix_now;
 use sluice_queue_runner::submit::{self, Job};
 use sluice_test_support::nix::{run as run_command, NixCommands, NixEnv};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 
 /// Builds measured for `builds_added` → dispatch, and warm-up builds
 /// before them (not counted).
@@ -78,7 +76,7 @@ async fn bench() {
 
     let deployment = Deployment::start().await;
     let drvs = Drvs::instantiate(&deployment.env);
-    let system = system_of(&drvs.ready[0]);
+    let system = common::read_drv(&drvs.ready[0]).platform;
     let mut agent = SimAgent::connect(deployment.bound.grpc, &system).await;
     println!(
         "setup (PostgreSQL, nix-daemon, queue runner, {} derivations): {:.1} s",
@@ -193,18 +191,6 @@ async fn bench() {
     agent.stop();
     deployment.stop().await;
     println!("total: {:.1} s", started.elapsed().as_secs_f64());
-}
-
-/// The platform of the derivation at `drv_path`, for the agent to offer.
-fn system_of(drv_path: &str) -> String {
-    let dir = StoreDir::default();
-    let path = dir
-        .parse_path(drv_path)
-        .expect("a store path from nix-instantiate");
-    let text = std::fs::read(drv_path).expect("reading a .drv the bench instantiated");
-    Derivation::parse_drv_file(&dir, &path, &text)
-        .expect("parsing a .drv the bench instantiated")
-        .platform
 }
 
 /// The derivations the bench queues, all unique to this run.
@@ -394,105 +380,53 @@ struct SimAgent {
 
 impl SimAgent {
     async fn connect(addr: SocketAddr, system: &str) -> SimAgent {
-        let mut client = common::connect(addr, TOKEN).await;
-        let version = client
-            .version(pb::VersionRequest {
-                protocol_version: PROTOCOL_VERSION,
-                agent_version: "latency-bench".into(),
-            })
-            .await
-            .expect("the Version call")
-            .into_inner();
-        assert_eq!(
-            version.protocol_version, PROTOCOL_VERSION,
-            "protocol version"
-        );
-        let registered = client
-            .register(pb::RegisterRequest {
-                name: "sim-agent".into(),
-                systems: vec![system.to_owned(), "builtin".into()],
-                supported_features: vec![],
-                mandatory_features: vec![],
+        let common::Session {
+            client,
+            id: session,
+            events,
+            mut commands,
+            heartbeats,
+        } = common::open_session(
+            addr,
+            TOKEN,
+            common::Registration {
+                agent_version: "latency-bench",
+                name: "sim-agent",
+                system,
                 max_jobs: AGENT_SLOTS,
-                speed_factor: 1.0,
-                total_mem_bytes: 1 << 30,
-                draining: false,
-                slots: vec![],
                 prefetch: 0,
-            })
-            .await
-            .expect("the Register call")
-            .into_inner();
-        let session = registered.session_id;
-
-        let (events, events_rx) = mpsc::channel(4);
-        events
-            .send(pb::AgentEvent {
-                session_id: session.clone(),
-                event: Some(pb::agent_event::Event::Hello(pb::Hello::default())),
-            })
-            .await
-            .expect("queueing Hello");
-        let mut commands = client
-            .work(ReceiverStream::new(events_rx))
-            .await
-            .expect("opening the work stream")
-            .into_inner();
+                events: 4,
+            },
+        )
+        .await;
 
         let (built_tx, built) = mpsc::channel(1024);
-        let reader = {
-            let client = client.clone();
-            let session = session.clone();
-            tokio::spawn(async move {
-                // Holding the sender keeps the work stream open.
-                let _events = events;
-                loop {
-                    let assignment = match commands.message().await {
-                        Ok(Some(pb::RunnerCommand {
-                            command: Some(pb::runner_command::Command::Assign(a)),
-                        })) => a,
-                        Ok(Some(_)) => continue,
-                        Ok(None) => break,
-                        Err(status) => {
-                            let _ = built_tx
-                                .send(Err(format!("the work stream failed: {status}")))
-                                .await;
-                            break;
-                        }
-                    };
-                    let received = Instant::now();
-                    let client = client.clone();
-                    let session = session.clone();
-                    let built_tx = built_tx.clone();
-                    tokio::spawn(async move {
-                        let drv = assignment.drv_path.clone();
-                        let result = build(client, &session, assignment, received)
-                            .await
-                            .map(|b| (drv.clone(), b))
-                            .map_err(|e| format!("building {drv}: {e}"));
-                        let _ = built_tx.send(result).await;
-                    });
-                }
-            })
-        };
-        let heartbeats = {
-            let mut client = client.clone();
-            let interval =
-                Duration::from_millis(u64::from(registered.heartbeat_interval_ms).max(100));
-            tokio::spawn(async move {
-                let mut ticks = tokio::time::interval(interval);
-                loop {
-                    ticks.tick().await;
-                    let beat = pb::HeartbeatRequest {
-                        session_id: session.clone(),
-                        ..Default::default()
-                    };
-                    if let Err(status) = client.heartbeat(beat).await {
-                        eprintln!("sim agent: heartbeat failed: {status}");
+        let reader = tokio::spawn(async move {
+            // Holding the sender keeps the work stream open.
+            let _events = events;
+            loop {
+                let assignment = match common::next_assignment(&mut commands).await {
+                    Ok(Some(a)) => a,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = built_tx.send(Err(e)).await;
+                        break;
                     }
-                }
-            })
-        };
+                };
+                let received = Instant::now();
+                let client = client.clone();
+                let session = session.clone();
+                let built_tx = built_tx.clone();
+                tokio::spawn(async move {
+                    let drv = assignment.drv_path.clone();
+                    let result = build(client, &session, assignment, received)
+                        .await
+                        .map(|b| (drv.clone(), b))
+                        .map_err(|e| format!("building {drv}: {e}"));
+                    let _ = built_tx.send(result).await;
+                });
+            }
+        });
         SimAgent {
             built,
             retries: 0,

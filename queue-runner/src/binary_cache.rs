@@ -97,15 +97,10 @@ impl NarSource for StoreNarSource {
         });
         if !misses.is_empty() {
             let mut client = self.client().await?;
-            let infos = client
-                .query_path_infos(&misses)
-                .await
-                .map_err(|e| SourceError::Failed(e.to_string()))?;
+            let infos = sluice_binary_cache::daemon_path_infos(&mut client, &misses).await?;
             let mut fresh = Vec::with_capacity(infos.len());
-            for (path, info) in misses.iter().zip(infos) {
-                let info = Arc::new(
-                    info.ok_or_else(|| SourceError::Missing(StoreDir::default().print(path)))?,
-                );
+            for info in infos {
+                let info = Arc::new(info);
                 fresh.push((info.path.clone(), info.clone()));
                 found.insert(info.path.clone(), info);
             }
@@ -128,10 +123,7 @@ impl NarSource for StoreNarSource {
         sink: &mut (dyn AsyncWrite + Send + Unpin),
     ) -> Result<NarSummary, SourceError> {
         let mut client = self.client().await?;
-        client
-            .nar_from_path(path, sink)
-            .await
-            .map_err(|e| SourceError::Failed(e.to_string()))
+        sluice_binary_cache::daemon_nar(&mut client, path, sink).await
     }
 }
 

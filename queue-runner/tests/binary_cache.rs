@@ -6,8 +6,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
+#[path = "e2e/harness.rs"]
+mod harness;
 
+use harness::generate_key;
 use sluice_binary_cache::{Compression, Destination};
 use sluice_nix::store_path::StoreDir;
 use sluice_queue_runner::binary_cache;
@@ -20,19 +22,6 @@ const JOBS: &str = r#"rec {
   top = mkDrv { name = "top"; inherit leaf; args = [ "-c" "echo $leaf > $out" ]; };
 }"#;
 
-/// `(secret key file, public key)`, made by Nix.
-fn generate_key(env: &NixEnv, dir: &Path) -> (std::path::PathBuf, String) {
-    let (secret, public) = (dir.join("secret"), dir.join("public"));
-    run(env
-        .command("nix-store")
-        .arg("--generate-binary-cache-key")
-        .arg("sluice-qr-test-1")
-        .arg(&secret)
-        .arg(&public));
-    let public = std::fs::read_to_string(&public).unwrap().trim().to_owned();
-    (secret, public)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_uploaded_from_the_queue_runners_store_are_substituted_by_nix() {
     let env = NixEnv::new();
@@ -40,7 +29,7 @@ async fn outputs_uploaded_from_the_queue_runners_store_are_substituted_by_nix() 
     let top = env.realise(&drvs[0]).remove(0);
     let daemon = NixDaemon::start();
     let keys = tempfile::tempdir().unwrap();
-    let (secret, public) = generate_key(&env, keys.path());
+    let (secret, public) = generate_key(&env, keys.path(), "sluice-qr-test-1");
     let cache_dir = tempfile::tempdir().unwrap();
     let config = BinaryCacheConfig {
         destination: Destination::parse(&format!("file://{}", cache_dir.path().display())).unwrap(),

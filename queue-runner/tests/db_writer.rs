@@ -14,9 +14,40 @@ use std::sync::Arc;
 
 use sluice_queue_runner::agents::AttemptId;
 use sluice_queue_runner::driver::writer::{OnCommit, WriteJob, Writer};
+use sluice_queue_runner::driver::DriverEvent;
 use sluice_queue_runner::grpc::{LocalStore, StoreConnection};
 use sluice_queue_runner::store::Store;
+use sqlx::PgPool;
+use tempfile::TempDir;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// A writer on `pool` with a queue of 64, and what it needs kept while it
+/// runs (its data directory, the driver's inbox). Its store has no daemon:
+/// the writes these tests make (step rows, phases, finished steps, aborted
+/// builds) never read the store.
+fn spawn_writer(
+    pool: &PgPool,
+) -> (
+    mpsc::Sender<WriteJob>,
+    JoinHandle<()>,
+    (TempDir, mpsc::Receiver<DriverEvent>),
+) {
+    let data_dir = tempfile::tempdir().expect("data dir");
+    let store = Store::new(LocalStore::new(
+        StoreConnection::Socket(data_dir.path().join("no-daemon")),
+        1,
+    ));
+    let (events, events_rx) = mpsc::channel(16);
+    let (writer, task, _in_flight) = Writer::spawn(
+        pool.clone(),
+        store,
+        data_dir.path().to_path_buf(),
+        events,
+        64,
+    );
+    (writer, task, (data_dir, events_rx))
+}
 
 fn create_step(build: i32) -> (WriteJob, oneshot::Receiver<Result<i32, String>>) {
     let (reply, answer) = oneshot::channel();
@@ -39,20 +70,7 @@ fn create_step(build: i32) -> (WriteJob, oneshot::Receiver<Result<i32, String>>)
 async fn a_write_refused_in_a_batch_costs_only_itself() {
     let (_pg, pool) = database().await;
     let build = queue_build(&pool, "a", &[("out", Some(OUT))]).await;
-    let data_dir = tempfile::tempdir().expect("data dir");
-    // Step rows never touch the store.
-    let store = Store::new(LocalStore::new(
-        StoreConnection::Socket(data_dir.path().join("no-daemon")),
-        1,
-    ));
-    let (events, _events_rx) = mpsc::channel(16);
-    let (writer, task, _in_flight) = Writer::spawn(
-        pool.clone(),
-        store,
-        data_dir.path().to_path_buf(),
-        events,
-        64,
-    );
+    let (writer, task, _kept) = spawn_writer(&pool);
     // Queued before the writer task first runs (one thread, no await
     // yet): it takes them as one batch.
     let (first, first_answer) = create_step(build);
@@ -164,19 +182,7 @@ async fn a_mixed_batch_writes_what_its_writes_would_one_by_one() {
         ])
         .await
         .expect("listen");
-    let data_dir = tempfile::tempdir().expect("data dir");
-    let store = Store::new(LocalStore::new(
-        StoreConnection::Socket(data_dir.path().join("no-daemon")),
-        1,
-    ));
-    let (events, _events_rx) = mpsc::channel(16);
-    let (writer, task, _in_flight) = Writer::spawn(
-        pool.clone(),
-        store,
-        data_dir.path().to_path_buf(),
-        events,
-        64,
-    );
+    let (writer, task, _kept) = spawn_writer(&pool);
     let (mut first_a, first_a_answer) = create_step(a);
     if let WriteJob::CreateStep {
         first_for_build, ..

@@ -21,7 +21,7 @@ mod harness;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use harness::Deployment;
+use harness::{generate_key, Deployment};
 use sluice_binary_cache::{Compression, Destination};
 use sluice_queue_runner::config::BinaryCacheConfig;
 use sluice_test_support::nix::{run, IsolatedStore, NixCommands, NixEnv};
@@ -35,19 +35,6 @@ const JOBS: &str = r#"rec {
     args = [ "-c" "echo building top-with-a-marker; read t < $tool; echo $leaf $t > $out" ];
   };
 }"#;
-
-/// `(secret key file, public key)`, made by Nix.
-fn generate_key(env: &NixEnv, dir: &Path) -> (PathBuf, String) {
-    let (secret, public) = (dir.join("secret"), dir.join("public"));
-    run(env
-        .command("nix-store")
-        .arg("--generate-binary-cache-key")
-        .arg("sluice-e2e-cache-1")
-        .arg(&secret)
-        .arg(&public));
-    let public = std::fs::read_to_string(&public).unwrap().trim().to_owned();
-    (secret, public)
-}
 
 /// A queue runner uploading to `file://<cache>`, signed with `secret`.
 async fn deployment(cache: &Path, secret: Option<PathBuf>) -> Deployment {
@@ -176,7 +163,7 @@ fn heal_nars(dir: &Path) {
 async fn a_fresh_store_substitutes_the_outputs_of_a_finished_build_with_signatures_required() {
     let keys = tempfile::tempdir().unwrap();
     let env = NixEnv::new();
-    let (secret, public) = generate_key(&env, keys.path());
+    let (secret, public) = generate_key(&env, keys.path(), "sluice-e2e-cache-1");
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let mut d = deployment(&cache, Some(secret)).await;

@@ -14,9 +14,7 @@
 #[path = "e2e/harness.rs"]
 mod harness;
 
-use std::path::{Path, PathBuf};
-
-use harness::Deployment;
+use harness::{generate_key, Deployment};
 use sluice_binary_cache::{Compression, Destination};
 use sluice_queue_runner::config::BinaryCacheConfig;
 use sluice_test_support::nix::{run, IsolatedStore, NixCommands, NixEnv};
@@ -26,22 +24,6 @@ const JOBS: &str = r#"rec {
   leaf = mkDrv { name = "s3-leaf"; args = [ "-c" "echo leaf > $out" ]; };
   top = mkDrv { name = "s3-top"; inherit leaf; args = [ "-c" "echo $leaf > $out" ]; };
 }"#;
-
-/// `(secret key file, public key)`, made by Nix.
-fn generate_key(env: &NixEnv, dir: &Path, name: &str) -> (PathBuf, String) {
-    let (secret, public) = (
-        dir.join(format!("{name}.sec")),
-        dir.join(format!("{name}.pub")),
-    );
-    run(env
-        .command("nix-store")
-        .arg("--generate-binary-cache-key")
-        .arg(name)
-        .arg(&secret)
-        .arg(&public));
-    let public = std::fs::read_to_string(&public).unwrap().trim().to_owned();
-    (secret, public)
-}
 
 /// `nix-store --realise path` in `client` from `substituter`, trusting
 /// only `public`, with signatures required.

@@ -10,7 +10,7 @@
 //!   ([`Compression`]: zstd, xz or none) and `.narinfo`s written
 //!   dependencies first; [`BinaryCache::upload_log`] uploads a build log
 //!   as `log/<drv>`. Paths come from a [`NarSource`] (the queue runner's
-//!   store).
+//!   store; [`DaemonNarSource`], a daemon's socket).
 //!
 //! Invariant: a `.narinfo` is written only once its NAR and the
 //! `.narinfo`s of its whole closure are in the cache, so the cache never
@@ -36,7 +36,7 @@ pub use key::{KeyError, PublicKey, SecretKey};
 pub use log::LogUploadError;
 pub use narinfo::{fingerprint, nar_key, narinfo_key, NarInfo};
 pub use retry::RetryPolicy;
-pub use source::{NarSource, SourceError};
+pub use source::{daemon_nar, daemon_path_infos, DaemonNarSource, NarSource, SourceError};
 pub use upload::{UploadError, UploadReport};
 
 /// `object_store`, as this crate uses it (for callers that hand

@@ -12,7 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use sluice_binary_cache::{
-    BinaryCache, CacheConfig, Compression, Destination, RetryPolicy, SecretKey, UploadError,
+    BinaryCache, CacheConfig, Compression, DaemonNarSource, Destination, RetryPolicy, SecretKey,
+    UploadError,
 };
 use sluice_test_support::nix::{NixCommands, NixDaemon};
 use support::*;
@@ -22,7 +23,7 @@ fn cache_at(
     daemon: &NixDaemon,
     key: Option<&KeyPair>,
     compression: Compression,
-) -> BinaryCache<DaemonSource> {
+) -> BinaryCache<DaemonNarSource> {
     let destination = Destination::parse(&format!("file://{}", dir.display())).unwrap();
     let mut config = CacheConfig::new(destination);
     config.compression = compression;
@@ -32,13 +33,7 @@ fn cache_at(
         first_delay: Duration::from_millis(10),
         max_delay: Duration::from_millis(10),
     };
-    BinaryCache::new(
-        config,
-        DaemonSource {
-            socket: daemon.socket_path(),
-        },
-    )
-    .unwrap()
+    BinaryCache::new(config, DaemonNarSource::new(daemon.socket_path())).unwrap()
 }
 
 /// Nix refused the substitute because no trusted key signed it.

@@ -17,7 +17,8 @@ mod support;
 use std::process::{Command, Stdio};
 
 use sluice_binary_cache::{
-    BinaryCache, CacheConfig, Compression, Destination, SecretKey, PART_SIZE, WHOLE_PUT_LIMIT,
+    BinaryCache, CacheConfig, Compression, DaemonNarSource, Destination, SecretKey, PART_SIZE,
+    WHOLE_PUT_LIMIT,
 };
 use sluice_test_support::nix::{NixCommands, NixDaemon, NixEnv};
 use sluice_test_support::s3::Moto;
@@ -59,9 +60,7 @@ fn nix_substitutes_from_an_s3_bucket_and_reads_compressed_logs() {
     let mut config = CacheConfig::new(Destination::parse(&uri).unwrap());
     config.compression = Compression::Zstd;
     config.signing_key = Some(SecretKey::from_file(&key.secret_file()).unwrap());
-    let source = DaemonSource {
-        socket: daemon.socket_path(),
-    };
+    let source = DaemonNarSource::new(daemon.socket_path());
     let cache = BinaryCache::new(config.clone(), source).unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -122,13 +121,7 @@ fn nix_substitutes_from_an_s3_bucket_and_reads_compressed_logs() {
     assert!(printed.contains("sluice s3 log line"), "{printed:?}");
 
     // Again, from a new uploader: the root is looked up, nothing is sent.
-    let again = BinaryCache::new(
-        config,
-        DaemonSource {
-            socket: daemon.socket_path(),
-        },
-    )
-    .unwrap();
+    let again = BinaryCache::new(config, DaemonNarSource::new(daemon.socket_path())).unwrap();
     let report = runtime
         .block_on(again.upload_closure([store_path(&top)]))
         .unwrap();

@@ -1,15 +1,24 @@
 //! What the queue runner's benches share: the line that names the machine
 //! their figures come from, a fixed-seed generator for generated DAGs,
-//! percentiles, and what a simulated agent needs to speak `sluice.v1` (a
-//! client that presents the token, and retrying what the queue runner
-//! answered `Unavailable`). Included with `#[path]` by each bench.
+//! percentiles, reading the derivations a bench instantiated, and what a
+//! simulated agent needs to speak `sluice.v1` (a client that presents the
+//! token, a session opened as `builder-agent` opens one, its assignments,
+//! and retrying what the queue runner answered `Unavailable`). Included
+//! with `#[path]` by each bench.
 
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use sluice_nix::derivation::Derivation;
+use sluice_nix::store_path::StoreDir;
+use sluice_proto::v1 as pb;
 use sluice_proto::v1::queue_runner_client::QueueRunnerClient;
+use sluice_proto::PROTOCOL_VERSION;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -68,6 +77,16 @@ pub fn print_figures(label: &str, samples: &[Duration]) {
     );
 }
 
+/// The derivation at `drv_path`, which the bench instantiated.
+pub fn read_drv(drv_path: &str) -> Derivation {
+    let dir = StoreDir::default();
+    let path = dir
+        .parse_path(drv_path)
+        .expect("a store path from nix-instantiate");
+    let text = std::fs::read(drv_path).expect("reading a .drv the bench instantiated");
+    Derivation::parse_drv_file(&dir, &path, &text).expect("parsing a .drv the bench instantiated")
+}
+
 /// Adds the bearer token to every call.
 #[derive(Clone)]
 pub struct Bearer(MetadataValue<Ascii>);
@@ -122,6 +141,126 @@ where
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             other => return other,
+        }
+    }
+}
+
+/// What a simulated agent registers as.
+pub struct Registration<'a> {
+    /// The agent version it presents (the bench's name).
+    pub agent_version: &'a str,
+    pub name: &'a str,
+    /// The system it builds for, besides `builtin`.
+    pub system: &'a str,
+    pub max_jobs: u32,
+    /// Steps it takes ahead of its free slots.
+    pub prefetch: u32,
+    /// Room for events not yet sent on the work stream.
+    pub events: usize,
+}
+
+/// A simulated agent's session with the queue runner.
+pub struct Session {
+    pub client: Client,
+    pub id: String,
+    /// Events for the work stream, which stays open while this is held.
+    pub events: mpsc::Sender<pb::AgentEvent>,
+    /// What the queue runner sends on the work stream.
+    pub commands: tonic::Streaming<pb::RunnerCommand>,
+    /// Heartbeats at the interval the queue runner asked for (100 ms at
+    /// the least), until aborted.
+    pub heartbeats: JoinHandle<()>,
+}
+
+/// Opens a session as `builder-agent` does, at the queue runner's gRPC port
+/// `addr` with `token`: `Version`, `Register`, the work stream (`Hello`
+/// first), and heartbeats.
+pub async fn open_session(addr: SocketAddr, token: &str, agent: Registration<'_>) -> Session {
+    let mut client = connect(addr, token).await;
+    let version = client
+        .version(pb::VersionRequest {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: agent.agent_version.into(),
+        })
+        .await
+        .expect("the Version call")
+        .into_inner();
+    assert_eq!(
+        version.protocol_version, PROTOCOL_VERSION,
+        "protocol version"
+    );
+    let registered = client
+        .register(pb::RegisterRequest {
+            name: agent.name.to_owned(),
+            systems: vec![agent.system.to_owned(), "builtin".into()],
+            supported_features: vec![],
+            mandatory_features: vec![],
+            max_jobs: agent.max_jobs,
+            speed_factor: 1.0,
+            total_mem_bytes: 1 << 30,
+            draining: false,
+            slots: vec![],
+            prefetch: agent.prefetch,
+        })
+        .await
+        .expect("the Register call")
+        .into_inner();
+    let id = registered.session_id;
+
+    let (events, events_rx) = mpsc::channel(agent.events);
+    events
+        .send(pb::AgentEvent {
+            session_id: id.clone(),
+            event: Some(pb::agent_event::Event::Hello(pb::Hello::default())),
+        })
+        .await
+        .expect("queueing Hello");
+    let commands = client
+        .work(ReceiverStream::new(events_rx))
+        .await
+        .expect("opening the work stream")
+        .into_inner();
+
+    let heartbeats = {
+        let mut client = client.clone();
+        let session = id.clone();
+        let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms).max(100));
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            loop {
+                ticks.tick().await;
+                let beat = pb::HeartbeatRequest {
+                    session_id: session.clone(),
+                    ..Default::default()
+                };
+                if let Err(status) = client.heartbeat(beat).await {
+                    eprintln!("sim agent: heartbeat failed: {status}");
+                }
+            }
+        })
+    };
+    Session {
+        client,
+        id,
+        events,
+        commands,
+        heartbeats,
+    }
+}
+
+/// The next assignment on the work stream, other commands skipped; `None`
+/// once the stream ends.
+pub async fn next_assignment(
+    commands: &mut tonic::Streaming<pb::RunnerCommand>,
+) -> Result<Option<pb::Assignment>, String> {
+    loop {
+        match commands.message().await {
+            Ok(Some(pb::RunnerCommand {
+                command: Some(pb::runner_command::Command::Assign(a)),
+            })) => return Ok(Some(a)),
+            Ok(Some(_)) => continue,
+            Ok(None) => return Ok(None),
+            Err(status) => return Err(format!("the work stream failed: {status}")),
         }
     }
 }

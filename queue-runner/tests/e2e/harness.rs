@@ -425,3 +425,22 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String, 
         .map(|(_, b)| b.to_string())
         .unwrap_or(out))
 }
+
+/// A binary cache signing key named `name`, made by Nix in `dir`:
+/// `(secret key file, public key)`.
+pub fn generate_key(env: &NixEnv, dir: &std::path::Path, name: &str) -> (PathBuf, String) {
+    use sluice_test_support::nix::NixCommands as _;
+    let (secret, public) = (
+        dir.join(format!("{name}.sec")),
+        dir.join(format!("{name}.pub")),
+    );
+    sluice_test_support::nix::run(
+        env.command("nix-store")
+            .arg("--generate-binary-cache-key")
+            .arg(name)
+            .arg(&secret)
+            .arg(&public),
+    );
+    let public = std::fs::read_to_string(&public).unwrap().trim().to_owned();
+    (secret, public)
+}

@@ -1,62 +1,15 @@
-//! What the binary cache tests share: a [`NarSource`] over a real
-//! `nix-daemon`'s socket, a closure of real paths with references, and
-//! clients substituting from a cache into a fresh, isolated store.
+//! What the binary cache tests share: a closure of real paths with
+//! references, and clients substituting from a cache into a fresh,
+//! isolated store. (They read the paths from a real `nix-daemon`'s socket
+//! through [`sluice_binary_cache::DaemonNarSource`].)
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 
-use sluice_binary_cache::{NarSource, SourceError};
-use sluice_nix::daemon::{DaemonClient, PathInfo};
-use sluice_nix::nar::NarSummary;
 use sluice_nix::store_path::{StoreDir, StorePath};
 use sluice_test_support::nix::{IsolatedStore, NixCommands, NixEnv};
-use tokio::io::AsyncWrite;
-
-/// The store a daemon serves, one connection per call.
-pub struct DaemonSource {
-    pub socket: PathBuf,
-}
-
-impl DaemonSource {
-    async fn client(&self) -> Result<DaemonClient, SourceError> {
-        DaemonClient::connect(&self.socket)
-            .await
-            .map_err(|e| SourceError::Failed(e.to_string()))
-    }
-}
-
-impl NarSource for DaemonSource {
-    async fn path_infos(&self, paths: &[StorePath]) -> Result<Vec<Arc<PathInfo>>, SourceError> {
-        let mut client = self.client().await?;
-        let infos = client
-            .query_path_infos(paths)
-            .await
-            .map_err(|e| SourceError::Failed(e.to_string()))?;
-        paths
-            .iter()
-            .zip(infos)
-            .map(|(p, info)| {
-                info.map(Arc::new)
-                    .ok_or_else(|| SourceError::Missing(StoreDir::default().print(p)))
-            })
-            .collect()
-    }
-
-    async fn nar(
-        &self,
-        path: &StorePath,
-        sink: &mut (dyn AsyncWrite + Send + Unpin),
-    ) -> Result<NarSummary, SourceError> {
-        let mut client = self.client().await?;
-        client
-            .nar_from_path(path, sink)
-            .await
-            .map_err(|e| SourceError::Failed(e.to_string()))
-    }
-}
 
 /// `leaf`, a directory; `mid`, which refers to `leaf` (a symlink and a
 /// file naming it); `top`, which refers to `mid`, to itself and to a text

@@ -341,6 +341,10 @@ impl Batch {
         commits: &[&Commit],
     ) -> Result<(), CommitError> {
         let mut together: Vec<BuildOutcome> = Vec::new();
+        // The writes finished together, announced once they are: each
+        // one's place, its head build and the builds it finishes. An
+        // aborted build is a head with nothing else.
+        let mut announced_later: Vec<(usize, i32, &[BuildOutcome])> = Vec::new();
         for (i, commit) in commits.iter().enumerate() {
             match commit {
                 Commit::FinishBuilds {
@@ -353,7 +357,10 @@ impl Batch {
                     let finished = results::finish_builds(conn, outcomes).await?;
                     self.notifications[i].extend(announce(*head, outcomes, &finished));
                 }
-                Commit::FinishBuilds { outcomes, .. } => together.extend(outcomes.iter().cloned()),
+                Commit::FinishBuilds { head, outcomes, .. } => {
+                    together.extend(outcomes.iter().cloned());
+                    announced_later.push((i, *head, outcomes));
+                }
                 Commit::AbortBuild { row, time } => {
                     together.push(BuildOutcome::Failed(results::BuildFailure {
                         build: row.build,
@@ -361,27 +368,15 @@ impl Batch {
                         start_time: *time,
                         stop_time: *time,
                         is_cached: false,
-                    }))
+                    }));
+                    announced_later.push((i, row.build, &[]));
                 }
                 _ => {}
             }
         }
         let finished = results::finish_builds(conn, &together).await?;
-        for (i, commit) in commits.iter().enumerate() {
-            match commit {
-                Commit::FinishBuilds {
-                    head,
-                    dependent_rows,
-                    outcomes,
-                    cached_failure: None,
-                } if dependent_rows.is_empty() => {
-                    self.notifications[i].extend(announce(*head, outcomes, &finished));
-                }
-                Commit::AbortBuild { row, .. } if finished.contains(&row.build) => {
-                    self.notifications[i].extend(Notification::build_finished(row.build, &[]));
-                }
-                _ => {}
-            }
+        for (i, head, outcomes) in announced_later {
+            self.notifications[i].extend(announce(head, outcomes, &finished));
         }
         Ok(())
     }

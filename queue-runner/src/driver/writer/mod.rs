@@ -458,20 +458,13 @@ impl Writer {
 
 impl Preparer {
     /// Turns a job into a [`Commit`], reading what it needs from the store
-    /// and the filesystem; splits off the reply a new step waits for.
-    /// `None`: nothing to write (a phase code Hydra does not know).
+    /// and the filesystem; splits off the reply a new step waits for. An
+    /// `AfterCommit` action is passed on to the commit stage as it is;
+    /// [`Prepared::Nothing`]: nothing to write (a phase code Hydra does
+    /// not know).
     async fn prepare(&self, job: WriteJob) -> Prepared {
-        match job {
-            WriteJob::AfterCommit(OnCommit(run)) => Prepared::After(run),
-            job => match self.ready(job).await {
-                Some((commit, reply)) => Prepared::Write(Box::new(commit), reply),
-                None => Prepared::Nothing,
-            },
-        }
-    }
-
-    async fn ready(&self, job: WriteJob) -> Option<(Commit, Option<Reply>)> {
-        Some(match job {
+        let (commit, reply) = match job {
+            WriteJob::AfterCommit(OnCommit(run)) => return Prepared::After(run),
             WriteJob::CreateStep {
                 attempt,
                 build,
@@ -512,7 +505,9 @@ impl Preparer {
                 stepnr,
                 busy,
             } => {
-                let phase = u32::try_from(busy).ok().and_then(StepPhase::from_code)?;
+                let Some(phase) = u32::try_from(busy).ok().and_then(StepPhase::from_code) else {
+                    return Prepared::Nothing;
+                };
                 (
                     Commit::Phase {
                         build: build.0,
@@ -574,12 +569,6 @@ impl Preparer {
                 },
                 None,
             ),
-            // `prepare` passes these on to the commit stage; were one to
-            // come here, nothing would be left to wait for.
-            WriteJob::AfterCommit(OnCommit(run)) => {
-                run();
-                return None;
-            }
             WriteJob::UnsupportedStep {
                 build,
                 drv_path,
@@ -618,7 +607,8 @@ impl Preparer {
                 };
                 (Commit::AbortBuild { row, time }, None)
             }
-        })
+        };
+        Prepared::Write(Box::new(commit), reply)
     }
 
     /// What finishing `builds` writes: each success post-processed from

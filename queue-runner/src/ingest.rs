@@ -21,7 +21,6 @@
 //! ([`BatchClosure::transient`]) and is read again later.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 
 use sluice_core::{DrvPath, StepSpec};
 use sluice_nix::daemon::DaemonClient;
@@ -71,50 +70,21 @@ pub struct ClosureDrv {
 pub type HeldOutput = (Box<str>, Option<Box<str>>);
 
 /// What the driver keeps of a derivation while the core holds its step:
-/// only what dispatch and results need, in compact form (the inputs live
-/// in the core's graph, and the rest of the spec is not needed again).
-#[derive(Debug, Clone)]
-pub struct HeldDrv {
-    /// Its system, interned (one allocation per distinct system).
-    pub system: Arc<str>,
-    /// Output name → known path, sorted by name.
-    pub outputs: Box<[HeldOutput]>,
-    /// As [`ClosureDrv::keys`]; `None` (8 bytes, no allocation) for the
-    /// derivations that have none, nearly all of them.
-    #[allow(clippy::box_collection)] // the box is the point: 8 bytes, not 24
-    keys: Option<Box<BTreeMap<String, String>>>,
-}
-
-impl HeldDrv {
-    /// The outputs as a map, for a new step's row.
-    pub fn outputs_map(&self) -> BTreeMap<String, Option<String>> {
-        self.outputs
-            .iter()
-            .map(|(name, path)| (name.to_string(), path.as_deref().map(str::to_owned)))
-            .collect()
-    }
-
-    /// The realisation keys of its outputs known only once built.
-    pub fn keys(&self) -> &BTreeMap<String, String> {
-        static NONE: BTreeMap<String, String> = BTreeMap::new();
-        self.keys.as_deref().unwrap_or(&NONE)
-    }
-
-    /// The known output paths.
-    pub fn known_paths(&self) -> impl Iterator<Item = &str> {
-        self.outputs.iter().filter_map(|(_, path)| path.as_deref())
-    }
-}
+/// only what dispatch and results need, packed into one allocation (the
+/// inputs live in the core's graph, and the rest of the spec is not needed
+/// again).
+pub type HeldDrv = crate::compact::PackedDrv;
 
 impl ClosureDrv {
-    /// What is kept of it while its step is held; `intern` shares the
-    /// system string.
-    pub fn held(&self, intern: &mut impl FnMut(&str) -> Arc<str>) -> HeldDrv {
-        HeldDrv {
-            system: intern(&self.spec.system),
-            outputs: self.outputs.clone(),
-            keys: (!self.keys.is_empty()).then(|| Box::new(self.keys.clone())),
-        }
+    /// What is kept of it while its step is held; `intern` gives the
+    /// index of its system among the interned ones.
+    pub fn held(&self, intern: &mut impl FnMut(&str) -> usize) -> HeldDrv {
+        HeldDrv::new(
+            self.spec.drv_path.as_str(),
+            intern(&self.spec.system),
+            self.outputs.iter().map(|(n, p)| (&**n, p.as_deref())),
+            &self.keys,
+        )
     }
 }
 
@@ -123,7 +93,7 @@ impl ClosureDrv {
 pub struct BatchClosure {
     /// Derivations that need building, by path (the key and the spec's
     /// `drv_path`, like every input naming it, share one string).
-    pub drvs: HashMap<DrvPath, ClosureDrv>,
+    pub drvs: sluice_core::PathMap<DrvPath, ClosureDrv>,
     /// Derivations whose outputs are all valid: no step.
     pub valid: HashSet<String>,
     /// The outputs of valid derivations whose paths are not static (as
@@ -134,7 +104,7 @@ pub struct BatchClosure {
     pub broken: HashMap<String, IngestError>,
     /// Derivations not read because the queue runner held a step for them
     /// when the batch was read (their own inputs are held too).
-    pub held: HashSet<DrvPath>,
+    pub held: sluice_core::PathSet<DrvPath>,
     /// A failure that says nothing about the derivations (the store did
     /// not answer, a read failed for another reason than a missing file):
     /// nothing of this batch may be used; read it again later.
@@ -277,7 +247,7 @@ where
     let mut batch = BatchClosure::default();
     // Every path met, interned: one string per derivation however many
     // derivations name it as an input.
-    let mut queued: HashSet<DrvPath> = HashSet::new();
+    let mut queued: sluice_core::PathSet<DrvPath> = sluice_core::PathSet::default();
     let mut frontier: Vec<DrvPath> = Vec::new();
     for top in tops {
         let top = DrvPath::from(top.as_str());

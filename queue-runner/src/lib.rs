@@ -9,6 +9,7 @@ pub mod agents;
 pub mod binary_cache;
 pub mod bounded_cache;
 pub mod ca;
+pub mod compact;
 pub mod config;
 pub mod dashboard;
 pub mod db;

@@ -39,7 +39,7 @@ use crate::machine::Machine;
 use crate::order::{HydraOrder, StepOrder};
 use crate::queue::Classes;
 use crate::shares::Shares;
-use crate::types::{BuildId, DrvPath, MachineId, Millis, Status};
+use crate::types::{BuildId, DrvPath, MachineId, Millis, PathMap, Status};
 
 /// The scheduling core. `O` decides which runnable step goes first.
 pub struct Core<O: StepOrder = HydraOrder> {
@@ -48,7 +48,7 @@ pub struct Core<O: StepOrder = HydraOrder> {
     pub(crate) now: Millis,
     /// Every live step by derivation path; entries of freed steps are
     /// removed when they are freed.
-    pub(crate) index: HashMap<DrvPath, Weak<Step>>,
+    pub(crate) index: PathMap<DrvPath, Weak<Step>>,
     /// Unfinished builds; the only strong owner of each [`Build`].
     pub(crate) builds: HashMap<BuildId, Arc<Build>>,
     pub(crate) classes: Classes<O::Key>,
@@ -63,7 +63,10 @@ pub struct Core<O: StepOrder = HydraOrder> {
     pub(crate) shares: Shares,
     /// Steps reserved for the machine whose agent still runs an attempt
     /// at them (see `resume.rs`).
-    pub(crate) claims: HashMap<DrvPath, MachineId>,
+    pub(crate) claims: PathMap<DrvPath, MachineId>,
+    /// Steps whose vector of dependents grew (so has spare capacity)
+    /// since the last [`Core::trim_dependents`]; may repeat a step.
+    pub(crate) grown: Vec<Weak<Step>>,
     pub(crate) out: Vec<Command>,
 }
 
@@ -135,7 +138,7 @@ impl<O: StepOrder> Core<O> {
             config,
             order,
             now: Millis::ZERO,
-            index: HashMap::new(),
+            index: PathMap::default(),
             builds: HashMap::new(),
             classes: Classes::new(),
             machines: BTreeMap::new(),
@@ -144,7 +147,8 @@ impl<O: StepOrder> Core<O> {
             last_ticket: 0,
             counts: Counts::default(),
             shares: Shares::default(),
-            claims: HashMap::new(),
+            claims: PathMap::default(),
+            grown: Vec::new(),
             out: Vec::new(),
         }
     }
@@ -215,6 +219,33 @@ impl<O: StepOrder> Core<O> {
     pub(crate) fn next_ticket(&mut self) -> u64 {
         self.last_ticket += 1;
         self.last_ticket
+    }
+
+    /// Gives back the spare capacity of the vectors of dependents that grew
+    /// since the last call, and drops their dead entries. Costs the length
+    /// of those vectors: call it when a run of queued builds is complete
+    /// (the driver does once a load has read every queued build), not per
+    /// build, or the next dependent added to a popular step reallocates
+    /// and scans its whole vector again. The core calls it itself once
+    /// more steps grew than it holds, so the list stays bounded.
+    pub fn trim_dependents(&mut self) {
+        let grown: Vec<Arc<Step>> = std::mem::take(&mut self.grown)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let mut done: std::collections::HashSet<*const Step> =
+            std::collections::HashSet::with_capacity(grown.len());
+        for step in &grown {
+            if done.insert(Arc::as_ptr(step)) {
+                step.state.lock().trim_rdeps();
+            }
+        }
+    }
+
+    pub(crate) fn trim_dependents_if_due(&mut self) {
+        if self.grown.len() > self.index.len().max(4096) {
+            self.trim_dependents();
+        }
     }
 
     /// The live step for a derivation, if the core holds one.

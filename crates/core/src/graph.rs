@@ -149,12 +149,23 @@ impl StepState {
     }
 
     /// Adds a reverse dependency, dropping dead ones when the vector would
-    /// grow, so the vector stays proportional to the live ones.
-    pub fn add_rdep(&mut self, rdep: Weak<Step>) {
-        if self.rdeps.len() == self.rdeps.capacity() {
+    /// grow, so the vector stays proportional to the live ones. Returns
+    /// whether the vector grew (it has spare capacity then, which
+    /// [`crate::Core::trim_dependents`] gives back later).
+    pub fn add_rdep(&mut self, rdep: Weak<Step>) -> bool {
+        let full = self.rdeps.len() == self.rdeps.capacity();
+        if full {
             self.rdeps.retain(|r| r.strong_count() > 0);
         }
+        let before = self.rdeps.capacity();
         self.rdeps.push(rdep);
+        self.rdeps.capacity() != before
+    }
+
+    /// Drops dead reverse dependencies and gives back spare capacity.
+    pub fn trim_rdeps(&mut self) {
+        self.rdeps.retain(|r| r.strong_count() > 0);
+        self.rdeps.shrink_to_fit();
     }
 
     /// Adds a build whose top-level step this is, dropping dead ones. Costs

@@ -14,14 +14,13 @@
 //! acyclic; a cyclic closure (which Nix cannot produce) aborts the build
 //! without touching the graph.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::command::{BuildFinished, Command, EventError};
 use crate::event::{BuildSpec, StepSpec};
 use crate::graph::{Build, Phase, Step};
 use crate::order::{Priority, StepOrder};
-use crate::types::{DrvPath, Status};
+use crate::types::{DrvPath, PathMap, Status};
 use crate::Core;
 
 impl<O: StepOrder> Core<O> {
@@ -31,7 +30,7 @@ impl<O: StepOrder> Core<O> {
     pub(crate) fn queue_builds(&mut self, builds: Vec<(BuildSpec, Vec<StepSpec>)>) {
         let (specs, steps): (Vec<BuildSpec>, Vec<Vec<StepSpec>>) = builds.into_iter().unzip();
         // Every step of the batch, whichever build brought it.
-        let mut by_path: HashMap<&str, &StepSpec> = HashMap::new();
+        let mut by_path: PathMap<&str, &StepSpec> = PathMap::default();
         for step in steps.iter().flatten() {
             by_path.entry(step.drv_path.as_str()).or_insert(step);
         }
@@ -40,7 +39,7 @@ impl<O: StepOrder> Core<O> {
             self.attach_build(spec, &by_path, &mut created);
         }
         self.critical_paths_of_new_steps(&created);
-        trim_dependents(&created);
+        self.trim_dependents_if_due();
         for step in created {
             let runnable = {
                 let state = step.state.lock();
@@ -58,7 +57,7 @@ impl<O: StepOrder> Core<O> {
     fn attach_build(
         &mut self,
         spec: BuildSpec,
-        by_path: &HashMap<&str, &StepSpec>,
+        by_path: &PathMap<&str, &StepSpec>,
         created: &mut Vec<Arc<Step>>,
     ) {
         if self.builds.contains_key(&spec.id) {
@@ -166,14 +165,21 @@ impl<O: StepOrder> Core<O> {
             deps.sort_by_key(Arc::as_ptr);
             deps.dedup_by(|a, b| Arc::ptr_eq(a, b));
             let expected_ms = self.config.expected_ms(spec.expected_ms);
-            let mut step = Step::new(spec.drv_path.clone(), class, deps.clone(), expected_ms);
-            step.state
-                .get_mut()
-                .set_needs_resolution(spec.needs_resolution);
-            let step = Arc::new(step);
-            for dep in deps {
-                dep.state.lock().add_rdep(Arc::downgrade(&step));
-            }
+            // Each dependency learns of the step as it is made, so the
+            // dependencies are not copied for the purpose.
+            let grown = &mut self.grown;
+            let step = Arc::new_cyclic(|me| {
+                for dep in &deps {
+                    if dep.state.lock().add_rdep(me.clone()) {
+                        grown.push(Arc::downgrade(dep));
+                    }
+                }
+                let mut step = Step::new(spec.drv_path.clone(), class, deps, expected_ms);
+                step.state
+                    .get_mut()
+                    .set_needs_resolution(spec.needs_resolution);
+                step
+            });
             self.index
                 .insert(spec.drv_path.clone(), Arc::downgrade(&step));
             self.counts.enter(Phase::Waiting);
@@ -207,35 +213,20 @@ impl<O: StepOrder> Core<O> {
     }
 }
 
-/// Leaves no spare capacity in the dependents of the steps `created`
-/// needs: they grew one push at a time, and a `Vec` that doubles holds a
-/// quarter more than it needs on average, on every held step.
-fn trim_dependents(created: &[Arc<Step>]) {
-    let mut trimmed: std::collections::HashSet<*const Step> = std::collections::HashSet::new();
-    for step in created {
-        let deps = step.state.lock().deps.clone();
-        for dep in deps {
-            if trimmed.insert(Arc::as_ptr(&dep)) {
-                dep.state.lock().rdeps.shrink_to_fit();
-            }
-        }
-    }
-}
-
 /// The specs to create, dependencies before dependents, for the closure of
 /// `top` without the derivations that already have a step (`exists`) and
 /// those absent from `specs` (already valid). Fails with a derivation on a
 /// dependency cycle.
 fn creation_order<'a>(
     top: &'a DrvPath,
-    specs: &HashMap<&'a str, &'a StepSpec>,
+    specs: &PathMap<&'a str, &'a StepSpec>,
     exists: impl Fn(&str) -> bool,
 ) -> Result<Vec<&'a StepSpec>, DrvPath> {
     enum Mark {
         Open,
         Done,
     }
-    let mut marks: HashMap<&str, Mark> = HashMap::new();
+    let mut marks: PathMap<&str, Mark> = PathMap::default();
     let mut order = Vec::new();
     // (derivation, children already pushed)
     let mut stack: Vec<(&'a str, bool)> = vec![(top.as_str(), false)];

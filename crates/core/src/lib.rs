@@ -84,4 +84,7 @@ pub use crate::order::{
     Priority, StepOrder, StepView, UnknownOrder,
 };
 pub use crate::status::{MachineStats, Stats};
-pub use crate::types::{BuildId, DrvPath, JobsetId, MachineId, Millis, Status, StepFailure};
+pub use crate::types::{
+    BuildId, DrvPath, JobsetId, MachineId, Millis, PathHasher, PathMap, PathSet, Status,
+    StepFailure,
+};

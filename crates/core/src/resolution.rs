@@ -105,7 +105,9 @@ impl<O: StepOrder> Core<O> {
                     state.deps = vec![resolved.clone()];
                     state.priority
                 };
-                resolved.state.lock().add_rdep(Arc::downgrade(&step));
+                if resolved.state.lock().add_rdep(Arc::downgrade(&step)) {
+                    self.grown.push(Arc::downgrade(&resolved));
+                }
                 self.propagate_priority(resolved.clone(), priority);
                 let path = step.state.lock().critical_path_ms;
                 let raised = resolved.state.lock().expected_ms.saturating_add(path);

@@ -149,7 +149,7 @@ impl Driver {
             let failed_paths = if fails_for_good(report.status) {
                 self.closure
                     .get(&a.drv_path)
-                    .map(|c| c.known_paths().map(str::to_owned).collect())
+                    .map(|c| c.known_paths(a.drv_path.as_str()))
                     .unwrap_or_default()
             } else {
                 Vec::new()
@@ -166,7 +166,7 @@ impl Driver {
                 if let Some(keys) = self.closure.get(&a.drv_path).map(HeldDrv::keys) {
                     realisations.extend(super::resolve::realisations_of(
                         &a.drv_path,
-                        keys,
+                        &keys,
                         &report.outputs,
                     ));
                 }
@@ -214,12 +214,10 @@ impl Driver {
                 // Its dependents, dispatched next, need its output paths:
                 // from memory, not from its `.drv` again. Only static
                 // ones (a step with dynamic outputs is resolved first).
-                if held.keys().is_empty() && held.outputs.iter().all(|(_, p)| p.is_some()) {
+                if let Some(outputs) = held.static_outputs(a.drv_path.as_str()) {
                     self.store.remember_static_outputs(
                         a.drv_path.as_str(),
-                        held.outputs
-                            .iter()
-                            .filter_map(|(n, p)| p.as_deref().map(|p| (&**n, p))),
+                        outputs.iter().map(|(n, p)| (n.as_str(), p.as_str())),
                     );
                 }
             }
@@ -333,13 +331,9 @@ impl Driver {
         let outputs = self
             .closure
             .get(&drv_path)
-            .map(HeldDrv::outputs_map)
+            .map(|held| held.outputs_map(drv_path.as_str()))
             .unwrap_or_default();
-        let system = self
-            .closure
-            .get(&drv_path)
-            .map(|c| c.system.to_string())
-            .unwrap_or_default();
+        let system = self.held_system(&drv_path);
         let job = prepare::Preparation {
             attempt: id,
             machine,

@@ -18,8 +18,9 @@ pub struct HeldBuild {
     pub global_priority: i32,
     pub max_silent_s: u32,
     pub timeout_s: u32,
-    /// As [`crate::db::queue::QueuedBuild::outputs`], compact.
-    pub outputs: Box<[crate::ingest::HeldOutput]>,
+    /// As [`crate::db::queue::QueuedBuild::outputs`], packed: read them
+    /// with [`HeldBuild::outputs`].
+    outputs: crate::compact::CompactOutputs,
 }
 
 impl HeldBuild {
@@ -33,12 +34,19 @@ impl HeldBuild {
             global_priority: build.global_priority,
             max_silent_s: build.max_silent_s,
             timeout_s: build.timeout_s,
-            outputs: build
-                .outputs
-                .iter()
-                .map(|(name, path)| (Box::from(name.as_str()), path.as_deref().map(Box::from)))
-                .collect(),
+            outputs: crate::compact::CompactOutputs::new(
+                &build.drv_path,
+                build
+                    .outputs
+                    .iter()
+                    .map(|(n, p)| (n.as_str(), p.as_deref())),
+            ),
         }
+    }
+
+    /// Its outputs (recorded in `BuildOutputs`): name, path when known.
+    pub fn outputs(&self) -> impl Iterator<Item = (&str, Option<std::borrow::Cow<'_, str>>)> {
+        self.outputs.iter(self.drv_path.as_str())
     }
 }
 

@@ -9,7 +9,7 @@
 //! loaded again until its rows are written and a load has started since
 //! (`Driver::recently_finished`), so a restart is seen at the next load.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use sluice_core::{BuildId, BuildSpec, DrvPath, Event, JobsetId};
@@ -115,14 +115,18 @@ impl Driver {
         // (Only what the core holds: the driver's map may keep an entry a
         // little longer.)
         let core = &self.core;
-        let held_drvs: Arc<HashSet<DrvPath>> = Arc::new(
+        let mut held_drvs = sluice_core::PathSet::with_capacity_and_hasher(
+            self.closure.len() + ahead_of.map_or(0, |b| b.closure.drvs.len()),
+            sluice_core::PathHasher::default(),
+        );
+        held_drvs.extend(
             self.closure
                 .keys()
                 .filter(|drv| core.has_step(drv.as_str()))
                 .chain(ahead_of.into_iter().flat_map(|b| b.closure.drvs.keys()))
-                .cloned()
-                .collect(),
+                .cloned(),
         );
+        let held_drvs = Arc::new(held_drvs);
         tokio::spawn(async move {
             let batch = load(
                 pool, store, hashes, after, limit, restarted, held, held_drvs,
@@ -170,7 +174,7 @@ impl Driver {
         // paths once for all of them); the steps of those before count as
         // held for those after.
         let mut queued = Vec::new();
-        let mut in_event: std::collections::HashSet<DrvPath> = std::collections::HashSet::new();
+        let mut in_event: sluice_core::PathSet<DrvPath> = sluice_core::PathSet::default();
         for build in batch.builds {
             self.loader.max_id = self.loader.max_id.max(build.id);
             let id = BuildId(build.id);
@@ -247,6 +251,9 @@ impl Driver {
             // Every queued build is loaded: a claim still unused belongs
             // to a build that is gone.
             self.withdraw_unused_claims();
+            // And the graph stops growing for now: give back what its
+            // vectors of dependents kept spare while it grew.
+            self.core.trim_dependents();
         }
         self.start_deferred_dispatches();
         self.start_load();
@@ -357,7 +364,7 @@ async fn load(
     limit: i64,
     restarted: bool,
     held: HashSet<i32>,
-    held_drvs: Arc<HashSet<DrvPath>>,
+    held_drvs: Arc<sluice_core::PathSet<DrvPath>>,
 ) -> LoadedBatch {
     let mut batch = LoadedBatch {
         builds: Vec::new(),
@@ -483,8 +490,13 @@ async fn supports_content_addressed(
     }
 }
 
+/// The most keys one lookup of a load sends: a pooled connection keeps its
+/// buffer as large as the largest message it ever sent, and the first
+/// batch of a big queue names some 140,000 paths (17 MB in one query).
+const LOOKUP_CHUNK: usize = 4096;
+
 /// Marks the derivations of `closure` with an output in `FailedPaths`
-/// ([`sluice_core::StepSpec::known_failed`]), in one query for the batch.
+/// ([`sluice_core::StepSpec::known_failed`]), one query per chunk of paths.
 async fn mark_known_failures(
     pool: &sqlx::PgPool,
     closure: &mut BatchClosure,
@@ -505,9 +517,14 @@ async fn mark_known_failures(
         .acquire()
         .await
         .map_err(|e| crate::db::describe_sqlx_error(&e))?;
-    let failed = crate::db::results::failed_paths_among(&mut conn, &paths)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut failed = HashSet::new();
+    for chunk in paths.chunks(LOOKUP_CHUNK) {
+        failed.extend(
+            crate::db::results::failed_paths_among(&mut conn, chunk)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
     if failed.is_empty() {
         return Ok(());
     }
@@ -525,7 +542,7 @@ async fn mark_known_failures(
 }
 
 /// Fills in how long each derivation is expected to build, from the
-/// times recorded for its name (one point query for the batch); the core
+/// times recorded for its name (point queries, one per chunk of names); the core
 /// uses its default for names never built.
 async fn expect_build_times(pool: &sqlx::PgPool, closure: &mut BatchClosure) -> Result<(), String> {
     let mut names: Vec<&str> = closure
@@ -542,9 +559,14 @@ async fn expect_build_times(pool: &sqlx::PgPool, closure: &mut BatchClosure) -> 
         .acquire()
         .await
         .map_err(|e| crate::db::describe_sqlx_error(&e))?;
-    let times = crate::db::results::lookup_build_times(&mut conn, &names)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut times = HashMap::new();
+    for chunk in names.chunks(LOOKUP_CHUNK) {
+        times.extend(
+            crate::db::results::lookup_build_times(&mut conn, chunk)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
     for (drv, d) in closure.drvs.iter_mut() {
         if let Some(ms) = times.get(crate::db::results::build_time_name(drv.as_str())) {
             d.spec.expected_ms = Some(u32::try_from(*ms).unwrap_or(u32::MAX));
@@ -553,12 +575,12 @@ async fn expect_build_times(pool: &sqlx::PgPool, closure: &mut BatchClosure) -> 
     Ok(())
 }
 
-/// The one shared copy of `name` in `names`.
-pub(super) fn intern(names: &mut HashSet<Arc<str>>, name: &str) -> Arc<str> {
-    if let Some(known) = names.get(name) {
-        return known.clone();
+/// The index of `name` in `names`, added if missing (a farm has a few
+/// systems: a scan is quicker than a hash).
+pub(super) fn intern(names: &mut Vec<Arc<str>>, name: &str) -> usize {
+    if let Some(known) = names.iter().position(|n| &**n == name) {
+        return known;
     }
-    let name: Arc<str> = Arc::from(name);
-    names.insert(name.clone());
-    name
+    names.push(Arc::from(name));
+    names.len() - 1
 }

@@ -210,9 +210,9 @@ pub struct Driver {
     builds: HashMap<BuildId, HeldBuild>,
     /// What dispatch and results need of each derivation the core holds
     /// a step for (one compact entry each; see `HeldDrv`).
-    closure: HashMap<DrvPath, HeldDrv>,
-    /// Systems, interned for `closure`.
-    systems: HashSet<Arc<str>>,
+    closure: sluice_core::PathMap<DrvPath, HeldDrv>,
+    /// Systems, interned for `closure` (which holds their indexes).
+    systems: Vec<Arc<str>>,
     /// Output paths and times of steps that succeeded (or whose outputs a
     /// resolution or a load found recorded), for the builds they finish.
     built_outputs: HashMap<DrvPath, BuiltStep>,
@@ -245,6 +245,17 @@ pub struct Driver {
     /// A snapshot went out with that list after attempts may have changed:
     /// publish again once it is [`crate::status::RUNNING_REFRESH`] old.
     running_stale: bool,
+}
+
+impl Driver {
+    /// The system of a held derivation ("" if it is not held).
+    fn held_system(&self, drv_path: &DrvPath) -> String {
+        self.closure
+            .get(drv_path)
+            .and_then(|held| self.systems.get(held.system()))
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    }
 }
 
 pub fn unix_now() -> i64 {
@@ -297,8 +308,8 @@ impl Driver {
             by_step: HashMap::new(),
             ended_before_row: HashMap::new(),
             builds: HashMap::new(),
-            closure: HashMap::new(),
-            systems: HashSet::new(),
+            closure: sluice_core::PathMap::default(),
+            systems: Vec::new(),
             built_outputs: HashMap::new(),
             started_builds: HashSet::new(),
             recently_finished: Default::default(),
@@ -505,11 +516,7 @@ impl Driver {
                 self.counters.max_tries = self.counters.max_tries.max(tries);
             }
             Command::StepUnsupported { drv_path, builds } => {
-                let system = self
-                    .closure
-                    .get(&drv_path)
-                    .map(|c| c.system.to_string())
-                    .unwrap_or_default();
+                let system = self.held_system(&drv_path);
                 for build in builds {
                     self.send_write(WriteJob::UnsupportedStep {
                         build,

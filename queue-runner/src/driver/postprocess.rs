@@ -23,9 +23,8 @@ pub async fn success(
     let outputs: Vec<(String, String)> = match &finished.outputs {
         Some(outs) => outs.clone(),
         None => build
-            .outputs
-            .iter()
-            .filter_map(|(n, p)| p.as_deref().map(|p| (n.to_string(), p.to_owned())))
+            .outputs()
+            .filter_map(|(n, p)| p.map(|p| (n.to_owned(), p.into_owned())))
             .collect(),
     };
     let dir = store.store_dir().clone();

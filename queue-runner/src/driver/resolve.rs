@@ -181,7 +181,7 @@ impl Driver {
         let keys = self
             .closure
             .get(&drv_path)
-            .map(|c| c.keys().clone())
+            .map(crate::ingest::HeldDrv::keys)
             .unwrap_or_default();
         let job = Job {
             drv_path,

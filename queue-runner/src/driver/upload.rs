@@ -331,22 +331,21 @@ impl Driver {
         let Some(uploads) = self.uploads.as_mut() else {
             return self.write_finished(head, cached, builds);
         };
-        let outputs: Vec<&str> = builds
+        let outputs: Vec<String> = builds
             .iter()
-            .flat_map(|b| -> Vec<&str> {
+            .flat_map(|b| -> Vec<String> {
                 match &b.outputs {
-                    Some(outs) => outs.iter().map(|(_, p)| p.as_str()).collect(),
+                    Some(outs) => outs.iter().map(|(_, p)| p.clone()).collect(),
                     // A cached build: the paths recorded in `BuildOutputs`.
                     None => b
                         .build
-                        .outputs
-                        .iter()
-                        .filter_map(|(_, p)| p.as_deref())
+                        .outputs()
+                        .filter_map(|(_, p)| p.map(std::borrow::Cow::into_owned))
                         .collect(),
                 }
             })
             .collect();
-        let roots = uploads.roots(drv, outputs.into_iter());
+        let roots = uploads.roots(drv, outputs.iter().map(String::as_str));
         if roots.is_empty() {
             // Nothing known to upload: the writer's post-processing
             // decides what the build becomes.

@@ -203,8 +203,11 @@ impl DerefMut for PooledClient {
 
 impl Drop for PooledClient {
     fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
+        if let Some(mut client) = self.client.take() {
             if client.is_open() {
+                // A load's answers can be megabytes; an idle connection
+                // keeps no more than a frame's worth.
+                client.shrink_buffers(1 << 20);
                 self.pool.idle.lock().push(client);
             }
         }

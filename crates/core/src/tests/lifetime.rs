@@ -91,3 +91,30 @@ fn a_drv_path_is_stored_once_for_the_step_and_the_index() {
         step.drv_path.as_str().as_ptr()
     ));
 }
+
+#[test]
+fn trimming_gives_back_spare_dependents_and_drops_dead_ones() {
+    let mut graph = String::from("base: x86_64-linux\n");
+    for i in 0..5 {
+        graph.push_str(&format!("d{i}: x86_64-linux <- base\n"));
+    }
+    let mut sim = Sim::new(&graph, Config::default());
+    for i in 0..5 {
+        sim.run(&format!("queue #{} d{i}", i + 1));
+    }
+    let base = weak_step(&sim, "base").upgrade().expect("base is held");
+    let rdeps = |base: &Arc<Step>| {
+        let state = base.state.lock();
+        (state.rdeps.len(), state.rdeps.capacity())
+    };
+    // Five pushes one at a time: the vector doubled past five.
+    assert_eq!(rdeps(&base).0, 5);
+    assert!(rdeps(&base).1 > 5, "{:?}", rdeps(&base));
+    assert!(!sim.core.grown.is_empty());
+
+    sim.run("cancel #5");
+    sim.core.trim_dependents();
+    assert_eq!(rdeps(&base), (4, 4), "no spare room, no dead entry");
+    assert!(sim.core.grown.is_empty());
+    sim.core.check_invariants().expect("invariants hold");
+}

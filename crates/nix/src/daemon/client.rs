@@ -279,6 +279,15 @@ impl DaemonClient {
         &self.ctx.store_dir
     }
 
+    /// Gives back a read buffer that a big answer grew past `keep` bytes:
+    /// an idle connection kept in a pool would hold it as long as it
+    /// lives.
+    pub fn shrink_buffers(&mut self, keep: usize) {
+        if let Some(conn) = &mut self.conn {
+            conn.reader.shrink(keep);
+        }
+    }
+
     /// False once an error or a cancellation closed the connection.
     pub fn is_open(&self) -> bool {
         self.conn.is_some()

@@ -55,6 +55,14 @@ pub(crate) struct Reader {
 }
 
 impl Reader {
+    /// Replaces the buffer by one just big enough for what it holds
+    /// unread, if its capacity is over `keep` bytes.
+    pub(crate) fn shrink(&mut self, keep: usize) {
+        if self.buf.capacity() > keep {
+            self.buf = BytesMut::from(&self.buf[..]);
+        }
+    }
+
     /// Reads more bytes into the buffer.
     pub(crate) async fn fill(&mut self) -> Result<(), ReadError> {
         let want = self.buf.len().clamp(FRAME, 1 << 20);

@@ -7,7 +7,10 @@
 //! store directory, named after the derivation and the output
 //! (`output_path_name`). Such a path is kept as its 20-byte digest, and
 //! printed again from the derivation's path when asked for; any other
-//! path is kept whole. Lengths and numbers are LEB128 varints.
+//! path is kept whole. Each output starts with a tag byte: the kind of
+//! path, and whether the output is `out` (nearly all are), whose name is
+//! then not kept. Lengths and numbers are LEB128 varints. A derivation
+//! with one usual `out` packs into 24 bytes.
 //!
 //! Invariant: the bytes are written only by this module's constructors,
 //! and every reader reads them back exactly as written; a reader that
@@ -25,6 +28,10 @@ const UNKNOWN: u8 = 0;
 const USUAL: u8 = 1;
 /// Any other path, kept whole.
 const OTHER: u8 = 2;
+/// The kind of path, in an output's tag byte.
+const KIND: u8 = 3;
+/// In an output's tag byte: the output is `out`, whose name is not kept.
+const OUT: u8 = 4;
 
 /// Output names and, where known, paths, of one derivation; printed back
 /// with the path of the derivation (or the build's top derivation) that
@@ -158,8 +165,13 @@ impl<'a> Iterator for Outputs<'a> {
             return None;
         }
         self.left -= 1;
-        let name = self.reader.str()?;
-        let path = match self.reader.byte()? {
+        let tag = self.reader.byte()?;
+        let name = if tag & OUT != 0 {
+            "out"
+        } else {
+            self.reader.str()?
+        };
+        let path = match tag & KIND {
             UNKNOWN => None,
             USUAL => {
                 let digest: [u8; 20] = self.reader.take(20)?.try_into().ok()?;
@@ -192,19 +204,22 @@ fn write_outputs<'a>(
     let drv = split_drv_path(drv_path);
     write_varint(bytes, outputs.len());
     for (name, path) in outputs {
-        write_str(bytes, name);
-        match path {
-            None => bytes.push(UNKNOWN),
-            Some(path) => match drv.and_then(|drv| usual_digest(drv, name, path)) {
-                Some(digest) => {
-                    bytes.push(USUAL);
-                    bytes.extend_from_slice(&digest);
-                }
-                None => {
-                    bytes.push(OTHER);
-                    write_str(bytes, path);
-                }
-            },
+        let usual = path.and_then(|path| drv.and_then(|drv| usual_digest(drv, name, path)));
+        let kind = match (path, usual) {
+            (None, _) => UNKNOWN,
+            (Some(_), Some(_)) => USUAL,
+            (Some(_), None) => OTHER,
+        };
+        if name == "out" {
+            bytes.push(kind | OUT);
+        } else {
+            bytes.push(kind);
+            write_str(bytes, name);
+        }
+        match (path, usual) {
+            (_, Some(digest)) => bytes.extend_from_slice(&digest),
+            (Some(path), None) => write_str(bytes, path),
+            (None, None) => {}
         }
     }
 }
@@ -308,8 +323,8 @@ mod tests {
         let outputs = [("dev", Some(dev.as_str())), ("out", Some(out.as_str()))];
         assert_eq!(round_trip(DRV, &outputs), owned(&outputs));
         let packed = CompactOutputs::new(DRV, outputs.iter().copied());
-        // count, then per output: name (1 + len), tag, digest.
-        assert_eq!(packed.0.len(), 1 + (1 + 3 + 1 + 20) * 2);
+        // count, then per output: tag, name (1 + len) unless `out`, digest.
+        assert_eq!(packed.0.len(), 1 + (1 + 1 + 3 + 20) + (1 + 20));
     }
 
     #[test]
@@ -325,6 +340,10 @@ mod tests {
             ("ünïcode", Some("")),
         ];
         assert_eq!(round_trip(DRV, &outputs), owned(&outputs));
+        for out in [None, Some(elsewhere), Some(misnamed)] {
+            let outputs = [("out", out), ("dev", None)];
+            assert_eq!(round_trip(DRV, &outputs), owned(&outputs));
+        }
     }
 
     #[test]
@@ -354,8 +373,8 @@ mod tests {
         assert_eq!(packed.keys(), keys);
         let plain = PackedDrv::new(DRV, 0, [("out", Some(out.as_str()))], &BTreeMap::new());
         assert!(plain.keys().is_empty());
-        // system, count, name, tag, digest, no keys: 28 bytes, not ~100.
-        assert_eq!(plain.0.len(), 1 + 1 + 4 + 1 + 20 + 1);
+        // system, count, tag, digest, no keys: 24 bytes, not ~100.
+        assert_eq!(plain.0.len(), 1 + 1 + 1 + 20 + 1);
     }
 
     #[test]

@@ -157,13 +157,18 @@ impl<O: StepOrder> Core<O> {
             if is_new {
                 self.attach_class(class);
             }
-            let mut deps: Vec<Arc<Step>> = spec
-                .input_drvs
-                .iter()
-                .filter_map(|input| self.lookup(input.as_str()))
-                .collect();
+            // Room for every input at once (a `filter_map` would grow the
+            // vector by doubling), and no spare room once built: the
+            // vector is kept as long as the step.
+            let mut deps: Vec<Arc<Step>> = Vec::with_capacity(spec.input_drvs.len());
+            deps.extend(
+                spec.input_drvs
+                    .iter()
+                    .filter_map(|input| self.lookup(input.as_str())),
+            );
             deps.sort_by_key(Arc::as_ptr);
             deps.dedup_by(|a, b| Arc::ptr_eq(a, b));
+            deps.shrink_to_fit();
             let expected_ms = self.config.expected_ms(spec.expected_ms);
             // Each dependency learns of the step as it is made, so the
             // dependencies are not copied for the purpose.

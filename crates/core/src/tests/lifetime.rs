@@ -112,6 +112,13 @@ fn trimming_gives_back_spare_dependents_and_drops_dead_ones() {
     assert!(rdeps(&base).1 > 5, "{:?}", rdeps(&base));
     assert!(!sim.core.grown.is_empty());
 
+    let d0 = weak_step(&sim, "d0").upgrade().expect("d0 is held");
+    let deps = {
+        let state = d0.state.lock();
+        (state.deps.len(), state.deps.capacity())
+    };
+    assert_eq!(deps, (1, 1), "a step's dependencies have no spare room");
+
     sim.run("cancel #5");
     sim.core.trim_dependents();
     assert_eq!(rdeps(&base), (4, 4), "no spare room, no dead entry");

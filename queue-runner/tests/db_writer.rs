@@ -130,6 +130,15 @@ async fn build_times_are_a_moving_average_per_name_read_by_point_queries() {
     assert_eq!(times.get("hello"), Some(&5000));
     assert_eq!(times.get("gcc"), Some(&600_000));
     assert_eq!(times.get("never-built"), None);
+    // More names than one query sends: every chunk is asked.
+    let many: Vec<String> = (0..9000).map(|i| format!("unknown-{i}")).collect();
+    let mut names: Vec<&str> = many.iter().map(String::as_str).collect();
+    names.insert(5000, "gcc");
+    names.push("hello");
+    let times = lookup_build_times(&mut conn, &names).await.expect("lookup");
+    assert_eq!(times.len(), 2);
+    assert_eq!(times.get("gcc"), Some(&600_000));
+    assert_eq!(times.get("hello"), Some(&5000));
 }
 
 fn finish_step(build: i32, stepnr: i32, build_ms: u64) -> WriteJob {

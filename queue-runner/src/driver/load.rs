@@ -9,7 +9,7 @@
 //! loaded again until its rows are written and a load has started since
 //! (`Driver::recently_finished`), so a restart is seen at the next load.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use sluice_core::{BuildId, BuildSpec, DrvPath, Event, JobsetId};
@@ -490,13 +490,8 @@ async fn supports_content_addressed(
     }
 }
 
-/// The most keys one lookup of a load sends: a pooled connection keeps its
-/// buffer as large as the largest message it ever sent, and the first
-/// batch of a big queue names some 140,000 paths (17 MB in one query).
-const LOOKUP_CHUNK: usize = 4096;
-
 /// Marks the derivations of `closure` with an output in `FailedPaths`
-/// ([`sluice_core::StepSpec::known_failed`]), one query per chunk of paths.
+/// ([`sluice_core::StepSpec::known_failed`]), in one lookup for the batch.
 async fn mark_known_failures(
     pool: &sqlx::PgPool,
     closure: &mut BatchClosure,
@@ -517,14 +512,9 @@ async fn mark_known_failures(
         .acquire()
         .await
         .map_err(|e| crate::db::describe_sqlx_error(&e))?;
-    let mut failed = HashSet::new();
-    for chunk in paths.chunks(LOOKUP_CHUNK) {
-        failed.extend(
-            crate::db::results::failed_paths_among(&mut conn, chunk)
-                .await
-                .map_err(|e| e.to_string())?,
-        );
-    }
+    let failed = crate::db::results::failed_paths_among(&mut conn, &paths)
+        .await
+        .map_err(|e| e.to_string())?;
     if failed.is_empty() {
         return Ok(());
     }
@@ -542,7 +532,7 @@ async fn mark_known_failures(
 }
 
 /// Fills in how long each derivation is expected to build, from the
-/// times recorded for its name (point queries, one per chunk of names); the core
+/// times recorded for its name (one lookup for the batch); the core
 /// uses its default for names never built.
 async fn expect_build_times(pool: &sqlx::PgPool, closure: &mut BatchClosure) -> Result<(), String> {
     let mut names: Vec<&str> = closure
@@ -559,14 +549,9 @@ async fn expect_build_times(pool: &sqlx::PgPool, closure: &mut BatchClosure) -> 
         .acquire()
         .await
         .map_err(|e| crate::db::describe_sqlx_error(&e))?;
-    let mut times = HashMap::new();
-    for chunk in names.chunks(LOOKUP_CHUNK) {
-        times.extend(
-            crate::db::results::lookup_build_times(&mut conn, chunk)
-                .await
-                .map_err(|e| e.to_string())?,
-        );
-    }
+    let times = crate::db::results::lookup_build_times(&mut conn, &names)
+        .await
+        .map_err(|e| e.to_string())?;
     for (drv, d) in closure.drvs.iter_mut() {
         if let Some(ms) = times.get(crate::db::results::build_time_name(drv.as_str())) {
             d.spec.expected_ms = Some(u32::try_from(*ms).unwrap_or(u32::MAX));

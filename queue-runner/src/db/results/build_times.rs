@@ -68,24 +68,26 @@ pub async fn record_build_times(
     Ok(())
 }
 
-/// The expected build times of `names` (milliseconds), for those known.
+/// The expected build times of `names` (milliseconds), for those known;
+/// one query per [`super::LOOKUP_CHUNK`] names.
 pub async fn lookup_build_times(
     conn: &mut PgConnection,
     names: &[&str],
 ) -> Result<HashMap<String, u64>, ResultsError> {
-    if names.is_empty() {
-        return Ok(HashMap::new());
+    let mut times = HashMap::new();
+    for chunk in names.chunks(super::LOOKUP_CHUNK) {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("select name, avgMs from SluiceBuildTimes where name = any($1)")
+                .bind(chunk)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db_err("reading build times"))?;
+        times.extend(
+            rows.into_iter()
+                .map(|(name, ms)| (name, u64::try_from(ms).unwrap_or(0))),
+        );
     }
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("select name, avgMs from SluiceBuildTimes where name = any($1)")
-            .bind(names)
-            .fetch_all(conn)
-            .await
-            .map_err(db_err("reading build times"))?;
-    Ok(rows
-        .into_iter()
-        .map(|(name, ms)| (name, u64::try_from(ms).unwrap_or(0)))
-        .collect())
+    Ok(times)
 }
 
 #[cfg(test)]

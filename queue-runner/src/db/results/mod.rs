@@ -74,6 +74,12 @@ pub enum ResultsError {
     StepNumberContention { build: i32, attempts: u32 },
 }
 
+/// The most keys a lookup sends in one query: a pooled connection keeps
+/// its buffer as large as the largest message it ever sent, and a load's
+/// first batch of a big queue can name some 140,000 paths (17 MB in one
+/// query).
+const LOOKUP_CHUNK: usize = 4096;
+
 fn db_err(what: &str) -> impl FnOnce(sqlx::Error) -> ResultsError + '_ {
     move |source| ResultsError::Database {
         what: what.to_owned(),

@@ -664,16 +664,17 @@ pub async fn failed_paths_among(
     conn: &mut PgConnection,
     paths: &[String],
 ) -> Result<std::collections::HashSet<String>, ResultsError> {
-    if paths.is_empty() {
-        return Ok(Default::default());
+    let mut failed = std::collections::HashSet::new();
+    for chunk in paths.chunks(super::LOOKUP_CHUNK) {
+        let found: Vec<String> =
+            sqlx::query_scalar("select path from FailedPaths where path = any($1::text[])")
+                .bind(chunk)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db_err("reading FailedPaths"))?;
+        failed.extend(found);
     }
-    let found: Vec<String> =
-        sqlx::query_scalar("select path from FailedPaths where path = any($1::text[])")
-            .bind(paths)
-            .fetch_all(conn)
-            .await
-            .map_err(db_err("reading FailedPaths"))?;
-    Ok(found.into_iter().collect())
+    Ok(failed)
 }
 
 /// The build under which `drv_path` last failed for good (its own step

@@ -425,7 +425,16 @@ impl IsolatedStore {
         run(self.command("nix-store").arg("--init"));
         match version {
             NixVersion::Nix2_8 => NixDaemon::start_with(self),
-            NixVersion::Nix2_26 => NixDaemon::start_with(&self.nix_226()),
+            NixVersion::Nix2_26 => {
+                // Nix 2.26 then migrates the database to its own schema
+                // (its `SchemaMigrations`), once: left to the daemon, every
+                // worker that opens the fresh store races to insert the
+                // same migration, and the losers die with "UNIQUE
+                // constraint failed", resetting their clients.
+                let nix_226 = self.nix_226();
+                run(nix_226.command("nix-store").arg("--init"));
+                NixDaemon::start_with(&nix_226)
+            }
         }
     }
 

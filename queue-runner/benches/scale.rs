@@ -7,7 +7,9 @@
 //! the same store (default `critical-path,hydra`). `SLUICE_BENCH_STORE`
 //! names a directory to keep the store and its DAG in, and reuse them on
 //! the next run of the same size (writing 270,000 `.drv` files takes
-//! minutes).
+//! minutes). `SLUICE_BENCH_LOAD_BATCH` sets `serve --load-batch` (default
+//! the queue runner's own): smaller batches hold fewer temporaries at
+//! once, and leave less of the heap fragmented, but cost more per build.
 //!
 //! Setup: an isolated Nix store with its own `nix-daemon`, into which the
 //! bench writes a generated nixpkgs-shaped DAG of real `.drv` files (a
@@ -136,6 +138,10 @@ async fn measure(
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());
     serve.args(["--dispatch-order", order]);
+    let load_batch = std::env::var("SLUICE_BENCH_LOAD_BATCH").ok();
+    if let Some(n) = &load_batch {
+        serve.args(["--load-batch", n]);
+    }
     let mut child = KillOnDrop(serve.spawn().expect("starting queue-runner serve"));
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], http).into();
     let up = Instant::now();
@@ -209,6 +215,10 @@ async fn measure(
         .as_u64()
         .unwrap_or(0);
     println!("order: {order}");
+    println!(
+        "load batch: {}",
+        load_batch.as_deref().unwrap_or("the default")
+    );
     println!(
         "{builds} builds, {held_steps} steps held: every build held {:.1} s after builds_added",
         seconds.as_secs_f64()

@@ -14,6 +14,7 @@ pub mod config;
 pub mod dashboard;
 pub mod db;
 pub mod driver;
+pub mod drv_table;
 pub mod embedded;
 pub mod failpoint;
 pub mod grpc;

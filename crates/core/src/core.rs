@@ -35,6 +35,7 @@ use crate::command::{Command, EventError};
 use crate::config::Config;
 use crate::event::{Event, StepOutcome};
 use crate::graph::{Build, Phase, Step};
+use crate::index::StepIndex;
 use crate::machine::Machine;
 use crate::order::{HydraOrder, StepOrder};
 use crate::queue::Classes;
@@ -48,7 +49,7 @@ pub struct Core<O: StepOrder = HydraOrder> {
     pub(crate) now: Millis,
     /// Every live step by derivation path; entries of freed steps are
     /// removed when they are freed.
-    pub(crate) index: PathMap<DrvPath, Weak<Step>>,
+    pub(crate) index: StepIndex,
     /// Unfinished builds; the only strong owner of each [`Build`].
     pub(crate) builds: HashMap<BuildId, Arc<Build>>,
     pub(crate) classes: Classes<O::Key>,
@@ -138,7 +139,7 @@ impl<O: StepOrder> Core<O> {
             config,
             order,
             now: Millis::ZERO,
-            index: PathMap::default(),
+            index: StepIndex::default(),
             builds: HashMap::new(),
             classes: Classes::new(),
             machines: BTreeMap::new(),
@@ -240,6 +241,7 @@ impl<O: StepOrder> Core<O> {
                 step.state.lock().trim_rdeps();
             }
         }
+        self.index.sweep();
     }
 
     pub(crate) fn trim_dependents_if_due(&mut self) {
@@ -250,19 +252,13 @@ impl<O: StepOrder> Core<O> {
 
     /// The live step for a derivation, if the core holds one.
     pub(crate) fn lookup(&self, drv_path: &str) -> Option<Arc<Step>> {
-        self.index.get(drv_path).and_then(Weak::upgrade)
+        self.index.get(drv_path)
     }
 
     /// Removes `step`'s own index entry (not that of a newer step for the
     /// same derivation).
     pub(crate) fn unindex(&mut self, step: &Arc<Step>) {
-        let is_this_step = self
-            .index
-            .get(step.drv_path.as_str())
-            .is_some_and(|entry| std::ptr::eq(entry.as_ptr(), Arc::as_ptr(step)));
-        if is_this_step {
-            self.index.remove(step.drv_path.as_str());
-        }
+        self.index.remove(step.drv_path.as_str(), Arc::as_ptr(step));
     }
 
     fn fire_timers(&mut self) {

@@ -185,8 +185,7 @@ impl<O: StepOrder> Core<O> {
                     .set_needs_resolution(spec.needs_resolution);
                 step
             });
-            self.index
-                .insert(spec.drv_path.clone(), Arc::downgrade(&step));
+            self.index.insert(&step);
             self.counts.enter(Phase::Waiting);
             created.push(step);
         }

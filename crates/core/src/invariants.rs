@@ -31,12 +31,17 @@ impl<O: StepOrder> Core<O> {
         }
 
         let mut index_live = 0;
-        for (path, entry) in &self.index {
+        for entry in self.index.entries() {
             let Some(step) = entry.upgrade() else {
-                return Err(format!("index keeps a dead entry for {path}"));
+                return Err("index keeps a dead entry".into());
             };
-            if step.drv_path != *path {
-                return Err(format!("index entry {path} points to {}", step.drv_path));
+            let path = &step.drv_path;
+            if !self
+                .index
+                .get(path.as_str())
+                .is_some_and(|found| Arc::ptr_eq(&found, &step))
+            {
+                return Err(format!("index entry {path} is not found by its path"));
             }
             if !live.contains_key(&Arc::as_ptr(&step)) {
                 return Err(format!("step {path} is alive but no build needs it"));

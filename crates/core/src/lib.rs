@@ -57,6 +57,7 @@ mod critical_path;
 mod dispatch;
 mod event;
 mod graph;
+mod index;
 mod ingest;
 mod machine;
 mod order;

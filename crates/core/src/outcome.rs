@@ -308,13 +308,8 @@ impl<O: StepOrder> Core<O> {
                 survivors.push(weak);
                 continue;
             };
-            if self
-                .index
-                .get(step.drv_path.as_str())
-                .is_some_and(|entry| entry.strong_count() == 0)
-            {
-                self.index.remove(step.drv_path.as_str());
-            }
+            // Its entry, if it was still indexed (a finished step is not).
+            self.index.remove(step.drv_path.as_str(), weak.as_ptr());
             let state = step.state.get_mut();
             self.counts.leave(state.phase);
             match state.phase {

@@ -149,7 +149,7 @@ impl<O: StepOrder> Core<O> {
     /// Derivations the core holds a step for (a full scan of the index).
     pub fn step_count(&self) -> usize {
         self.index
-            .values()
+            .entries()
             .filter(|step| step.strong_count() > 0)
             .count()
     }

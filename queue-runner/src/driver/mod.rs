@@ -210,7 +210,7 @@ pub struct Driver {
     builds: HashMap<BuildId, HeldBuild>,
     /// What dispatch and results need of each derivation the core holds
     /// a step for (one compact entry each; see `HeldDrv`).
-    closure: sluice_core::PathMap<DrvPath, HeldDrv>,
+    closure: crate::drv_table::DrvTable<HeldDrv>,
     /// Systems, interned for `closure` (which holds their indexes).
     systems: Vec<Arc<str>>,
     /// Output paths and times of steps that succeeded (or whose outputs a
@@ -308,7 +308,7 @@ impl Driver {
             by_step: HashMap::new(),
             ended_before_row: HashMap::new(),
             builds: HashMap::new(),
-            closure: sluice_core::PathMap::default(),
+            closure: crate::drv_table::DrvTable::default(),
             systems: Vec::new(),
             built_outputs: HashMap::new(),
             started_builds: HashSet::new(),

@@ -22,6 +22,8 @@ use crate::types::PathHasher;
 pub(crate) struct StepIndex {
     table: hashbrown::HashTable<Weak<Step>>,
     hasher: PathHasher,
+    /// Entries removed so far (see [`StepIndex::removed`]).
+    removed: u64,
 }
 
 impl StepIndex {
@@ -63,7 +65,10 @@ impl StepIndex {
                 .upgrade()
                 .is_some_and(|other| other.drv_path.as_str() == path)
         }) {
-            Some(entry) => *entry = weak,
+            Some(entry) => {
+                *entry = weak;
+                self.removed += 1;
+            }
             None => {
                 self.table
                     .insert_unique(hash, weak, Self::rehasher(&self.hasher));
@@ -82,6 +87,7 @@ impl StepIndex {
         {
             Ok(entry) => {
                 entry.remove();
+                self.removed += 1;
                 true
             }
             Err(_) => false,
@@ -90,7 +96,16 @@ impl StepIndex {
 
     /// Drops dead entries (there should be none).
     pub fn sweep(&mut self) {
+        let before = self.table.len();
         self.table.retain(|entry| entry.strong_count() > 0);
+        self.removed += (before - self.table.len()) as u64;
+    }
+
+    /// How many entries have been removed since the index was created: a
+    /// set of paths taken from the index while this stays the same has
+    /// lost none of its steps.
+    pub fn removed(&self) -> u64 {
+        self.removed
     }
 
     pub fn len(&self) -> usize {

@@ -121,6 +121,14 @@ impl<O: StepOrder> Core<O> {
             .collect()
     }
 
+    /// How many steps have left the index since the core started
+    /// (finished or freed). While it stays the same, every step the core
+    /// held at some earlier point is still held: a copy of the held paths
+    /// taken then is still true, short only of the steps added since.
+    pub fn steps_unindexed(&self) -> u64 {
+        self.index.removed()
+    }
+
     /// Whether the core holds a live step for `drv_path`.
     pub fn has_step(&self, drv_path: &str) -> bool {
         self.lookup(drv_path).is_some()

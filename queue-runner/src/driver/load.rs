@@ -40,6 +40,12 @@ pub struct Loader {
     want_restarted: bool,
     /// Highest build id loaded (or seen finished) so far.
     max_id: i32,
+    /// The derivations the last load was told the core holds, and
+    /// `Core::steps_unindexed` as it was then (see [`HeldDrvs`]).
+    held_drvs: Option<(Arc<sluice_core::PathSet<DrvPath>>, u64)>,
+    /// A load met a derivation it was told was held and is not: the next
+    /// copy of the held derivations is taken afresh.
+    held_drvs_stale: bool,
 }
 
 impl Loader {
@@ -50,6 +56,8 @@ impl Loader {
             want_new: true,
             want_restarted: false,
             max_id: 0,
+            held_drvs: None,
+            held_drvs_stale: false,
         }
     }
 }
@@ -104,29 +112,18 @@ impl Driver {
                 .map(|build| build.id)
                 .chain(b.undecodable.iter().map(|bad| bad.id))
         });
-        let held: HashSet<i32> = self
-            .builds
-            .keys()
-            .chain(self.recently_finished.keys())
-            .map(|b| b.0)
-            .chain(ahead_builds)
-            .collect();
-        // What the core holds as the load starts: the reader stops there.
-        // (Only what the core holds: the driver's map may keep an entry a
-        // little longer.)
-        let core = &self.core;
-        let mut held_drvs = sluice_core::PathSet::with_capacity_and_hasher(
-            self.closure.len() + ahead_of.map_or(0, |b| b.closure.drvs.len()),
-            sluice_core::PathHasher::default(),
-        );
-        held_drvs.extend(
-            self.closure
+        // Only a load of restarted builds asks which builds are held.
+        let held: HashSet<i32> = if restarted {
+            self.builds
                 .keys()
-                .filter(|drv| core.has_step(drv.as_str()))
-                .chain(ahead_of.into_iter().flat_map(|b| b.closure.drvs.keys()))
-                .cloned(),
-        );
-        let held_drvs = Arc::new(held_drvs);
+                .chain(self.recently_finished.keys())
+                .map(|b| b.0)
+                .chain(ahead_builds)
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        let held_drvs = self.held_drvs(ahead_of);
         tokio::spawn(async move {
             let batch = load(
                 pool, store, hashes, after, limit, restarted, held, held_drvs,
@@ -134,6 +131,52 @@ impl Driver {
             .await;
             let _ = me.send(DriverEvent::Loaded(batch)).await;
         });
+    }
+
+    /// What the core holds as a load starts, and `ahead_of`'s
+    /// derivations: the reader stops there.
+    ///
+    /// Taken afresh (from the driver's table, keeping what the core
+    /// holds: the table may keep an entry a little longer), that costs
+    /// every held derivation, per batch. So the last load's copy is kept
+    /// and extended by the next batch's derivations, as long as no step
+    /// has left the core since it was taken and no load has met a
+    /// derivation the copy wrongly holds ([`IngestError::NoLongerHeld`]:
+    /// one of a batch's derivations that got no step after all). Either
+    /// makes the next copy a fresh one. A copy short of a held derivation
+    /// (a resolved step added meanwhile) only makes the reader read it.
+    fn held_drvs(&mut self, ahead_of: Option<&LoadedBatch>) -> Arc<sluice_core::PathSet<DrvPath>> {
+        let unindexed = self.core.steps_unindexed();
+        let stale = std::mem::take(&mut self.loader.held_drvs_stale);
+        let kept = match self.loader.held_drvs.take() {
+            Some((copy, at)) if at == unindexed && !stale => Arc::into_inner(copy),
+            _ => None,
+        };
+        let ahead = ahead_of.into_iter().flat_map(|b| b.closure.drvs.keys());
+        let held_drvs = match kept {
+            Some(mut copy) => {
+                copy.extend(ahead.cloned());
+                copy
+            }
+            None => {
+                let core = &self.core;
+                let mut copy = sluice_core::PathSet::with_capacity_and_hasher(
+                    self.closure.len() + ahead_of.map_or(0, |b| b.closure.drvs.len()),
+                    sluice_core::PathHasher::default(),
+                );
+                copy.extend(
+                    self.closure
+                        .keys()
+                        .filter(|drv| core.has_step(drv.as_str()))
+                        .chain(ahead)
+                        .cloned(),
+                );
+                copy
+            }
+        };
+        let held_drvs = Arc::new(held_drvs);
+        self.loader.held_drvs = Some((held_drvs.clone(), unindexed));
+        held_drvs
     }
 
     pub(super) fn on_loaded(&mut self, batch: LoadedBatch) {
@@ -187,6 +230,7 @@ impl Driver {
             }) {
                 Ok(steps) => steps,
                 Err(IngestError::NoLongerHeld { path }) => {
+                    self.loader.held_drvs_stale = true;
                     // Read again by the next load, which looks for
                     // unfinished builds it does not hold.
                     tracing::debug!(build = build.id, drv = %path, "loading a build again: a step it needs finished meanwhile");
@@ -252,8 +296,10 @@ impl Driver {
             // to a build that is gone.
             self.withdraw_unused_claims();
             // And the graph stops growing for now: give back what its
-            // vectors of dependents kept spare while it grew.
+            // vectors of dependents kept spare while it grew, and the copy
+            // of the held derivations kept for the next batch.
             self.core.trim_dependents();
+            self.loader.held_drvs = None;
         }
         self.start_deferred_dispatches();
         self.start_load();

@@ -24,6 +24,7 @@ const GRAPH: &str = "
 fn a_step_is_freed_when_the_last_build_needing_it_goes() {
     let mut sim = Sim::new(GRAPH, Config::default());
     sim.run("queue #1 left\nqueue #2 right");
+    assert_eq!(sim.core.steps_unindexed(), 0, "steps were only added");
     let (base, left, right) = (
         weak_step(&sim, "base"),
         weak_step(&sim, "left"),
@@ -35,6 +36,7 @@ fn a_step_is_freed_when_the_last_build_needing_it_goes() {
     assert!(base.upgrade().is_some(), "#2 still needs base");
     assert!(sim.core.lookup(drv("left").as_str()).is_none());
     assert_eq!(sim.core.index.len(), 2, "the index forgets freed steps");
+    assert_eq!(sim.core.steps_unindexed(), 1, "one step left the index");
 
     sim.run("cancel #2");
     assert!(right.upgrade().is_none());
@@ -57,7 +59,13 @@ fn a_built_step_is_freed_and_a_failed_closure_with_it() {
         ",
     );
     let (base, left) = (weak_step(&sim, "base"), weak_step(&sim, "left"));
+    let unindexed = sim.core.steps_unindexed();
     sim.run("ok base\n> dispatch left -> m1 for #1");
+    assert_eq!(
+        sim.core.steps_unindexed(),
+        unindexed + 1,
+        "a built step leaves the index"
+    );
     assert!(
         base.upgrade().is_none(),
         "a built step is dropped by its parents"

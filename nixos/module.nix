@@ -385,7 +385,7 @@ in
               (binary's default: 4096).
             '';
             "load-batch" = setting types.ints.positive ''
-              Queued builds one load reads at most (binary's default: 2000).
+              Queued builds one load reads at most (binary's default: 250).
             '';
             "lease-s" = setting types.ints.positive ''
               Seconds a disconnected agent keeps its running steps, and that a

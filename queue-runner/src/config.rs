@@ -76,7 +76,9 @@ pub struct Settings {
     #[arg(long, value_name = "N")]
     pub max_pending_writes: Option<usize>,
     /// Queued builds one load reads from the database at most; the next
-    /// batch is read while the one before is applied [default: 2000]
+    /// batch is read while the one before is applied. Smaller batches
+    /// hold fewer temporaries at once and leave less of the heap
+    /// fragmented [default: 250]
     #[arg(long, value_name = "N")]
     pub load_batch: Option<u32>,
     /// Seconds an agent's running steps are kept for it after its
@@ -248,7 +250,7 @@ impl ServeConfig {
             max_output_bytes: file.max_output_bytes.unwrap_or(2 << 30),
             shutdown_timeout: Duration::from_secs(file.shutdown_timeout_s.unwrap_or(30)),
             max_pending_writes: file.max_pending_writes.unwrap_or(4096).max(1),
-            load_batch: file.load_batch.unwrap_or(2000).max(1),
+            load_batch: file.load_batch.unwrap_or(250).max(1),
             lease: Duration::from_secs(file.lease_s.unwrap_or(30)),
             max_cpu_pressure: file.max_cpu_pressure.unwrap_or(0.0),
             min_free_disk_mb: file.min_free_disk_mb.unwrap_or(0),

@@ -41,11 +41,9 @@ pub struct Loader {
     /// Highest build id loaded (or seen finished) so far.
     max_id: i32,
     /// The derivations the last load was told the core holds, and
-    /// `Core::steps_unindexed` as it was then (see [`HeldDrvs`]).
+    /// `Core::steps_unindexed` as it was then (see `Driver::held_drvs`);
+    /// dropped when a load meets one that is not held after all.
     held_drvs: Option<(Arc<sluice_core::PathSet<DrvPath>>, u64)>,
-    /// A load met a derivation it was told was held and is not: the next
-    /// copy of the held derivations is taken afresh.
-    held_drvs_stale: bool,
 }
 
 impl Loader {
@@ -57,7 +55,6 @@ impl Loader {
             want_restarted: false,
             max_id: 0,
             held_drvs: None,
-            held_drvs_stale: false,
         }
     }
 }
@@ -147,9 +144,8 @@ impl Driver {
     /// (a resolved step added meanwhile) only makes the reader read it.
     fn held_drvs(&mut self, ahead_of: Option<&LoadedBatch>) -> Arc<sluice_core::PathSet<DrvPath>> {
         let unindexed = self.core.steps_unindexed();
-        let stale = std::mem::take(&mut self.loader.held_drvs_stale);
         let kept = match self.loader.held_drvs.take() {
-            Some((copy, at)) if at == unindexed && !stale => Arc::into_inner(copy),
+            Some((copy, at)) if at == unindexed => Arc::into_inner(copy),
             _ => None,
         };
         let ahead = ahead_of.into_iter().flat_map(|b| b.closure.drvs.keys());
@@ -230,7 +226,9 @@ impl Driver {
             }) {
                 Ok(steps) => steps,
                 Err(IngestError::NoLongerHeld { path }) => {
-                    self.loader.held_drvs_stale = true;
+                    // The copy that said it was held is wrong: the next
+                    // load takes a fresh one.
+                    self.loader.held_drvs = None;
                     // Read again by the next load, which looks for
                     // unfinished builds it does not hold.
                     tracing::debug!(build = build.id, drv = %path, "loading a build again: a step it needs finished meanwhile");

@@ -30,9 +30,23 @@ impl<V> Default for DrvTable<V> {
     }
 }
 
-/// A position in `entries` (checked on insertion to fit).
+/// A position in `entries`.
 fn pos(slot: u32) -> usize {
     slot as usize
+}
+
+/// The slot of position `i`: every position fits, as `insert` refuses an
+/// entry past `u32::MAX`.
+fn slot(i: usize) -> u32 {
+    i as u32
+}
+
+/// How a slot is hashed again when the table grows: by its entry's path.
+fn rehasher<'a, V>(
+    entries: &'a [(DrvPath, V)],
+    hasher: &'a PathHasher,
+) -> impl Fn(&u32) -> u64 + 'a {
+    move |&s| hasher.hash_one(entries[pos(s)].0.as_str())
 }
 
 impl<V> DrvTable<V> {
@@ -62,16 +76,15 @@ impl<V> DrvTable<V> {
         if let Some(i) = self.find(drv_path.as_str()) {
             return Some(std::mem::replace(&mut self.entries[i].1, value));
         }
-        let Ok(slot) = u32::try_from(self.entries.len()) else {
+        let Ok(new_slot) = u32::try_from(self.entries.len()) else {
             // Four billion held derivations: never in a queue that fits
             // in memory.
             panic!("DrvTable: more than u32::MAX entries");
         };
         let hash = self.hash(drv_path.as_str());
         self.entries.push((drv_path, value));
-        let (entries, hasher) = (&self.entries, &self.hasher);
         self.slots
-            .insert_unique(hash, slot, |&s| hasher.hash_one(entries[pos(s)].0.as_str()));
+            .insert_unique(hash, new_slot, rehasher(&self.entries, &self.hasher));
         None
     }
 
@@ -83,15 +96,14 @@ impl<V> DrvTable<V> {
             .slots
             .find_entry(hash, |&slot| entries[pos(slot)].0.as_str() == drv_path)
             .ok()?;
-        let (slot, _) = found.remove();
-        let i = pos(slot);
+        let (removed, _) = found.remove();
+        let i = pos(removed);
         let last = self.entries.len() - 1;
         if i != last {
             // The last entry moves to `i`: its slot follows.
             let moved = self.hash(self.entries[last].0.as_str());
-            let last_slot = u32::try_from(last).ok()?;
-            if let Some(s) = self.slots.find_mut(moved, |&s| s == last_slot) {
-                *s = slot;
+            if let Some(s) = self.slots.find_mut(moved, |&s| s == slot(last)) {
+                *s = slot(i);
             }
         }
         Some(self.entries.swap_remove(i).1)
@@ -109,12 +121,11 @@ impl<V> DrvTable<V> {
         self.slots.shrink_to(self.entries.len(), |_| 0);
         let (entries, hasher) = (&self.entries, &self.hasher);
         for (i, (path, _)) in entries.iter().enumerate() {
-            // Fewer entries than before, all of which had positions.
-            let slot = i as u32;
-            self.slots
-                .insert_unique(hasher.hash_one(path.as_str()), slot, |&s| {
-                    hasher.hash_one(entries[pos(s)].0.as_str())
-                });
+            self.slots.insert_unique(
+                hasher.hash_one(path.as_str()),
+                slot(i),
+                rehasher(entries, hasher),
+            );
         }
     }
 

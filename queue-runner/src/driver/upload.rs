@@ -331,21 +331,17 @@ impl Driver {
         let Some(uploads) = self.uploads.as_mut() else {
             return self.write_finished(head, cached, builds);
         };
-        let outputs: Vec<String> = builds
+        let outputs: Vec<std::borrow::Cow<'_, str>> = builds
             .iter()
-            .flat_map(|b| -> Vec<String> {
+            .flat_map(|b| -> Vec<std::borrow::Cow<'_, str>> {
                 match &b.outputs {
-                    Some(outs) => outs.iter().map(|(_, p)| p.clone()).collect(),
+                    Some(outs) => outs.iter().map(|(_, p)| p.as_str().into()).collect(),
                     // A cached build: the paths recorded in `BuildOutputs`.
-                    None => b
-                        .build
-                        .outputs()
-                        .filter_map(|(_, p)| p.map(std::borrow::Cow::into_owned))
-                        .collect(),
+                    None => b.build.outputs().filter_map(|(_, p)| p).collect(),
                 }
             })
             .collect();
-        let roots = uploads.roots(drv, outputs.iter().map(String::as_str));
+        let roots = uploads.roots(drv, outputs.iter().map(|p| &**p));
         if roots.is_empty() {
             // Nothing known to upload: the writer's post-processing
             // decides what the build becomes.

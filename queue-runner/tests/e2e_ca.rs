@@ -419,13 +419,7 @@ async fn a_queue_runner_whose_nix_lacks_ca_derivations_aborts_ca_builds_and_says
     let ids = d.submit_attrs(&expr(MIXED), &["mid"]).await;
     let statuses = d.wait_finished(&ids, 60).await;
     assert_eq!(statuses[&ids[0]], 3, "{}", steps(&d).await);
-    let (error,): (Option<String>,) =
-        sqlx::query_as("select errorMsg from BuildSteps where build = $1")
-            .bind(ids[0])
-            .fetch_one(&d.pool)
-            .await
-            .unwrap();
-    let error = error.unwrap_or_default();
+    let error = d.only_step_error(ids[0]).await;
     assert!(
         error.contains("experimental-features = ca-derivations"),
         "{error}"

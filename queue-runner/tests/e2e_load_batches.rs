@@ -97,14 +97,8 @@ async fn a_derivation_an_aborted_build_left_without_a_step_is_loaded_again_by_la
     for id in &ids[1..] {
         assert_eq!(statuses[id], 0, "{statuses:?}");
     }
-    let (error,): (Option<String>,) =
-        sqlx::query_as("select errorMsg from BuildSteps where build = $1")
-            .bind(ids[0])
-            .fetch_one(&d.pool)
-            .await
-            .unwrap();
     assert!(
-        error.unwrap_or_default().contains(victim.as_str()),
+        d.only_step_error(ids[0]).await.contains(victim.as_str()),
         "the abort names the malformed file"
     );
     d.stop().await;

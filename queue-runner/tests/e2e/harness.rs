@@ -336,6 +336,18 @@ impl Deployment {
         }
     }
 
+    /// The error message of the `BuildSteps` row of `build`, a build of
+    /// one step ("" if the row has none); panics if there is no row.
+    pub async fn only_step_error(&self, build: i32) -> String {
+        let (error,): (Option<String>,) =
+            sqlx::query_as("select errorMsg from BuildSteps where build = $1")
+                .bind(build)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+        error.unwrap_or_default()
+    }
+
     /// Starts shutting the queue runner down as SIGTERM would (its agents
     /// and the database stay); the returned task ends with what
     /// `service::run_with` returned.

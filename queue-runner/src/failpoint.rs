@@ -6,6 +6,9 @@
 //!
 //! - `abort-after-resolution`: right after a step's resolution is
 //!   committed, before its resolved derivation is dispatched.
+//! - `abort-mid-load`: right after a loaded batch of builds is applied
+//!   while more queued builds are left to read (the next batch is being
+//!   read then).
 
 /// Whether the failpoint `name` is armed.
 pub fn armed(name: &str) -> bool {

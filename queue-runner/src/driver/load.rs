@@ -176,6 +176,7 @@ impl Driver {
     }
 
     pub(super) fn on_loaded(&mut self, batch: LoadedBatch) {
+        const MID_LOAD_FAILPOINT: &str = "abort-mid-load";
         self.loader.in_flight = false;
         if let Some(error) = &batch.error {
             // Nothing of a failed load is used: a build whose closure could
@@ -287,6 +288,11 @@ impl Driver {
         if !queued.is_empty() {
             self.counters.builds_read += queued.len() as u64;
             self.apply(Event::BuildsQueued { builds: queued });
+        }
+        // With the next batch being read from a kept copy of the held
+        // derivations, and builds left to read.
+        if batch.more && crate::failpoint::armed(MID_LOAD_FAILPOINT) {
+            crate::failpoint::abort(MID_LOAD_FAILPOINT);
         }
         self.hold_dispatches = false;
         if !batch.more {

@@ -563,6 +563,15 @@ in
               children, so builds are its descendants and are pinned and put
               in cgroups; builds a daemon runs are not.
             '';
+            "store-dir" = setting types.str ''
+              The store's real directory, whose filesystem's free space the
+              agent reports (default: /nix/store).
+            '';
+            "build-dir" = setting types.str ''
+              Where builds make their temporary directories (the Nix
+              daemon's build-dir, else its TMPDIR), whose filesystem's free
+              space the agent reports (default: $TMPDIR, else /tmp).
+            '';
             "reconnect-min-ms" = setting types.ints.unsigned "First delay before reconnecting (default: 500).";
             "reconnect-max-ms" = setting types.ints.unsigned "Longest delay between reconnections (default: 60000).";
             "drain-timeout-s" = mkOption {

@@ -116,6 +116,19 @@ pub struct Cli {
     #[arg(long, default_value_t = 60_000, value_name = "MS")]
     pub reconnect_max_ms: u64,
 
+    /// The store's real directory. The free space of its filesystem is
+    /// sent with every heartbeat, and the queue runner's
+    /// --min-free-disk-mb pauses the agent when it runs low
+    #[arg(long, default_value = "/nix/store", value_name = "DIR")]
+    pub store_dir: PathBuf,
+
+    /// Where builds make their temporary directories: the Nix daemon's
+    /// `build-dir`, else its TMPDIR. The free space of its filesystem is
+    /// sent with every heartbeat, like --store-dir's [default: $TMPDIR,
+    /// else /tmp]
+    #[arg(long, value_name = "DIR")]
+    pub build_dir: Option<PathBuf>,
+
     /// On SIGTERM or SIGINT the agent drains: it takes no new steps, lets
     /// those it runs finish and delivers their results, then exits 0. Past
     /// this many seconds, or on a second signal, it stops them and reports
@@ -189,6 +202,10 @@ pub struct AgentConfig {
     pub cgroup_root: Option<PathBuf>,
     /// How long a drain lets running steps finish.
     pub drain_timeout: Duration,
+    /// Where the store's files are, and where builds run: heartbeats carry
+    /// the free space of their filesystems.
+    pub store_dir: PathBuf,
+    pub build_dir: PathBuf,
 }
 
 #[derive(Debug, Error)]
@@ -206,6 +223,12 @@ pub enum ConfigError {
     Topology(#[from] crate::topology::TopologyError),
     #[error("--max-jobs {max_jobs} is more than the {slots} slots of --slots: give more slots, or --pinning off")]
     MoreJobsThanSlots { max_jobs: u32, slots: usize },
+    #[error("{flag} '{}': its free space cannot be read: {source}", path.display())]
+    DiskDir {
+        flag: &'static str,
+        path: PathBuf,
+        source: nix::Error,
+    },
 }
 
 /// The slots and the number of jobs for a pinned agent:
@@ -285,6 +308,17 @@ impl Cli {
                 layout_for(&topology, self.slots.zip(self.cpus_per_slot), self.max_jobs)?
             }
         };
+        let build_dir = self.build_dir.unwrap_or_else(std::env::temp_dir);
+        for (flag, path) in [
+            ("--store-dir", &self.store_dir),
+            ("--build-dir", &build_dir),
+        ] {
+            crate::host::free_bytes(path).map_err(|source| ConfigError::DiskDir {
+                flag,
+                path: path.clone(),
+                source,
+            })?;
+        }
         Ok(AgentConfig {
             queue_runner: self.queue_runner,
             token,
@@ -305,6 +339,8 @@ impl Cli {
             proc_root: PathBuf::from("/proc"),
             cgroup_root: Some(self.cgroup_root),
             drain_timeout: Duration::from_secs(self.drain_timeout_s),
+            store_dir: self.store_dir,
+            build_dir,
         })
     }
 }
@@ -393,8 +429,32 @@ mod tests {
             "--sysfs-root",
             sys.to_str().expect("utf-8"),
         ];
+        if !extra.contains(&"--store-dir") {
+            args.extend_from_slice(&["--store-dir", sys.to_str().expect("utf-8")]);
+        }
         args.extend_from_slice(extra);
         Cli::try_parse_from(args).expect("parses").resolve().await
+    }
+
+    #[tokio::test]
+    async fn the_disk_directories_must_be_readable_at_start() {
+        let dir = fixture();
+        let config = resolve(dir.path(), &[]).await.expect("resolves");
+        assert_eq!(config.store_dir, dir.path().join("sys"));
+        assert_eq!(config.build_dir, std::env::temp_dir());
+        let missing = dir.path().join("missing");
+        let missing = missing.to_str().expect("utf-8");
+        for flag in ["--store-dir", "--build-dir"] {
+            let error = resolve(dir.path(), &[flag, missing])
+                .await
+                .expect_err("a missing directory");
+            assert!(
+                matches!(&error, ConfigError::DiskDir { flag: f, .. } if *f == flag),
+                "{error}"
+            );
+            let message = error.to_string();
+            assert!(message.contains(missing), "{message}");
+        }
     }
 
     #[tokio::test]

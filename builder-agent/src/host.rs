@@ -85,12 +85,10 @@ pub fn parse_pressure(text: &str) -> Option<Pressure> {
     })
 }
 
-/// Free bytes on the filesystem holding `path` (0 if it cannot be read).
-pub fn free_bytes(path: &Path) -> u64 {
-    match nix::sys::statvfs::statvfs(path) {
-        Ok(st) => st.blocks_available().saturating_mul(st.fragment_size()),
-        Err(_) => 0,
-    }
+/// Free bytes, for unprivileged users, on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Result<u64, nix::Error> {
+    let st = nix::sys::statvfs::statvfs(path)?;
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
 /// The host name, from `<proc_root>/sys/kernel/hostname`.

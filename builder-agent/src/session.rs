@@ -284,15 +284,43 @@ async fn serve(
     }
 }
 
+/// The free space on the filesystem of `path` (the `what`), for a
+/// heartbeat. A read that fails is left out, and said once until a read
+/// succeeds again.
+fn free_space(what: &str, path: &std::path::Path, unreadable: &mut bool) -> Option<u64> {
+    match host::free_bytes(path) {
+        Ok(free) => {
+            *unreadable = false;
+            Some(free)
+        }
+        Err(e) => {
+            if !std::mem::replace(unreadable, true) {
+                tracing::warn!(
+                    "the free space of the {what} '{}' cannot be read ({e}); heartbeats leave it out",
+                    path.display()
+                );
+            }
+            None
+        }
+    }
+}
+
 /// Sends heartbeats until the queue runner forgets the session or they
 /// keep failing; returns why.
 async fn heartbeat(ctx: Arc<SessionCtx>, interval: Duration) -> Ended {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures = 0;
+    let (mut store_unreadable, mut build_dir_unreadable) = (false, false);
     loop {
         ticks.tick().await;
         let load = host::load(&ctx.config.proc_root);
+        let store_free = free_space("store", &ctx.config.store_dir, &mut store_unreadable);
+        let build_dir_free = free_space(
+            "build directory",
+            &ctx.config.build_dir,
+            &mut build_dir_unreadable,
+        );
         let request = pb::HeartbeatRequest {
             session_id: ctx.id.clone(),
             load1: load.load[0],
@@ -310,8 +338,8 @@ async fn heartbeat(ctx: Arc<SessionCtx>, interval: Duration) -> Ended {
                 io_some_avg60: load.io_pressure.avg60,
                 io_some_avg300: load.io_pressure.avg300,
             }),
-            store_free_bytes: host::free_bytes(std::path::Path::new("/nix/store")),
-            build_dir_free_bytes: host::free_bytes(&std::env::temp_dir()),
+            store_free_bytes: store_free,
+            build_dir_free_bytes: build_dir_free,
         };
         match ctx.client.clone().heartbeat(request).await {
             Ok(_) => failures = 0,

@@ -36,6 +36,8 @@ fn help_lists_every_option() {
         "--sysfs-root",
         "--cgroup-root",
         "--drain-timeout-s",
+        "--store-dir",
+        "--build-dir",
     ] {
         assert!(help.contains(option), "{option} missing from:\n{help}");
     }

@@ -68,9 +68,10 @@ pub struct AgentLoad {
     pub cpu_pressure: Pressure,
     pub memory_pressure: Pressure,
     pub io_pressure: Pressure,
-    /// Free bytes where the agent's store is and where it builds.
-    pub store_free_bytes: u64,
-    pub build_dir_free_bytes: u64,
+    /// Free bytes where the agent's store is and where it builds (`None`:
+    /// the agent could not read it).
+    pub store_free_bytes: Option<u64>,
+    pub build_dir_free_bytes: Option<u64>,
 }
 
 /// The share of time (percent) some task stalled on a resource, over 10,

@@ -155,7 +155,8 @@ impl Driver {
     }
 
     /// Why machine `m` should get no new steps now, if it should not: CPU
-    /// pressure over the threshold, or too little free disk.
+    /// pressure over the threshold, or too little free disk where its store
+    /// is or where it builds.
     fn over_capacity(&self, m: &Machine) -> Option<String> {
         let pressure = self.config.max_cpu_pressure;
         if pressure > 0.0 && m.load.cpu_pressure.avg10 > pressure {
@@ -165,8 +166,12 @@ impl Driver {
             ));
         }
         let min = self.config.min_free_disk_mb.saturating_mul(1 << 20);
-        let free = m.load.store_free_bytes.min(m.load.build_dir_free_bytes);
-        if min > 0 && free < min {
+        // A figure the agent could not read does not pause it.
+        let free = [m.load.store_free_bytes, m.load.build_dir_free_bytes]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(free) = free.filter(|free| min > 0 && *free < min) {
             return Some(format!(
                 "{} MiB of free disk is under {} MiB",
                 free >> 20,

@@ -185,6 +185,8 @@ impl Deployment {
             proc_root: PathBuf::from("/proc"),
             cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
             drain_timeout: Duration::from_secs(60),
+            store_dir: store.root().join("store"),
+            build_dir: std::env::temp_dir(),
             slots: None,
         };
         let mut config = config;

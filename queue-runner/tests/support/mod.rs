@@ -321,6 +321,8 @@ pub fn agent_config(
         proc_root: PathBuf::from("/proc"),
         cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
         drain_timeout: Duration::from_secs(60),
+        store_dir: PathBuf::from("/nix/store"),
+        build_dir: std::env::temp_dir(),
         slots: None,
     }
 }

@@ -21,8 +21,8 @@ const UP: Duration = Duration::from_secs(120);
 const BUILD_S: i64 = 20;
 
 const JOBS: &str = r#"rec {
-  slow1 = mkDrv { PATH = "/usr/bin:/bin"; name = "slow1"; args = [ "-c" "echo started slow1; sleep 20; echo 1 > $out" ]; };
-  slow2 = mkDrv { PATH = "/usr/bin:/bin"; name = "slow2"; args = [ "-c" "echo started slow2; sleep 20; echo 2 > $out" ]; };
+  slow1 = mkDrv { PATH = "/usr/bin:/bin"; name = "slow1"; args = [ "-c" "echo started slow1; sleep 20; echo finished slow1; echo 1 > $out" ]; };
+  slow2 = mkDrv { PATH = "/usr/bin:/bin"; name = "slow2"; args = [ "-c" "echo started slow2; sleep 20; echo finished slow2; echo 2 > $out" ]; };
   top1 = mkDrv { PATH = "/usr/bin:/bin"; name = "top1"; a = slow1; b = slow2; args = [ "-c" "cat $a $b > $out" ]; };
   top2 = mkDrv { PATH = "/usr/bin:/bin"; name = "top2"; a = slow1; args = [ "-c" "cat $a > $out" ]; };
 }"#;
@@ -153,6 +153,13 @@ async fn a_queue_runner_killed_mid_build_adopts_the_running_builds_after_a_resta
                 .unwrap();
         assert_eq!(
             log.matches("started slow").count(),
+            1,
+            "{drv}'s log: {log:?}"
+        );
+        // What the build printed after the restart was appended to the
+        // same log, which the adoption did not truncate.
+        assert_eq!(
+            log.matches("finished slow").count(),
             1,
             "{drv}'s log: {log:?}"
         );

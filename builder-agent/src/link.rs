@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_proto::v1 as pb;
 use tokio::sync::{watch, Notify};
 use tokio::task::{AbortHandle, JoinSet};
 use tonic::{Code, Status};
@@ -83,7 +84,13 @@ pub(crate) struct Jobs {
     running: HashMap<String, AbortHandle>,
     by_task: HashMap<tokio::task::Id, String>,
     slots: Arc<Slots>,
+    phases: Phases,
 }
+
+/// The latest busy phase and slot each job reported, kept across sessions
+/// so that a new session can tell the queue runner where its held steps
+/// are (a restarted queue runner knows only their rows).
+pub(crate) type Phases = Arc<parking_lot::Mutex<HashMap<String, (u32, Option<u32>)>>>;
 
 /// The machine's job slots, shared by the jobs. A job waits here for a
 /// slot (the queue runner may assign steps ahead of the free slots, see
@@ -227,7 +234,35 @@ impl Jobs {
                 draining: AtomicBool::new(false),
                 changed: Notify::new(),
             }),
+            phases: Phases::default(),
         }
+    }
+
+    /// Where the jobs' sessions record their phases.
+    pub(crate) fn phases(&self) -> Phases {
+        self.phases.clone()
+    }
+
+    /// The latest phase of each held step that has reported one, in step
+    /// order.
+    pub(crate) fn held_phases(&self) -> Vec<pb::PhaseUpdate> {
+        let mut phases = self.phases.lock();
+        // A phase a cancelled job reported on its way out is dropped here.
+        phases.retain(|step, _| self.running.contains_key(step));
+        let mut updates: Vec<pb::PhaseUpdate> = self
+            .running
+            .keys()
+            .filter_map(|step| {
+                let (busy, slot) = *phases.get(step)?;
+                Some(pb::PhaseUpdate {
+                    step_id: step.clone(),
+                    busy,
+                    slot,
+                })
+            })
+            .collect();
+        updates.sort_by(|a, b| a.step_id.cmp(&b.step_id));
+        updates
     }
 
     /// The slots, for a new job to wait on.
@@ -253,6 +288,7 @@ impl Jobs {
             handle.abort();
         }
         self.by_task.clear();
+        self.phases.lock().clear();
         steps
     }
 
@@ -276,6 +312,7 @@ impl Jobs {
         match self.running.remove(step) {
             Some(handle) => {
                 handle.abort();
+                self.phases.lock().remove(step);
                 true
             }
             None => false,
@@ -290,6 +327,7 @@ impl Jobs {
         };
         if let Some(step) = self.by_task.remove(&id) {
             self.running.remove(&step);
+            self.phases.lock().remove(&step);
         }
         if let Err(e) = done {
             if e.is_panic() {

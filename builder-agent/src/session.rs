@@ -68,6 +68,8 @@ pub(crate) struct SessionCtx {
     pub(crate) max_message: usize,
     /// The work stream, for phase updates.
     events: mpsc::Sender<pb::AgentEvent>,
+    /// Every job's latest phase, which outlives the session.
+    phases: crate::link::Phases,
 }
 
 impl SessionCtx {
@@ -75,6 +77,7 @@ impl SessionCtx {
     /// and the pinned slot it holds (its index in the registered slots),
     /// if it holds one. Advisory: dropped if the stream is full or gone.
     pub(crate) fn phase(&self, step_id: &str, busy: u32, slot: Option<u32>) {
+        self.phases.lock().insert(step_id.to_owned(), (busy, slot));
         let event = pb::AgentEvent {
             session_id: self.id.clone(),
             event: Some(pb::agent_event::Event::Phase(pb::PhaseUpdate {
@@ -196,16 +199,26 @@ async fn serve(
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
 
-    let (events, events_rx) = mpsc::channel(EVENT_BUFFER);
     let held_steps = jobs.held();
+    let held_phases = jobs.held_phases();
+    // Room for the Hello and every held step's phase, so none waits.
+    let (events, events_rx) = mpsc::channel(EVENT_BUFFER.max(held_phases.len() + 1));
     let hello = pb::AgentEvent {
         session_id: registered.session_id.clone(),
         event: Some(pb::agent_event::Event::Hello(pb::Hello {
             held_steps: held_steps.clone(),
         })),
     };
-    // The channel is empty: this cannot wait.
+    // The channel has room: these cannot wait.
     let _ = events.try_send(hello);
+    // Then where each held step is, which a restarted queue runner does
+    // not know (advisory, like every phase update).
+    for phase in held_phases {
+        let _ = events.try_send(pb::AgentEvent {
+            session_id: registered.session_id.clone(),
+            event: Some(pb::agent_event::Event::Phase(phase)),
+        });
+    }
     let mut commands = client
         .clone()
         .work(ReceiverStream::new(events_rx))
@@ -224,6 +237,7 @@ async fn serve(
         config: config.clone(),
         max_message,
         events,
+        phases: jobs.phases(),
     });
     let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms).max(100));
     let heartbeats = heartbeat(ctx.clone(), interval);

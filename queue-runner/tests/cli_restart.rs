@@ -129,6 +129,35 @@ async fn a_queue_runner_killed_mid_build_adopts_the_running_builds_after_a_resta
 
     let mut second = serve_on(dir.path(), &tokens, port);
     second.expect_line("queue runner up", UP);
+    // The dashboard shows each adopted step building in its pinned slot,
+    // as the agent reported them when it reconnected.
+    second.expect_line("adopted a step its agent still runs", UP);
+    let http: std::net::SocketAddr = bound_address(&second, "http_addr").parse().unwrap();
+    let names: Vec<String> = started
+        .iter()
+        .map(|(drv, _)| {
+            drv.rsplit('/')
+                .next()
+                .unwrap()
+                .split_once('-')
+                .unwrap()
+                .1
+                .to_owned()
+        })
+        .collect();
+    let mut page = String::new();
+    let shown = sluice_test_support::wait_until(Duration::from_secs(10), || {
+        page = sluice_test_support::http_get(http, "/").unwrap_or_else(|e| e);
+        names.iter().all(|name| {
+            page.lines().any(|l| {
+                l.contains(name.as_str())
+                    && l.contains("building")
+                    && l.starts_with("<tr><td>")
+                    && l.contains("(node ")
+            })
+        })
+    });
+    assert!(shown, "{names:?} building in slots:\n{page}");
     // The pool reconnects: the adopted server never went away.
     wait_all_finished(&pool, &second).await;
 

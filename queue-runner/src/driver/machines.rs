@@ -132,6 +132,8 @@ impl Driver {
                     .get_mut(&attempt)
                     .filter(|a| a.machine == machine)
                 else {
+                    // Reported right after a restart, before adoption.
+                    self.orphan_phase(attempt, machine, (busy, slot));
                     return;
                 };
                 a.busy = busy;

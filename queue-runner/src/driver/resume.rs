@@ -29,6 +29,8 @@ pub(super) struct Orphan {
     row: AttemptRow,
     /// The machine whose agent reported it.
     claimed_by: Option<MachineId>,
+    /// The busy phase and slot that agent reported for it, if any.
+    phase: Option<(i32, Option<u32>)>,
 }
 
 /// The wait after a restart for agents to report their attempts.
@@ -59,6 +61,7 @@ impl Driver {
                     Orphan {
                         row,
                         claimed_by: None,
+                        phase: None,
                     },
                 )
             })
@@ -232,6 +235,29 @@ impl Driver {
         }
     }
 
+    /// Keeps the phase `machine` reports for an attempt it claimed while
+    /// the driver still waits for other agents after a restart, for when
+    /// the attempt is adopted; whether `attempt` was such a claim.
+    pub(super) fn orphan_phase(
+        &mut self,
+        attempt: AttemptId,
+        machine: MachineId,
+        phase: (i32, Option<u32>),
+    ) -> bool {
+        let orphan = self
+            .resume
+            .as_mut()
+            .and_then(|r| r.orphans.get_mut(&attempt))
+            .filter(|o| o.claimed_by == Some(machine));
+        match orphan {
+            Some(o) => {
+                o.phase = Some(phase);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Aborts an attempt the driver gives up on while its machine stays,
     /// and tells the core, which retries the step.
     pub(super) fn drop_attempt(&mut self, id: AttemptId, why: &str) {
@@ -267,6 +293,7 @@ impl Driver {
             let claimed_by = orphan
                 .claimed_by
                 .filter(|machine| self.machines.contains_key(machine));
+            let (busy, slot) = orphan.phase.unwrap_or((0, None));
             let attempt = |machine: MachineId| Attempt {
                 drv_path: DrvPath::from(row.drv_path.as_str()),
                 machine,
@@ -277,8 +304,8 @@ impl Driver {
                 sent: true,
                 adopted: true,
                 in_slot: false,
-                busy: 0,
-                slot: None,
+                busy,
+                slot,
             };
             match claimed_by {
                 Some(machine) => {

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use super::attempts::AccessError;
 use super::auth::AgentIdentity;
 use super::convert;
 use super::sessions::Session;
@@ -186,9 +187,15 @@ async fn handle_event(shared: &Shared, session: &Session, event: pb::AgentEvent)
         tracing::warn!(session = %session.id, busy = phase.busy, "phase code out of range; dropped");
         return;
     };
-    if let Err(e) = shared.attempts.with_owned(attempt, session.machine, |_| ()) {
-        tracing::warn!(session = %session.id, "phase update dropped: {e}");
-        return;
+    match shared.attempts.with_owned(attempt, session.machine, |_| ()) {
+        // A step held across a queue-runner restart is not registered
+        // until the driver adopts it; the driver checks that this machine
+        // claimed it.
+        Ok(()) | Err(AccessError::Resuming(_)) => {}
+        Err(e) => {
+            tracing::warn!(session = %session.id, "phase update dropped: {e}");
+            return;
+        }
     }
     session
         .send(FromAgent::Phase {

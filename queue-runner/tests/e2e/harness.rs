@@ -423,21 +423,10 @@ pub async fn reqwest_status(addr: std::net::SocketAddr) -> String {
 
 /// A minimal HTTP/1.0 GET over a TCP stream.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || sluice_test_support::http_get(addr, &path))
         .await
-        .map_err(|e| e.to_string())?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or(out))
+        .map_err(|e| e.to_string())?
 }
 
 /// A binary cache signing key named `name`, made by Nix in `dir`:

@@ -128,6 +128,9 @@ async fn a_mixed_ca_job_set_builds_what_plain_nix_builds_with_no_placeholder_lef
     let fresh = IsolatedStore::new();
     let fresh_drvs = d.env.instantiate_in(&fresh, &text, &attrs);
     let dir = StoreDir::default();
+    let mut store = sluice_nix::daemon::DaemonClient::connect(&d.host_daemon.socket_path())
+        .await
+        .unwrap();
     for (((attr, expected), id), drv) in JOBS.iter().zip(&ids).zip(&fresh_drvs) {
         let outputs = outputs_of(&d, *id).await;
         if *expected != 0 && *expected != 6 {
@@ -144,9 +147,10 @@ async fn a_mixed_ca_job_set_builds_what_plain_nix_builds_with_no_placeholder_lef
             "{attr}: the paths plain Nix gives"
         );
         for path in &ours {
+            let parsed = dir.parse_path(path).unwrap();
             assert!(
-                std::path::Path::new(path).exists(),
-                "{attr}: {path} is in our store"
+                store.is_valid_path(&parsed).await.unwrap(),
+                "{attr}: {path} is valid in the queue runner's store"
             );
         }
     }

@@ -1,13 +1,14 @@
 //! The core's heap per held step at farm scale. Run with `cargo bench -p
 //! sluice-core --bench memory`; prints figures. `SLUICE_BENCH_STEPS` and
 //! `SLUICE_BENCH_BUILDS` change the size (default 270,000 derivations and
-//! 100,000 builds).
+//! 100,000 builds), and `SLUICE_BENCH_LOAD_BATCH` the builds per event
+//! (default 250, the queue runner's default `load-batch`).
 //!
 //! The graph has the shape of the queue runner's scale bench (a bootstrap
 //! chain, then derivations with 10 to 30 inputs, half of them among the
 //! first 1% as stdenv's are, half anywhere before); the last derivations
 //! are the builds' tops. The builds are queued as the driver queues them:
-//! 2,000 to an event, each with only the steps of its closure that the core
+//! 250 to an event, each with only the steps of its closure that the core
 //! does not hold yet. A counting
 //! allocator measures the bytes allocated and not freed once every build is
 //! held, with the step specs already dropped, as the driver drops them.
@@ -58,8 +59,9 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 const BOOTSTRAP: usize = 20;
-/// Builds per event, as the queue runner loads them (`load-batch`).
-const LOAD_BATCH: usize = 2000;
+/// Builds per event, as the queue runner loads them by default
+/// (`load-batch`).
+const LOAD_BATCH: usize = 250;
 
 struct XorShift(u64);
 
@@ -86,6 +88,7 @@ fn drv_path(i: usize) -> String {
 
 fn main() {
     let steps = env_usize("SLUICE_BENCH_STEPS", 270_000).max(BOOTSTRAP + 1);
+    let load_batch = env_usize("SLUICE_BENCH_LOAD_BATCH", LOAD_BATCH).max(1);
     let builds = env_usize("SLUICE_BENCH_BUILDS", 100_000).min(steps);
     let mut rng = XorShift(0x5ca1_ab1e_0000_0001);
     let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(steps);
@@ -166,7 +169,7 @@ fn main() {
                 },
                 specs,
             ));
-            if batch.len() == LOAD_BATCH || n + 1 == builds {
+            if batch.len() == load_batch || n + 1 == builds {
                 let event = Event::BuildsQueued {
                     builds: std::mem::take(&mut batch),
                 };
@@ -178,7 +181,7 @@ fn main() {
         let held_steps = core.stats().steps_waiting + core.stats().steps_runnable;
         let bytes = LIVE.load(Ordering::Relaxed) - before;
         println!(
-            "{name}: {builds} builds, {held_steps} steps held in {:.2} s; core heap {:.1} MiB = {:.0} bytes per held step",
+            "{name}: {builds} builds ({load_batch} per event), {held_steps} steps held in {:.2} s; core heap {:.1} MiB = {:.0} bytes per held step",
             took.as_secs_f64(),
             bytes as f64 / 1048576.0,
             bytes as f64 / held_steps.max(1) as f64

@@ -192,6 +192,9 @@ pub struct AgentConfig {
     pub prefetch: u32,
     /// The slots steps are pinned to; `None`: no pinning.
     pub slots: Option<crate::topology::Layout>,
+    /// The machine's NUMA nodes, reported at registration; `None`: they
+    /// could not be read.
+    pub topology: Option<crate::topology::Topology>,
     pub speed_factor: f32,
     pub store: LocalNix,
     pub reconnect_min: Duration,
@@ -301,11 +304,19 @@ impl Cli {
         if systems.iter().all(|s| s.trim().is_empty()) {
             return Err(ConfigError::NoSystems);
         }
-        let (slots, max_jobs) = match self.pinning {
-            Pinning::Off => (None, self.max_jobs.unwrap_or(1)),
+        let (slots, max_jobs, topology) = match self.pinning {
+            Pinning::Off => {
+                // Reported only: an agent that does not pin does not need it.
+                let topology = crate::topology::Topology::read(&self.sysfs_root)
+                    .map_err(|e| tracing::warn!("the machine's NUMA topology is not reported: {e}"))
+                    .ok();
+                (None, self.max_jobs.unwrap_or(1), topology)
+            }
             Pinning::On => {
                 let topology = crate::topology::Topology::read(&self.sysfs_root)?;
-                layout_for(&topology, self.slots.zip(self.cpus_per_slot), self.max_jobs)?
+                let (slots, max_jobs) =
+                    layout_for(&topology, self.slots.zip(self.cpus_per_slot), self.max_jobs)?;
+                (slots, max_jobs, Some(topology))
             }
         };
         let build_dir = self.build_dir.unwrap_or_else(std::env::temp_dir);
@@ -329,6 +340,7 @@ impl Cli {
             max_jobs,
             prefetch: self.prefetch.unwrap_or(max_jobs).min(max_jobs),
             slots,
+            topology,
             speed_factor: self.speed_factor,
             store: match self.store_socket {
                 Some(p) => LocalNix::Socket(p),

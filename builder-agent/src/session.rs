@@ -187,6 +187,15 @@ async fn serve(
                     cpus: crate::topology::format_cpu_list(&slot.cpus),
                 })
                 .collect(),
+            nodes: config
+                .topology
+                .iter()
+                .flat_map(|t| &t.nodes)
+                .map(|node| pb::NumaNode {
+                    id: node.id,
+                    cpus: crate::topology::format_cpu_list(&node.cpus),
+                })
+                .collect(),
         })
         .await
         .map_err(|s| classify("registration", s))?

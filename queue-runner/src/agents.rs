@@ -56,6 +56,8 @@ pub struct AgentInfo {
     pub draining: bool,
     /// The slots it pins steps to: (NUMA node, CPU list).
     pub slots: Vec<(u32, String)>,
+    /// The machine's NUMA nodes: (node, CPU list).
+    pub nodes: Vec<(u32, String)>,
 }
 
 /// Load figures from a heartbeat.

@@ -218,7 +218,8 @@ fn machines_by_name(s: &StatusSnapshot, now: i64) -> Map<String, Value> {
 /// - what one reading the `SystemStatus` row reads (Hydra's C++ queue
 ///   runner: `enabled`, `systemTypes`, `currentJobs`, `nrStepsDone`,
 ///   `avgStepBuildTime`, … times in seconds);
-/// - Sluice's: `connected`, `draining`, `paused`, `slots`, free disk.
+/// - Sluice's: `connected`, `draining`, `paused`, `slots`, `numaNodes`,
+///   free disk.
 fn machine_value(m: &MachineStatus, now: i64) -> Value {
     let ms_avg = |total: u64| total.checked_div(m.steps_done).unwrap_or(0);
     let s_avg = |total: u64| match m.steps_done {
@@ -283,6 +284,11 @@ fn machine_value(m: &MachineStatus, now: i64) -> Value {
         "paused": m.paused,
         "slots": m
             .slots
+            .iter()
+            .map(|(node, cpus)| json!({ "node": node, "cpus": cpus }))
+            .collect::<Vec<_>>(),
+        "numaNodes": m
+            .nodes
             .iter()
             .map(|(node, cpus)| json!({ "node": node, "cpus": cpus }))
             .collect::<Vec<_>>(),

@@ -98,6 +98,8 @@ pub struct MachineStatus {
     pub paused: Option<String>,
     /// Its slots: (NUMA node, CPU list).
     pub slots: Vec<(u32, String)>,
+    /// Its machine's NUMA nodes: (node, CPU list).
+    pub nodes: Vec<(u32, String)>,
 }
 
 /// How old the list of attempts in a snapshot may be.

@@ -201,6 +201,7 @@ pub async fn open_session(addr: SocketAddr, token: &str, agent: Registration<'_>
             draining: false,
             slots: vec![],
             prefetch: agent.prefetch,
+            nodes: vec![],
         })
         .await
         .expect("the Register call")

@@ -240,6 +240,7 @@ impl Driver {
                 draining: m.info.draining,
                 paused: m.paused.clone(),
                 slots: m.info.slots.clone(),
+                nodes: m.info.nodes.clone(),
             })
             .collect();
         let running = match &self.running_published {

@@ -53,6 +53,9 @@ pub(crate) fn store_path(field: &'static str, path: &str) -> Result<StorePath, C
         .map_err(|e| invalid(field, e))
 }
 
+/// NUMA nodes of a registration kept (the kernel's limit is 1,024).
+const MAX_NODES: usize = 1024;
+
 pub(crate) fn agent_info(req: pb::RegisterRequest) -> Result<AgentInfo, ConvertError> {
     if req.name.trim().is_empty() {
         return Err(invalid("name", "an agent needs a name"));
@@ -87,6 +90,12 @@ pub(crate) fn agent_info(req: pb::RegisterRequest) -> Result<AgentInfo, ConvertE
             .into_iter()
             .take(req.max_jobs as usize)
             .map(|s| (s.node, s.cpus.chars().take(256).collect()))
+            .collect(),
+        nodes: req
+            .nodes
+            .into_iter()
+            .take(MAX_NODES)
+            .map(|n| (n.id, n.cpus.chars().take(256).collect()))
             .collect(),
     })
 }

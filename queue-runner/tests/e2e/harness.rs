@@ -188,6 +188,7 @@ impl Deployment {
             store_dir: store.root().join("store"),
             build_dir: std::env::temp_dir(),
             slots: None,
+            topology: None,
         };
         let mut config = config;
         adjust(&mut config, &store);

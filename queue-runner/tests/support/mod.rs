@@ -324,6 +324,7 @@ pub fn agent_config(
         store_dir: PathBuf::from("/nix/store"),
         build_dir: std::env::temp_dir(),
         slots: None,
+        topology: None,
     }
 }
 

@@ -36,42 +36,32 @@ async fn rows(pool: &sqlx::PgPool) -> Vec<Row> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_running_build_finish_sends_new_steps_elsewhere_and_the_agent_exits_0() {
-    let dir = data_dir();
-    let _leftovers = StopLeftovers(dir.path().to_path_buf());
-    let tokens = token_file(dir.path(), TOKEN);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut runner = serve_with(dir.path(), &tokens, &["--grpc-listen", &listen]);
-    runner.expect_line("queue runner up", Duration::from_secs(120));
-    let mut draining = agent_proc(port, &tokens, "draining", 1, &[]);
-    runner.expect_line("agent=draining", Duration::from_secs(30));
+    let farm = Serving::start(TOKEN, &[]);
+    let (dir, runner) = (farm.dir.path(), &farm.runner);
+    let mut draining = farm.agent("draining", 1, &[]);
 
     let env = NixEnv::new();
     let expr = env.write_expr(JOBS);
-    submit_jobs(dir.path(), &expr, &["slow"]);
-    let pool = embedded_pool(dir.path()).await;
+    submit_jobs(dir, &expr, &["slow"]);
+    let pool = embedded_pool(dir).await;
+    wait_first_step_row(&pool, runner).await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while rows(&pool).await.is_empty() {
-        assert!(Instant::now() < deadline, "{}", runner.output());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // The build has started: its log says so.
     let drv: String = sqlx::query_scalar("select drvPath from BuildSteps")
         .fetch_one(&pool)
         .await
         .unwrap();
-    let log = sluice_queue_runner::logs::log_path(dir.path(), &drv).unwrap();
+    let log = sluice_queue_runner::logs::log_path(dir, &drv).unwrap();
     while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("started slow")) {
         assert!(Instant::now() < deadline, "{}", runner.output());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _spare = agent_proc(port, &tokens, "spare", 1, &[]);
-    runner.expect_line("agent=spare", Duration::from_secs(30));
+    let _spare = farm.agent("spare", 1, &[]);
 
     draining.signal(Signal::SIGTERM);
     let signalled = Instant::now();
     runner.expect_line("agent draining", Duration::from_secs(10));
-    submit_jobs(dir.path(), &expr, &["quick"]);
+    submit_jobs(dir, &expr, &["quick"]);
 
     let status = draining.wait_exit(Duration::from_secs(BUILD_S + 30));
     assert_eq!(
@@ -83,7 +73,7 @@ async fn sigterm_lets_the_running_build_finish_sends_new_steps_elsewhere_and_the
     assert!(draining
         .output()
         .contains("drained: every step is delivered"));
-    wait_all_finished(&pool, &runner).await;
+    wait_all_finished(&pool, runner).await;
     assert_settled(&pool, &runner.output()).await;
     let rows = rows(&pool).await;
     let took_since_signal = signalled.elapsed();
@@ -111,9 +101,5 @@ async fn sigterm_lets_the_running_build_finish_sends_new_steps_elsewhere_and_the
         "{took_since_signal:?}"
     );
     pool.close().await;
-    runner.signal(Signal::SIGTERM);
-    assert_eq!(
-        runner.wait_exit(Duration::from_secs(60)).unwrap().code(),
-        Some(0)
-    );
+    farm.stop();
 }

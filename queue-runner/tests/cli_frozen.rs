@@ -30,39 +30,17 @@ async fn rows(pool: &sqlx::PgPool) -> Vec<(Option<i32>, String, Option<String>)>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_agent_loses_its_step_after_the_lease_and_its_late_result_changes_nothing() {
-    let dir = data_dir();
-    let _leftovers = StopLeftovers(dir.path().to_path_buf());
-    let tokens = token_file(dir.path(), TOKEN);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let lease = LEASE_S.to_string();
-    let mut runner = serve_with(
-        dir.path(),
-        &tokens,
-        &[
-            "--grpc-listen",
-            &listen,
-            "--retry-interval-s",
-            "1",
-            "--lease-s",
-            &lease,
-        ],
-    );
-    runner.expect_line("queue runner up", Duration::from_secs(120));
-    let frozen = agent_proc(port, &tokens, "frozen", 1, &[]);
-    runner.expect_line("agent=frozen", Duration::from_secs(30));
+    let farm = Serving::start(TOKEN, &["--retry-interval-s", "1", "--lease-s", &lease]);
+    let runner = &farm.runner;
+    let frozen = farm.agent("frozen", 1, &[]);
 
     let env = NixEnv::new();
     let expr = env.write_expr(JOBS);
-    submit_jobs(dir.path(), &expr, &["slow"]);
-    let pool = embedded_pool(dir.path()).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while rows(&pool).await.is_empty() {
-        assert!(Instant::now() < deadline, "{}", runner.output());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _spare = agent_proc(port, &tokens, "spare", 1, &[]);
-    runner.expect_line("agent=spare", Duration::from_secs(30));
+    submit_jobs(farm.dir.path(), &expr, &["slow"]);
+    let pool = embedded_pool(farm.dir.path()).await;
+    wait_first_step_row(&pool, runner).await;
+    let _spare = farm.agent("spare", 1, &[]);
 
     frozen.signal(Signal::SIGSTOP);
     let frozen_at = Instant::now();
@@ -111,9 +89,5 @@ async fn a_frozen_agent_loses_its_step_after_the_lease_and_its_late_result_chang
         .unwrap();
     assert_eq!(status, Some(0));
     pool.close().await;
-    runner.signal(Signal::SIGTERM);
-    assert_eq!(
-        runner.wait_exit(Duration::from_secs(60)).unwrap().code(),
-        Some(0)
-    );
+    farm.stop();
 }

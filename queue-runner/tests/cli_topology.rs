@@ -9,10 +9,8 @@
 mod cli;
 
 use std::ffi::OsStr;
-use std::time::Duration;
 
 use cli::*;
-use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
 const TOKEN: &str = "cli-topology-token-0123456789abcdef";
@@ -30,28 +28,19 @@ fn fake_sysfs(dir: &std::path::Path) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn machines_show_the_numa_nodes_their_agents_read_and_the_slots_of_those_that_pin() {
-    let dir = data_dir();
-    let _leftovers = StopLeftovers(dir.path().to_path_buf());
-    let tokens = token_file(dir.path(), TOKEN);
-    let sysfs = fake_sysfs(dir.path());
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut runner = serve_with(dir.path(), &tokens, &["--grpc-listen", &listen]);
-    runner.expect_line("queue runner up", Duration::from_secs(120));
-    let http: std::net::SocketAddr = bound_address(&runner, "http_addr").parse().unwrap();
+    let farm = Serving::start(TOKEN, &[]);
+    let sysfs = fake_sysfs(farm.dir.path());
     let sysfs_args = [OsStr::new("--sysfs-root"), sysfs.as_os_str()];
-    let _pinned = agent_proc(port, &tokens, "pinned", 2, &sysfs_args);
+    let _pinned = farm.agent("pinned", 2, &sysfs_args);
     let unpinned_args = [
         sysfs_args[0],
         sysfs_args[1],
         OsStr::new("--pinning"),
         OsStr::new("off"),
     ];
-    let _unpinned = agent_proc(port, &tokens, "unpinned", 2, &unpinned_args);
-    runner.expect_line("agent=pinned", Duration::from_secs(30));
-    runner.expect_line("agent=unpinned", Duration::from_secs(30));
+    let _unpinned = farm.agent("unpinned", 2, &unpinned_args);
 
-    let body = sluice_test_support::http_get(http, "/status/machines").unwrap();
+    let body = sluice_test_support::http_get(farm.http(), "/status/machines").unwrap();
     let machines: Value = serde_json::from_str(&body).unwrap();
     let nodes = json!([{ "node": 0, "cpus": "0,2" }, { "node": 1, "cpus": "1,3" }]);
     let pinned = &machines["machines"]["pinned"];
@@ -61,9 +50,5 @@ async fn machines_show_the_numa_nodes_their_agents_read_and_the_slots_of_those_t
     assert_eq!(unpinned["numaNodes"], nodes, "{unpinned}");
     assert_eq!(unpinned["slots"], json!([]), "{unpinned}");
 
-    runner.signal(Signal::SIGTERM);
-    assert_eq!(
-        runner.wait_exit(Duration::from_secs(60)).unwrap().code(),
-        Some(0)
-    );
+    farm.stop();
 }

@@ -185,6 +185,75 @@ impl Drop for StopLeftovers {
     }
 }
 
+/// `queue-runner serve` on the embedded database of a fresh data
+/// directory, with an agent token file and a gRPC port of its own, up.
+/// Dropped, it stops the queue runner, then its PostgreSQL, then removes
+/// the directory (the fields drop in that order).
+pub struct Serving {
+    pub runner: Proc,
+    _leftovers: StopLeftovers,
+    pub tokens: PathBuf,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Serving {
+    /// Starts it with agent token `token` and more `args`; returns once it
+    /// is up.
+    pub fn start(token: &str, args: &[&str]) -> Serving {
+        let dir = data_dir();
+        let leftovers = StopLeftovers(dir.path().to_path_buf());
+        let tokens = token_file(dir.path(), token);
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut all = vec!["--grpc-listen", listen.as_str()];
+        all.extend_from_slice(args);
+        let runner = serve_with(dir.path(), &tokens, &all);
+        runner.expect_line("queue runner up", Duration::from_secs(120));
+        Serving {
+            runner,
+            _leftovers: leftovers,
+            tokens,
+            port,
+            dir,
+        }
+    }
+
+    /// An [`agent_proc`] dialling it, once the queue runner has seen it.
+    pub fn agent(&self, name: &str, max_jobs: u32, extra: &[&OsStr]) -> Proc {
+        let agent = agent_proc(self.port, &self.tokens, name, max_jobs, extra);
+        self.runner
+            .expect_line(&format!("agent={name}"), Duration::from_secs(30));
+        agent
+    }
+
+    /// Where it serves HTTP.
+    pub fn http(&self) -> std::net::SocketAddr {
+        bound_address(&self.runner, "http_addr").parse().unwrap()
+    }
+
+    /// Stops it with SIGTERM and checks that it exits 0.
+    pub fn stop(mut self) {
+        self.runner.signal(Signal::SIGTERM);
+        let status = self.runner.wait_exit(Duration::from_secs(60));
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "{}",
+            self.runner.output()
+        );
+    }
+}
+
+/// Waits up to 60 s for the first `BuildSteps` row.
+pub async fn wait_first_step_row(pool: &sqlx::PgPool, runner: &Proc) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while count(pool, "select count(*) from BuildSteps").await == 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", runner.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A data directory for an embedded database, traversable by the
 /// unprivileged user PostgreSQL runs as.
 pub fn data_dir() -> tempfile::TempDir {

@@ -9,8 +9,9 @@
 //! The files of each level of the walk are read concurrently, and the
 //! validity of all their outputs is asked in one query. An output whose
 //! path is known only once built (content-addressed, deferred) counts as
-//! valid when its realisation is recorded (one lookup per level, by the
-//! keys [`crate::ca::realisation_keys`] gives) and that path is valid.
+//! valid when its realisation is known (one lookup per level, by the keys
+//! [`crate::ca::realisation_keys`] gives; the caller's lookup asks the
+//! database, then the store) and that path is valid.
 //!
 //! Invariants: each `.drv` is read and parsed at most once per batch, so a
 //! jobset whose builds share dependencies costs the size of the union of
@@ -99,6 +100,9 @@ pub struct BatchClosure {
     /// The outputs of valid derivations whose paths are not static (as
     /// recorded): what a build of one finishes with.
     pub realised: HashMap<String, Vec<(String, String)>>,
+    /// The same outputs as realisations, keyed: for the caller to record
+    /// those it learnt from somewhere other than the database.
+    pub realisations: Vec<crate::db::results::Realisation>,
     /// Derivations that are missing or malformed: the builds that need
     /// them cannot be built.
     pub broken: HashMap<String, IngestError>,
@@ -389,10 +393,20 @@ where
                     .all(|p| p.as_ref().is_some_and(|p| valid_paths.contains(p)));
             if all_valid {
                 if !keys.is_empty() {
-                    let outputs = outs
+                    let outputs: Vec<(String, String)> = outs
                         .iter()
                         .filter_map(|(n, p)| p.as_ref().map(|p| (n.clone(), store_dir.print(p))))
                         .collect();
+                    for (output, out_path) in &outputs {
+                        if let Some(drv_hash) = keys.get(output) {
+                            batch.realisations.push(crate::db::results::Realisation {
+                                drv_hash: drv_hash.clone(),
+                                output: output.clone(),
+                                out_path: out_path.clone(),
+                                drv_path: path.as_str().to_owned(),
+                            });
+                        }
+                    }
                     batch.realised.insert(path.as_str().to_owned(), outputs);
                 }
                 batch.valid.insert(path.as_str().to_owned());

@@ -430,3 +430,81 @@ async fn a_queue_runner_whose_nix_lacks_ca_derivations_aborts_ca_builds_and_says
     );
     d.stop().await;
 }
+
+const LOCAL: &str = r#"rec {
+  root = ca { name = "local-root"; args = [ "-c" "echo local root > $out" ]; };
+  down = ca { name = "local-down"; args = [ "-c" "cat ${root} > $out; echo down >> $out" ]; };
+}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_output_only_the_local_store_knows_is_taken_as_built_and_recorded() {
+    let mut d = Deployment::start().await;
+    d.add_agent("a1", 2).await;
+    let text = expr(LOCAL);
+    let drvs = d.env.instantiate(&text, &["root", "down"]);
+    // Built by plain Nix in the queue runner's store: the store knows the
+    // realisation, the database does not.
+    let built = realise_in(&d.env, &drvs[0]);
+    assert_eq!(built.len(), 1, "{built:?}");
+    let (recorded,): (i64,) = sqlx::query_as("select count(*) from SluiceRealisations")
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 0);
+
+    let jobs = [
+        ("root".to_owned(), drvs[0].clone()),
+        ("down".to_owned(), drvs[1].clone()),
+    ];
+    let ids = d.submit(&jobs).await;
+    let statuses = d.wait_finished(&ids, 120).await;
+    assert!(
+        statuses.values().all(|s| *s == 0),
+        "{statuses:?}\n{}",
+        steps(&d).await
+    );
+    // The root finished cached with the path the store knew, no step run.
+    let (cached,): (i32,) = sqlx::query_as("select isCachedBuild from Builds where id = $1")
+        .bind(ids[0])
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
+    assert_eq!(cached, 1, "{}", steps(&d).await);
+    assert_eq!(
+        outputs_of(&d, ids[0]).await["out"].as_deref(),
+        Some(built[0].as_str())
+    );
+    let (root_rows,): (i64,) = sqlx::query_as("select count(*) from BuildSteps where drvPath = $1")
+        .bind(&drvs[0])
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        root_rows,
+        0,
+        "the root was not built again: {}",
+        steps(&d).await
+    );
+    // Its realisation is now in the database, which the dependent's
+    // resolution read.
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("select outPath, drvPath from SluiceRealisations where drvPath = $1")
+            .bind(&drvs[0])
+            .fetch_all(&d.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, [(built[0].clone(), drvs[0].clone())]);
+    let (resolved,): (i64,) = sqlx::query_as(
+        "select count(*) from BuildSteps where build = $1 and drvPath = $2 and status = 13",
+    )
+    .bind(ids[1])
+    .bind(&drvs[1])
+    .fetch_one(&d.pool)
+    .await
+    .unwrap();
+    assert_eq!(resolved, 1, "{}", steps(&d).await);
+    let down = outputs_of(&d, ids[1]).await["out"].clone().unwrap();
+    let text = std::fs::read_to_string(&down).unwrap();
+    assert_eq!(text, "local root\ndown\n");
+    d.stop().await;
+}

@@ -454,16 +454,31 @@ async fn load(
         let mut client = store.connect().await.map_err(|e| e.to_string())?;
         let tops: Vec<String> = batch.builds.iter().map(|b| b.drv_path.clone()).collect();
         let dir = store.store_dir().clone();
+        // Realisations come from the database, else from the store (built
+        // there by hand, or recorded before the database was); those the
+        // store gave are recorded once their paths prove valid.
+        let from_store: Arc<parking_lot::Mutex<HashSet<(String, String)>>> = Arc::default();
         let lookup = |keys: Vec<(String, String)>| {
-            let pool = pool.clone();
+            let (pool, store, from_store) = (pool.clone(), store.clone(), from_store.clone());
             async move {
                 let mut conn = pool
                     .acquire()
                     .await
                     .map_err(|e| crate::db::describe_sqlx_error(&e))?;
-                crate::db::results::lookup_realisations(&mut conn, &keys)
+                let mut found = crate::db::results::lookup_realisations(&mut conn, &keys)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                drop(conn);
+                let missing: Vec<(String, String)> = keys
+                    .into_iter()
+                    .filter(|k| !found.contains_key(k))
+                    .collect();
+                if !missing.is_empty() {
+                    let known = store_realisations(&store, &missing).await;
+                    from_store.lock().extend(known.keys().cloned());
+                    found.extend(known);
+                }
+                Ok(found)
             }
         };
         batch.closure = ingest::read_closures(
@@ -486,6 +501,8 @@ async fn load(
             // Nothing of this batch is used; the load is retried.
             return Err(error);
         }
+        let learnt = std::mem::take(&mut *from_store.lock());
+        record_store_realisations(&pool, &batch.closure, &learnt).await?;
         mark_known_failures(&pool, &mut batch.closure).await?;
         expect_build_times(&pool, &mut batch.closure).await
     }
@@ -494,6 +511,78 @@ async fn load(
         batch.error = Some(e);
     }
     batch
+}
+
+/// The realisations the queue runner's own store knows of `keys`, asked
+/// on a connection of their own, one key a round trip (the daemon protocol
+/// has no batch query). A store without `ca-derivations` drops the
+/// connection at the first question, which only means it knows none; so
+/// does any other failure, which costs a rebuild at worst.
+async fn store_realisations(
+    store: &crate::store::Store,
+    keys: &[(String, String)],
+) -> std::collections::HashMap<(String, String), String> {
+    use sluice_nix::daemon::DrvOutput;
+    let mut found = std::collections::HashMap::new();
+    let mut client = match store.connect().await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::debug!(error = %e, "realisations not asked of the store");
+            return found;
+        }
+    };
+    for (hash, output) in keys {
+        let Ok(drv_hash) = sluice_nix::hash::Hash::parse_prefixed(hash) else {
+            continue;
+        };
+        let id = DrvOutput::ByHash {
+            drv_hash,
+            output: output.clone(),
+        };
+        match client.query_realisation(&id).await {
+            Ok(Some(r)) => {
+                let path = store.store_dir().print(&r.out_path);
+                found.insert((hash.clone(), output.clone()), path);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "the store answers no realisation queries");
+                break;
+            }
+        }
+    }
+    found
+}
+
+/// Records the realisations of `closure`'s valid derivations that the
+/// store gave (keys in `from_store`), so that resolving their dependents,
+/// which reads only the database, finds them.
+async fn record_store_realisations(
+    pool: &sqlx::PgPool,
+    closure: &BatchClosure,
+    from_store: &HashSet<(String, String)>,
+) -> Result<(), String> {
+    let learnt: Vec<crate::db::results::Realisation> = closure
+        .realisations
+        .iter()
+        .filter(|r| from_store.contains(&(r.drv_hash.clone(), r.output.clone())))
+        .cloned()
+        .collect();
+    if learnt.is_empty() {
+        return Ok(());
+    }
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(|e| crate::db::describe_sqlx_error(&e))?;
+    crate::db::results::record_realisations(&mut conn, &learnt)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        realisations = learnt.len(),
+        "recorded realisations the local store knew and the database did not"
+    );
+    Ok(())
 }
 
 /// Whether the queue runner's store can hold realisations (Nix's

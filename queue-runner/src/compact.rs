@@ -107,6 +107,17 @@ impl PackedDrv {
             .collect()
     }
 
+    /// What goes into `FailedPaths` when it fails for good: its known
+    /// output paths, and the derivation itself when some output is known
+    /// only once built (no path would remember that failure).
+    pub fn failed_paths(&self, drv_path: &str) -> Vec<String> {
+        let mut paths = self.known_paths(drv_path);
+        if !self.keys().is_empty() {
+            paths.push(drv_path.to_owned());
+        }
+        paths
+    }
+
     /// Its outputs, if every one has a path fixed by the derivation itself
     /// (no realisation key: not known only once built).
     pub fn static_outputs(&self, drv_path: &str) -> Option<Vec<(String, String)>> {

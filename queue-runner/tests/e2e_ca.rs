@@ -208,6 +208,84 @@ async fn a_mixed_ca_job_set_builds_what_plain_nix_builds_with_no_placeholder_lef
             "build {build}: {original} resolved to {base}, built {rows} times"
         );
     }
+
+    // The whole job set queued again finishes as before, all of it cached:
+    // nothing is resolved or dispatched, and the failures are cached
+    // failures (their one row each has status 8), although the failing
+    // derivation's output has no path for FailedPaths to hold.
+    let rows_before: i64 = sqlx::query_scalar("select count(*) from BuildSteps")
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
+    let again = d.submit(&jobs).await;
+    let statuses = d.wait_finished(&again, 120).await;
+    let cached: Vec<(i32, i32)> =
+        sqlx::query_as("select id, isCachedBuild from Builds where id = any($1) order by id")
+            .bind(&again)
+            .fetch_all(&d.pool)
+            .await
+            .unwrap();
+    for (((attr, expected), id), (_, is_cached)) in JOBS.iter().zip(&again).zip(&cached) {
+        assert_eq!(
+            (statuses[id], *is_cached),
+            (*expected, 1),
+            "{attr} queued again: {statuses:?}\n{}",
+            steps(&d).await
+        );
+    }
+    for (first, second) in ids.iter().zip(&again) {
+        assert_eq!(outputs_of(&d, *first).await, outputs_of(&d, *second).await);
+    }
+    let added: Vec<(i32, Option<i32>, String)> = sqlx::query_as(
+        "select build, status, machine from BuildSteps where build = any($1) order by build",
+    )
+    .bind(&again)
+    .fetch_all(&d.pool)
+    .await
+    .unwrap();
+    let failures = JOBS.iter().filter(|(_, s)| *s == 1 || *s == 2).count();
+    assert_eq!(added.len(), failures, "{added:?}\n{}", steps(&d).await);
+    assert!(
+        added.iter().all(|(_, s, m)| *s == Some(8) && m.is_empty()),
+        "{added:?}"
+    );
+    let rows_after: i64 = sqlx::query_scalar("select count(*) from BuildSteps")
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows_before + failures as i64, rows_after);
+
+    // Restarted as the web UI does it (the failing output has no path to
+    // delete from FailedPaths): built again, and failed again.
+    let failing = again[JOBS.iter().position(|(a, _)| *a == "failing").unwrap()];
+    let mut tx = d.pool.begin().await.unwrap();
+    sqlx::query(
+        "delete from FailedPaths where path in
+           (select path from BuildOutputs where build = $1
+            union select path from BuildStepOutputs where build = $1)",
+    )
+    .bind(failing)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("update Builds set finished = 0, isCachedBuild = 0 where id = $1")
+        .bind(failing)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let statuses = d.wait_finished(&[failing], 60).await;
+    assert_eq!(statuses[&failing], 1);
+    let rows: Vec<(i32, Option<i32>, String)> = sqlx::query_as(
+        "select build, status, machine from BuildSteps where build = $1 order by stepnr",
+    )
+    .bind(failing)
+    .fetch_all(&d.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[1].1, Some(1), "a real build: {rows:?}");
+    assert!(!rows[1].2.is_empty(), "{rows:?}");
     d.stop().await;
 }
 

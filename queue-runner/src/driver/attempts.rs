@@ -149,7 +149,7 @@ impl Driver {
             let failed_paths = if fails_for_good(report.status) {
                 self.closure
                     .get(&a.drv_path)
-                    .map(|c| c.known_paths(a.drv_path.as_str()))
+                    .map(|c| c.failed_paths(a.drv_path.as_str()))
                     .unwrap_or_default()
             } else {
                 Vec::new()
@@ -445,7 +445,8 @@ impl Driver {
 }
 
 /// Whether a step status is a failure of the build itself, which building
-/// again will not fix: its outputs go into `FailedPaths` (Hydra's rule).
+/// again will not fix: its outputs go into `FailedPaths` (Hydra's rule;
+/// a derivation with outputs known only once built goes in itself).
 fn fails_for_good(status: i32) -> bool {
     matches!(status, 1 | 7 | 10 | 11)
 }

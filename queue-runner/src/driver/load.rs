@@ -434,6 +434,15 @@ async fn load(
                 .map_err(|e| e.to_string())?;
             let missing: Vec<i32> = ids.into_iter().filter(|id| !held.contains(id)).collect();
             if !missing.is_empty() {
+                let forgotten = crate::db::results::forget_failed_derivations(&mut conn, &missing)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if forgotten > 0 {
+                    tracing::info!(
+                        derivations = forgotten,
+                        "restarted builds: their derivations' cached failures are forgotten"
+                    );
+                }
                 let mut b = crate::db::queue::load_builds_by_ids(&mut conn, &missing)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -630,18 +639,22 @@ async fn supports_content_addressed(
 }
 
 /// Marks the derivations of `closure` with an output in `FailedPaths`
-/// ([`sluice_core::StepSpec::known_failed`]), in one lookup for the batch.
+/// ([`sluice_core::StepSpec::known_failed`]), or, for one with outputs
+/// known only once built, the derivation itself; in one lookup for the
+/// batch.
 async fn mark_known_failures(
     pool: &sqlx::PgPool,
     closure: &mut BatchClosure,
 ) -> Result<(), String> {
     let paths: Vec<String> = closure
         .drvs
-        .values()
-        .flat_map(|d| {
+        .iter()
+        .flat_map(|(path, d)| {
+            let own = (!d.keys.is_empty()).then(|| path.as_str().to_owned());
             d.outputs
                 .iter()
                 .filter_map(|(_, p)| p.as_deref().map(str::to_owned))
+                .chain(own)
         })
         .collect();
     if paths.is_empty() {
@@ -657,12 +670,14 @@ async fn mark_known_failures(
     if failed.is_empty() {
         return Ok(());
     }
-    for drv in closure.drvs.values_mut() {
-        if drv
-            .outputs
-            .iter()
-            .filter_map(|(_, p)| p.as_deref())
-            .any(|p| failed.contains(p))
+    for (path, drv) in closure.drvs.iter_mut() {
+        let own = !drv.keys.is_empty() && failed.contains(path.as_str());
+        if own
+            || drv
+                .outputs
+                .iter()
+                .filter_map(|(_, p)| p.as_deref())
+                .any(|p| failed.contains(p))
         {
             drv.spec.known_failed = true;
         }

@@ -677,6 +677,29 @@ pub async fn failed_paths_among(
     Ok(failed)
 }
 
+/// Forgets the cached failures recorded under the `.drv` paths of the
+/// steps of `builds` (derivations with outputs known only once built go
+/// into `FailedPaths` themselves): for restarted builds, what the web UI's
+/// restart does for the output paths it can name. Returns how many it
+/// forgot.
+pub async fn forget_failed_derivations(
+    conn: &mut PgConnection,
+    builds: &[i32],
+) -> Result<u64, ResultsError> {
+    if builds.is_empty() {
+        return Ok(0);
+    }
+    let done = sqlx::query(
+        "delete from FailedPaths where path in
+           (select drvPath from BuildSteps where build = any($1) and drvPath like '%.drv')",
+    )
+    .bind(builds)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err("forgetting restarted builds' failed derivations"))?;
+    Ok(done.rows_affected())
+}
+
 /// The build under which `drv_path` last failed for good (its own step
 /// row with status 1, 7, 10 or 11), if one records it: what a cached
 /// failure of it is `propagatedFrom`.

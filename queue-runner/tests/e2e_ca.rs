@@ -258,22 +258,7 @@ async fn a_mixed_ca_job_set_builds_what_plain_nix_builds_with_no_placeholder_lef
     // Restarted as the web UI does it (the failing output has no path to
     // delete from FailedPaths): built again, and failed again.
     let failing = again[JOBS.iter().position(|(a, _)| *a == "failing").unwrap()];
-    let mut tx = d.pool.begin().await.unwrap();
-    sqlx::query(
-        "delete from FailedPaths where path in
-           (select path from BuildOutputs where build = $1
-            union select path from BuildStepOutputs where build = $1)",
-    )
-    .bind(failing)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    sqlx::query("update Builds set finished = 0, isCachedBuild = 0 where id = $1")
-        .bind(failing)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    restart_as_the_web_ui_does(&d, failing).await;
     let statuses = d.wait_finished(&[failing], 60).await;
     assert_eq!(statuses[&failing], 1);
     let rows: Vec<(i32, Option<i32>, String)> = sqlx::query_as(
@@ -286,7 +271,46 @@ async fn a_mixed_ca_job_set_builds_what_plain_nix_builds_with_no_placeholder_lef
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!(rows[1].1, Some(1), "a real build: {rows:?}");
     assert!(!rows[1].2.is_empty(), "{rows:?}");
+
+    // Restarted while the queue runner is down, so it never hears of it:
+    // the next one still builds it again.
+    d.stop_queue_runner().await;
+    restart_as_the_web_ui_does(&d, failing).await;
+    d.start_queue_runner_again().await;
+    d.add_agent("a3", 2).await;
+    let statuses = d.wait_finished(&[failing], 60).await;
+    assert_eq!(statuses[&failing], 1);
+    let rows: Vec<(i32, Option<i32>, String)> = sqlx::query_as(
+        "select build, status, machine from BuildSteps where build = $1 order by stepnr",
+    )
+    .bind(failing)
+    .fetch_all(&d.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!((rows[2].1, rows[2].2.as_str()), (Some(1), "a3"), "{rows:?}");
     d.stop().await;
+}
+
+/// Restarts finished build `id` with the web UI's SQL: its output paths
+/// leave `FailedPaths`, and it is queued again.
+async fn restart_as_the_web_ui_does(d: &Deployment, id: i32) {
+    let mut tx = d.pool.begin().await.unwrap();
+    sqlx::query(
+        "delete from FailedPaths where path in
+           (select path from BuildOutputs where build = $1
+            union select path from BuildStepOutputs where build = $1)",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("update Builds set finished = 0, isCachedBuild = 0 where id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
 }
 
 const CUTOFF: &str = r#"rec {

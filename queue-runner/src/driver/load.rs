@@ -434,15 +434,6 @@ async fn load(
                 .map_err(|e| e.to_string())?;
             let missing: Vec<i32> = ids.into_iter().filter(|id| !held.contains(id)).collect();
             if !missing.is_empty() {
-                let forgotten = crate::db::results::forget_failed_derivations(&mut conn, &missing)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if forgotten > 0 {
-                    tracing::info!(
-                        derivations = forgotten,
-                        "restarted builds: their derivations' cached failures are forgotten"
-                    );
-                }
                 let mut b = crate::db::queue::load_builds_by_ids(&mut conn, &missing)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -456,6 +447,22 @@ async fn load(
         batch.more = (new.builds.len() + new.undecodable.len()) as i64 >= limit;
         batch.builds.append(&mut new.builds);
         batch.undecodable.append(&mut new.undecodable);
+        // A queued build with step rows already was restarted (a build
+        // whose derivation failed for good finished with it): the cached
+        // failures its rows name under a `.drv` path are forgotten, as the
+        // web UI forgets their output paths. Done at every load, not only
+        // on `builds_restarted`, so a queue runner that dies before it
+        // hears of a restart forgets them when it loads the build again.
+        let ids: Vec<i32> = batch.builds.iter().map(|b| b.id).collect();
+        let forgotten = crate::db::results::forget_failed_derivations(&mut conn, &ids)
+            .await
+            .map_err(|e| e.to_string())?;
+        if forgotten > 0 {
+            tracing::info!(
+                derivations = forgotten,
+                "restarted builds: the cached failures of their derivations are forgotten"
+            );
+        }
         drop(conn);
         if batch.builds.is_empty() {
             return Ok(());

@@ -365,12 +365,24 @@ impl Deployment {
     /// same settings, database, data directory and store. It listens on
     /// new ports: agents started before do not find it again.
     pub async fn restart_queue_runner(&mut self) {
+        self.stop_queue_runner().await;
+        self.start_queue_runner_again().await;
+    }
+
+    /// Stops the queue runner as SIGTERM does, and waits until it has
+    /// (its agents and the database stay).
+    pub async fn stop_queue_runner(&mut self) {
         let stopping = self.begin_stopping_queue_runner();
         tokio::time::timeout(Duration::from_secs(30), stopping)
             .await
             .expect("the queue runner stops within 30 s")
             .unwrap()
             .unwrap();
+    }
+
+    /// Starts the stopped queue runner again with the same settings,
+    /// database, data directory and store, on new ports.
+    pub async fn start_queue_runner_again(&mut self) {
         let (bound, stop, task) = start_queue_runner(self.config.clone()).await;
         self.bound = bound;
         self.stop = Some(stop);

@@ -679,9 +679,9 @@ pub async fn failed_paths_among(
 
 /// Forgets the cached failures recorded under the `.drv` paths of the
 /// steps of `builds` (derivations with outputs known only once built go
-/// into `FailedPaths` themselves): for restarted builds, what the web UI's
-/// restart does for the output paths it can name. Returns how many it
-/// forgot.
+/// into `FailedPaths` themselves): for queued builds that have step rows,
+/// which were restarted, what the web UI's restart does for the output
+/// paths it can name. Returns how many it forgot.
 pub async fn forget_failed_derivations(
     conn: &mut PgConnection,
     builds: &[i32],

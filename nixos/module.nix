@@ -401,7 +401,8 @@ in
               directory gets no new steps; 0 turns it off (binary's default: 0).
             '';
             "store-connections" = setting types.ints.positive ''
-              Store connections for control work (binary's default: 8).
+              Store connections for control work (binary's default: 8; at
+              least 2).
             '';
             "transfer-connections" = setting types.ints.positive ''
               Store connections for the agents' NAR transfers (binary's default: 16).

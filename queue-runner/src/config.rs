@@ -99,7 +99,8 @@ pub struct Settings {
     pub min_free_disk_mb: Option<u64>,
     /// Connections to the queue runner's Nix store for control work:
     /// reading closures, preparing assignments, checking and post-processing
-    /// results [default: 8]
+    /// results; at least 2, since a load asks the store on a second
+    /// connection while it reads closures on its first [default: 8]
     #[arg(long, value_name = "N")]
     pub store_connections: Option<usize>,
     /// Connections to the queue runner's Nix store for NAR transfers
@@ -254,7 +255,7 @@ impl ServeConfig {
             lease: Duration::from_secs(file.lease_s.unwrap_or(30)),
             max_cpu_pressure: file.max_cpu_pressure.unwrap_or(0.0),
             min_free_disk_mb: file.min_free_disk_mb.unwrap_or(0),
-            store_connections: file.store_connections.unwrap_or(8).max(1),
+            store_connections: file.store_connections.unwrap_or(8).max(2),
             transfer_connections: file.transfer_connections.unwrap_or(16).max(1),
             dispatch_order: match file.dispatch_order.as_deref() {
                 None => sluice_core::ConfiguredOrder::CriticalPath,
@@ -353,6 +354,17 @@ mod tests {
         assert_eq!(c.max_tries, 2);
         assert_eq!(c.agent_token_file, PathBuf::from("/etc/t"));
         assert!(c.database_url.is_none(), "no URL: the embedded database");
+    }
+
+    #[test]
+    fn a_load_gets_its_two_store_connections() {
+        let cli = Settings {
+            agent_token_file: Some("/etc/t".into()),
+            store_connections: Some(1),
+            ..Settings::default()
+        };
+        let c = ServeConfig::resolve(Settings::default(), cli).expect("resolves");
+        assert_eq!(c.store_connections, 2);
     }
 
     #[test]

@@ -77,6 +77,17 @@ pub type HeldOutput = (Box<str>, Option<Box<str>>);
 pub type HeldDrv = crate::compact::PackedDrv;
 
 impl ClosureDrv {
+    /// The paths `FailedPaths` would name if it failed for good: its known
+    /// output paths, and `path` (its own) when some output is known only
+    /// once built (as `PackedDrv::failed_paths` records them).
+    pub fn failure_paths<'a>(&'a self, path: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        let own = (!self.keys.is_empty()).then_some(path);
+        self.outputs
+            .iter()
+            .filter_map(|(_, p)| p.as_deref())
+            .chain(own)
+    }
+
     /// What is kept of it while its step is held; `intern` gives the
     /// index of its system among the interned ones.
     pub fn held(&self, intern: &mut impl FnMut(&str) -> usize) -> HeldDrv {
@@ -97,12 +108,11 @@ pub struct BatchClosure {
     pub drvs: sluice_core::PathMap<DrvPath, ClosureDrv>,
     /// Derivations whose outputs are all valid: no step.
     pub valid: HashSet<String>,
-    /// The outputs of valid derivations whose paths are not static (as
-    /// recorded): what a build of one finishes with.
-    pub realised: HashMap<String, Vec<(String, String)>>,
-    /// The same outputs as realisations, keyed: for the caller to record
-    /// those it learnt from somewhere other than the database.
-    pub realisations: Vec<crate::db::results::Realisation>,
+    /// The outputs of valid derivations whose paths are not static, as
+    /// realised (every output of such a derivation has a key): what a
+    /// build of one finishes with, and what the caller records of those
+    /// it learnt from somewhere other than the database.
+    pub realised: HashMap<String, Vec<crate::db::results::Realisation>>,
     /// Derivations that are missing or malformed: the builds that need
     /// them cannot be built.
     pub broken: HashMap<String, IngestError>,
@@ -393,21 +403,18 @@ where
                     .all(|p| p.as_ref().is_some_and(|p| valid_paths.contains(p)));
             if all_valid {
                 if !keys.is_empty() {
-                    let outputs: Vec<(String, String)> = outs
+                    let realised = outs
                         .iter()
-                        .filter_map(|(n, p)| p.as_ref().map(|p| (n.clone(), store_dir.print(p))))
-                        .collect();
-                    for (output, out_path) in &outputs {
-                        if let Some(drv_hash) = keys.get(output) {
-                            batch.realisations.push(crate::db::results::Realisation {
-                                drv_hash: drv_hash.clone(),
+                        .filter_map(|(output, p)| {
+                            Some(crate::db::results::Realisation {
+                                drv_hash: keys.get(output)?.clone(),
                                 output: output.clone(),
-                                out_path: out_path.clone(),
+                                out_path: store_dir.print(p.as_ref()?),
                                 drv_path: path.as_str().to_owned(),
-                            });
-                        }
-                    }
-                    batch.realised.insert(path.as_str().to_owned(), outputs);
+                            })
+                        })
+                        .collect();
+                    batch.realised.insert(path.as_str().to_owned(), realised);
                 }
                 batch.valid.insert(path.as_str().to_owned());
                 continue;

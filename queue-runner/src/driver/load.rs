@@ -252,11 +252,14 @@ impl Driver {
             }
             // A build of a content-addressed derivation whose outputs are
             // recorded finishes cached, with those paths.
-            if let Some(outputs) = batch.closure.realised.get(&build.drv_path) {
+            if let Some(realised) = batch.closure.realised.get(&build.drv_path) {
                 self.built_outputs
                     .entry(DrvPath::from(build.drv_path.as_str()))
                     .or_insert_with(|| super::BuiltStep {
-                        outputs: outputs.clone(),
+                        outputs: realised
+                            .iter()
+                            .map(|r| (r.output.clone(), r.out_path.clone()))
+                            .collect(),
                         start_time: 0,
                         stop_time: 0,
                     });
@@ -424,10 +427,7 @@ async fn load(
         error: None,
     };
     let result: Result<(), String> = async {
-        let mut conn = pool
-            .acquire()
-            .await
-            .map_err(|e| crate::db::describe_sqlx_error(&e))?;
+        let mut conn = acquire(&pool).await?;
         if restarted {
             let ids = crate::db::queue::unfinished_build_ids(&mut conn, after)
                 .await
@@ -473,14 +473,11 @@ async fn load(
         // Realisations come from the database, else from the store (built
         // there by hand, or recorded before the database was); those the
         // store gave are recorded once their paths prove valid.
-        let from_store: Arc<parking_lot::Mutex<HashSet<(String, String)>>> = Arc::default();
+        let store_realisations = StoreRealisations::new(store.clone());
         let lookup = |keys: Vec<(String, String)>| {
-            let (pool, store, from_store) = (pool.clone(), store.clone(), from_store.clone());
+            let (pool, store_realisations) = (pool.clone(), &store_realisations);
             async move {
-                let mut conn = pool
-                    .acquire()
-                    .await
-                    .map_err(|e| crate::db::describe_sqlx_error(&e))?;
+                let mut conn = acquire(&pool).await?;
                 let mut found = crate::db::results::lookup_realisations(&mut conn, &keys)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -489,11 +486,7 @@ async fn load(
                     .into_iter()
                     .filter(|k| !found.contains_key(k))
                     .collect();
-                if !missing.is_empty() {
-                    let known = store_realisations(&store, &missing).await;
-                    from_store.lock().extend(known.keys().cloned());
-                    found.extend(known);
-                }
+                found.extend(store_realisations.ask(&missing).await);
                 Ok(found)
             }
         };
@@ -517,10 +510,12 @@ async fn load(
             // Nothing of this batch is used; the load is retried.
             return Err(error);
         }
-        let learnt = std::mem::take(&mut *from_store.lock());
-        record_store_realisations(&pool, &batch.closure, &learnt).await?;
-        mark_known_failures(&pool, &mut batch.closure).await?;
-        expect_build_times(&pool, &mut batch.closure).await
+        let mut conn = acquire(&pool).await?;
+        store_realisations
+            .record_valid(&mut conn, &batch.closure)
+            .await?;
+        mark_known_failures(&mut conn, &mut batch.closure).await?;
+        expect_build_times(&mut conn, &mut batch.closure).await
     }
     .await;
     if let Err(e) = result {
@@ -529,76 +524,114 @@ async fn load(
     batch
 }
 
-/// The realisations the queue runner's own store knows of `keys`, asked
-/// on a connection of their own, one key a round trip (the daemon protocol
-/// has no batch query). A store without `ca-derivations` drops the
-/// connection at the first question, which only means it knows none; so
-/// does any other failure, which costs a rebuild at worst.
-async fn store_realisations(
-    store: &crate::store::Store,
-    keys: &[(String, String)],
-) -> std::collections::HashMap<(String, String), String> {
-    use sluice_nix::daemon::DrvOutput;
-    let mut found = std::collections::HashMap::new();
-    let mut client = match store.connect().await {
-        Ok(client) => client,
-        Err(e) => {
-            tracing::debug!(error = %e, "realisations not asked of the store");
-            return found;
-        }
-    };
-    for (hash, output) in keys {
-        let Ok(drv_hash) = sluice_nix::hash::Hash::parse_prefixed(hash) else {
-            continue;
-        };
-        let id = DrvOutput::ByHash {
-            drv_hash,
-            output: output.clone(),
-        };
-        match client.query_realisation(&id).await {
-            Ok(Some(r)) => {
-                let path = store.store_dir().print(&r.out_path);
-                found.insert((hash.clone(), output.clone()), path);
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::debug!(error = %e, "the store answers no realisation queries");
-                break;
-            }
-        }
-    }
-    found
+/// A connection from `pool`, or why there is none, in one line.
+async fn acquire(
+    pool: &sqlx::PgPool,
+) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, String> {
+    pool.acquire()
+        .await
+        .map_err(|e| crate::db::describe_sqlx_error(&e))
 }
 
-/// Records the realisations of `closure`'s valid derivations that the
-/// store gave (keys in `from_store`), so that resolving their dependents,
-/// which reads only the database, finds them.
-async fn record_store_realisations(
-    pool: &sqlx::PgPool,
-    closure: &BatchClosure,
-    from_store: &HashSet<(String, String)>,
-) -> Result<(), String> {
-    let learnt: Vec<crate::db::results::Realisation> = closure
-        .realisations
-        .iter()
-        .filter(|r| from_store.contains(&(r.drv_hash.clone(), r.output.clone())))
-        .cloned()
-        .collect();
-    if learnt.is_empty() {
-        return Ok(());
+/// The realisations a load asks of the queue runner's own store, for keys
+/// the database lacks: on one connection of their own for the whole load,
+/// one key a round trip (the daemon protocol has no batch query). A store
+/// without `ca-derivations` drops the connection at the first question,
+/// which only means it knows none, and is not asked again by this load; so
+/// is one that fails otherwise, which costs a rebuild at worst.
+struct StoreRealisations {
+    store: crate::store::Store,
+    /// `None` until the first question; then the connection, or `Err`
+    /// once the store would not answer.
+    client: tokio::sync::Mutex<Option<Result<crate::grpc::store::PooledClient, ()>>>,
+    /// The keys it answered.
+    answered: parking_lot::Mutex<HashSet<(String, String)>>,
+}
+
+impl StoreRealisations {
+    fn new(store: crate::store::Store) -> StoreRealisations {
+        StoreRealisations {
+            store,
+            client: tokio::sync::Mutex::new(None),
+            answered: parking_lot::Mutex::default(),
+        }
     }
-    let mut conn = pool
-        .acquire()
-        .await
-        .map_err(|e| crate::db::describe_sqlx_error(&e))?;
-    crate::db::results::record_realisations(&mut conn, &learnt)
-        .await
-        .map_err(|e| e.to_string())?;
-    tracing::info!(
-        realisations = learnt.len(),
-        "recorded realisations the local store knew and the database did not"
-    );
-    Ok(())
+
+    /// The output paths the store knows of `keys` (hash, output name).
+    async fn ask(
+        &self,
+        keys: &[(String, String)],
+    ) -> std::collections::HashMap<(String, String), String> {
+        use sluice_nix::daemon::DrvOutput;
+        let mut found = std::collections::HashMap::new();
+        if keys.is_empty() {
+            return found;
+        }
+        let mut slot = self.client.lock().await;
+        if slot.is_none() {
+            *slot = Some(self.store.connect().await.map_err(|e| {
+                tracing::debug!(error = %e, "realisations not asked of the store");
+            }));
+        }
+        let Some(Ok(client)) = slot.as_mut() else {
+            return found;
+        };
+        for (hash, output) in keys {
+            let Ok(drv_hash) = sluice_nix::hash::Hash::parse_prefixed(hash) else {
+                continue;
+            };
+            let id = DrvOutput::ByHash {
+                drv_hash,
+                output: output.clone(),
+            };
+            match client.query_realisation(&id).await {
+                Ok(Some(r)) => {
+                    let path = self.store.store_dir().print(&r.out_path);
+                    found.insert((hash.clone(), output.clone()), path);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "the store answers no realisation queries");
+                    *slot = Some(Err(()));
+                    break;
+                }
+            }
+        }
+        self.answered.lock().extend(found.keys().cloned());
+        found
+    }
+
+    /// Records the realisations of `closure`'s valid derivations that the
+    /// store gave, so that resolving their dependents, which reads only the
+    /// database, finds them.
+    async fn record_valid(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        closure: &BatchClosure,
+    ) -> Result<(), String> {
+        let answered = self.answered.lock().clone();
+        if answered.is_empty() {
+            return Ok(());
+        }
+        let learnt: Vec<crate::db::results::Realisation> = closure
+            .realised
+            .values()
+            .flatten()
+            .filter(|r| answered.contains(&(r.drv_hash.clone(), r.output.clone())))
+            .cloned()
+            .collect();
+        if learnt.is_empty() {
+            return Ok(());
+        }
+        crate::db::results::record_realisations(conn, &learnt)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            realisations = learnt.len(),
+            "recorded realisations the local store knew and the database did not"
+        );
+        Ok(())
+    }
 }
 
 /// Whether the queue runner's store can hold realisations (Nix's
@@ -645,47 +678,29 @@ async fn supports_content_addressed(
     }
 }
 
-/// Marks the derivations of `closure` with an output in `FailedPaths`
-/// ([`sluice_core::StepSpec::known_failed`]), or, for one with outputs
-/// known only once built, the derivation itself; in one lookup for the
-/// batch.
+/// Marks the derivations of `closure` that `FailedPaths` names
+/// ([`sluice_core::StepSpec::known_failed`], see
+/// [`ingest::ClosureDrv::failure_paths`]), in one lookup for the batch.
 async fn mark_known_failures(
-    pool: &sqlx::PgPool,
+    conn: &mut sqlx::PgConnection,
     closure: &mut BatchClosure,
 ) -> Result<(), String> {
     let paths: Vec<String> = closure
         .drvs
         .iter()
-        .flat_map(|(path, d)| {
-            let own = (!d.keys.is_empty()).then(|| path.as_str().to_owned());
-            d.outputs
-                .iter()
-                .filter_map(|(_, p)| p.as_deref().map(str::to_owned))
-                .chain(own)
-        })
+        .flat_map(|(path, d)| d.failure_paths(path.as_str()).map(str::to_owned))
         .collect();
     if paths.is_empty() {
         return Ok(());
     }
-    let mut conn = pool
-        .acquire()
-        .await
-        .map_err(|e| crate::db::describe_sqlx_error(&e))?;
-    let failed = crate::db::results::failed_paths_among(&mut conn, &paths)
+    let failed = crate::db::results::failed_paths_among(conn, &paths)
         .await
         .map_err(|e| e.to_string())?;
     if failed.is_empty() {
         return Ok(());
     }
     for (path, drv) in closure.drvs.iter_mut() {
-        let own = !drv.keys.is_empty() && failed.contains(path.as_str());
-        if own
-            || drv
-                .outputs
-                .iter()
-                .filter_map(|(_, p)| p.as_deref())
-                .any(|p| failed.contains(p))
-        {
+        if drv.failure_paths(path.as_str()).any(|p| failed.contains(p)) {
             drv.spec.known_failed = true;
         }
     }
@@ -695,7 +710,10 @@ async fn mark_known_failures(
 /// Fills in how long each derivation is expected to build, from the
 /// times recorded for its name (one lookup for the batch); the core
 /// uses its default for names never built.
-async fn expect_build_times(pool: &sqlx::PgPool, closure: &mut BatchClosure) -> Result<(), String> {
+async fn expect_build_times(
+    conn: &mut sqlx::PgConnection,
+    closure: &mut BatchClosure,
+) -> Result<(), String> {
     let mut names: Vec<&str> = closure
         .drvs
         .keys()
@@ -706,11 +724,7 @@ async fn expect_build_times(pool: &sqlx::PgPool, closure: &mut BatchClosure) -> 
     if names.is_empty() {
         return Ok(());
     }
-    let mut conn = pool
-        .acquire()
-        .await
-        .map_err(|e| crate::db::describe_sqlx_error(&e))?;
-    let times = crate::db::results::lookup_build_times(&mut conn, &names)
+    let times = crate::db::results::lookup_build_times(conn, &names)
         .await
         .map_err(|e| e.to_string())?;
     for (drv, d) in closure.drvs.iter_mut() {

@@ -304,19 +304,20 @@ impl Cli {
         if systems.iter().all(|s| s.trim().is_empty()) {
             return Err(ConfigError::NoSystems);
         }
-        let (slots, max_jobs, topology) = match self.pinning {
-            Pinning::Off => {
-                // Reported only: an agent that does not pin does not need it.
-                let topology = crate::topology::Topology::read(&self.sysfs_root)
-                    .map_err(|e| tracing::warn!("the machine's NUMA topology is not reported: {e}"))
-                    .ok();
-                (None, self.max_jobs.unwrap_or(1), topology)
-            }
-            Pinning::On => {
-                let topology = crate::topology::Topology::read(&self.sysfs_root)?;
+        let topology = crate::topology::Topology::read(&self.sysfs_root);
+        let (slots, max_jobs, topology) = match (self.pinning, topology) {
+            (Pinning::On, topology) => {
+                let topology = topology?;
                 let (slots, max_jobs) =
                     layout_for(&topology, self.slots.zip(self.cpus_per_slot), self.max_jobs)?;
                 (slots, max_jobs, Some(topology))
+            }
+            // Reported only: an agent that does not pin does not need it.
+            (Pinning::Off, topology) => {
+                let topology = topology
+                    .map_err(|e| tracing::warn!("the machine's NUMA topology is not reported: {e}"))
+                    .ok();
+                (None, self.max_jobs.unwrap_or(1), topology)
             }
         };
         let build_dir = self.build_dir.unwrap_or_else(std::env::temp_dir);

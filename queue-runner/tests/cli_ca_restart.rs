@@ -10,14 +10,10 @@
 
 mod cli;
 
-use std::time::Duration;
-
 use cli::*;
-use nix::sys::signal::Signal;
 use sluice_test_support::nix::NixEnv;
 
 const TOKEN: &str = "cli-ca-restart-token-0123456789abcdef";
-const UP: Duration = Duration::from_secs(120);
 
 /// `root`, and `down` using it, both content-addressed.
 fn jobs() -> String {
@@ -33,41 +29,19 @@ fn jobs() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_runner_stopped_right_after_a_resolution_carries_on_without_duplicates() {
-    let dir = data_dir();
-    let _leftovers = StopLeftovers(dir.path().to_path_buf());
-    let tokens = token_file(dir.path(), TOKEN);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let args = [
-        "--grpc-listen",
-        listen.as_str(),
-        "--retry-interval-s",
-        "1",
-        "--lease-s",
-        "3",
-    ];
-
-    let mut first = serve_with_env(
-        dir.path(),
-        &tokens,
-        &args,
-        &[("SLUICE_FAILPOINTS", "abort-after-resolution")],
+    let mut farm = Serving::start_with_failpoint(
+        TOKEN,
+        &["--retry-interval-s", "1", "--lease-s", "3"],
+        "abort-after-resolution",
     );
-    first.expect_line("queue runner up", UP);
-    let _agent = agent_proc(port, &tokens, "local", 2, &[]);
-    first.expect_line("agent connected", Duration::from_secs(30));
+    let dir = farm.dir.path().to_path_buf();
+    let _agent = farm.agent("local", 2, &[]);
     let env = NixEnv::new();
     let expr = env.write_expr(&jobs());
-    submit_jobs(dir.path(), &expr, &["root", "down"]);
-    let status = first.wait_exit(Duration::from_secs(120));
-    assert!(
-        status.is_some_and(|s| !s.success()),
-        "the failpoint stopped it: {status:?}\n{}",
-        first.output()
-    );
-    assert!(first.output().contains("failpoint abort-after-resolution"));
+    submit_jobs(&dir, &expr, &["root", "down"]);
+    farm.expect_failpoint_stop("abort-after-resolution");
 
-    let pool = embedded_pool(dir.path()).await;
+    let pool = embedded_pool(&dir).await;
     let resolved: Vec<(i32, String, String)> =
         sqlx::query_as("select build, drvPath, resolvedDrvPath from BuildSteps where status = 13")
             .fetch_all(&pool)
@@ -87,10 +61,9 @@ async fn a_queue_runner_stopped_right_after_a_resolution_carries_on_without_dupl
         "its first row was committed with the resolution"
     );
 
-    let mut second = serve_with(dir.path(), &tokens, &args);
-    second.expect_line("queue runner up", UP);
-    wait_all_finished(&pool, &second).await;
-    assert_settled(&pool, &second.output()).await;
+    farm.serve_again();
+    wait_all_finished(&pool, &farm.runner).await;
+    assert_settled(&pool, &farm.runner.output()).await;
     // One status-13 row per build and original derivation, and one
     // successful row of the resolved derivation (the attempt the stop cut
     // short, never sent to an agent, is aborted after a lease).
@@ -111,12 +84,8 @@ async fn a_queue_runner_stopped_right_after_a_resolution_carries_on_without_dupl
         statuses.iter().filter(|(s,)| *s == Some(0)).count(),
         1,
         "{statuses:?}\n{}",
-        second.output()
+        farm.runner.output()
     );
     pool.close().await;
-    second.signal(Signal::SIGTERM);
-    assert_eq!(
-        second.wait_exit(Duration::from_secs(60)).unwrap().code(),
-        Some(0)
-    );
+    farm.stop();
 }

@@ -10,13 +10,10 @@
 
 mod cli;
 
-use std::time::Duration;
-
 use cli::*;
 use sluice_test_support::nix::NixEnv;
 
 const TOKEN: &str = "cli-load-restart-token-0123456789abcdef";
-const UP: Duration = Duration::from_secs(120);
 
 /// Tops over shared dependencies, so later batches read past what
 /// earlier ones brought.
@@ -31,59 +28,36 @@ const JOBS: &str = r#"rec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_runner_stopped_mid_load_loads_every_build_again_and_builds_each_once() {
-    let dir = data_dir();
-    let _leftovers = StopLeftovers(dir.path().to_path_buf());
-    let tokens = token_file(dir.path(), TOKEN);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let args = [
-        "--grpc-listen",
-        listen.as_str(),
-        "--load-batch",
-        "1",
-        "--lease-s",
-        "3",
-    ];
-
-    let mut first = serve_with_env(
-        dir.path(),
-        &tokens,
-        &args,
-        &[("SLUICE_FAILPOINTS", "abort-mid-load")],
+    let mut farm = Serving::start_with_failpoint(
+        TOKEN,
+        &["--load-batch", "1", "--lease-s", "3"],
+        "abort-mid-load",
     );
-    first.expect_line("queue runner up", UP);
-    let _agent = agent_proc(port, &tokens, "local", 2, &[]);
-    first.expect_line("agent connected", Duration::from_secs(30));
+    let dir = farm.dir.path().to_path_buf();
+    let _agent = farm.agent("local", 2, &[]);
     let env = NixEnv::new();
     let expr = env.write_expr(JOBS);
     let jobs = ["t1", "t2", "t3", "t4", "mid", "base"];
-    submit_jobs(dir.path(), &expr, &jobs);
-    let status = first.wait_exit(Duration::from_secs(120));
-    assert!(
-        status.is_some_and(|s| !s.success()),
-        "the failpoint stopped it: {status:?}\n{}",
-        first.output()
-    );
-    assert!(first.output().contains("failpoint abort-mid-load"));
+    submit_jobs(&dir, &expr, &jobs);
+    farm.expect_failpoint_stop("abort-mid-load");
 
-    let pool = embedded_pool(dir.path()).await;
+    let pool = embedded_pool(&dir).await;
     assert_eq!(
         count(&pool, "select count(*) from Builds where finished = 0").await,
         jobs.len() as i64,
         "every build is still queued"
     );
 
-    let mut second = serve_with(dir.path(), &tokens, &args);
-    second.expect_line("queue runner up", UP);
-    wait_all_finished(&pool, &second).await;
+    farm.serve_again();
+    wait_all_finished(&pool, &farm.runner).await;
     // Every build succeeded, no row is left busy, and no derivation has
     // two successful rows.
-    assert_settled(&pool, &second.output()).await;
+    assert_settled(&pool, &farm.runner.output()).await;
     assert_eq!(
         count(&pool, "select count(*) from BuildSteps where status = 0").await,
         jobs.len() as i64,
         "each derivation built once"
     );
-    second.signal(nix::sys::signal::Signal::SIGTERM);
-    second.wait_exit(Duration::from_secs(60));
+    pool.close().await;
+    farm.stop();
 }

@@ -236,13 +236,7 @@ async fn a_mixed_ca_job_set_builds_what_plain_nix_builds_with_no_placeholder_lef
     for (first, second) in ids.iter().zip(&again) {
         assert_eq!(outputs_of(&d, *first).await, outputs_of(&d, *second).await);
     }
-    let added: Vec<(i32, Option<i32>, String)> = sqlx::query_as(
-        "select build, status, machine from BuildSteps where build = any($1) order by build",
-    )
-    .bind(&again)
-    .fetch_all(&d.pool)
-    .await
-    .unwrap();
+    let added = step_rows(&d, &again).await;
     let failures = JOBS.iter().filter(|(_, s)| *s == 1 || *s == 2).count();
     assert_eq!(added.len(), failures, "{added:?}\n{}", steps(&d).await);
     assert!(
@@ -258,16 +252,10 @@ async fn a_mixed_ca_job_set_builds_what_plain_nix_builds_with_no_placeholder_lef
     // Restarted as the web UI does it (the failing output has no path to
     // delete from FailedPaths): built again, and failed again.
     let failing = again[JOBS.iter().position(|(a, _)| *a == "failing").unwrap()];
-    restart_as_the_web_ui_does(&d, failing).await;
+    d.restart_build_as_the_web_ui_does(failing).await;
     let statuses = d.wait_finished(&[failing], 60).await;
     assert_eq!(statuses[&failing], 1);
-    let rows: Vec<(i32, Option<i32>, String)> = sqlx::query_as(
-        "select build, status, machine from BuildSteps where build = $1 order by stepnr",
-    )
-    .bind(failing)
-    .fetch_all(&d.pool)
-    .await
-    .unwrap();
+    let rows = step_rows(&d, &[failing]).await;
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!(rows[1].1, Some(1), "a real build: {rows:?}");
     assert!(!rows[1].2.is_empty(), "{rows:?}");
@@ -275,42 +263,26 @@ async fn a_mixed_ca_job_set_builds_what_plain_nix_builds_with_no_placeholder_lef
     // Restarted while the queue runner is down, so it never hears of it:
     // the next one still builds it again.
     d.stop_queue_runner().await;
-    restart_as_the_web_ui_does(&d, failing).await;
+    d.restart_build_as_the_web_ui_does(failing).await;
     d.start_queue_runner_again().await;
     d.add_agent("a3", 2).await;
     let statuses = d.wait_finished(&[failing], 60).await;
     assert_eq!(statuses[&failing], 1);
-    let rows: Vec<(i32, Option<i32>, String)> = sqlx::query_as(
-        "select build, status, machine from BuildSteps where build = $1 order by stepnr",
-    )
-    .bind(failing)
-    .fetch_all(&d.pool)
-    .await
-    .unwrap();
+    let rows = step_rows(&d, &[failing]).await;
     assert_eq!(rows.len(), 3, "{rows:?}");
     assert_eq!((rows[2].1, rows[2].2.as_str()), (Some(1), "a3"), "{rows:?}");
     d.stop().await;
 }
 
-/// Restarts finished build `id` with the web UI's SQL: its output paths
-/// leave `FailedPaths`, and it is queued again.
-async fn restart_as_the_web_ui_does(d: &Deployment, id: i32) {
-    let mut tx = d.pool.begin().await.unwrap();
-    sqlx::query(
-        "delete from FailedPaths where path in
-           (select path from BuildOutputs where build = $1
-            union select path from BuildStepOutputs where build = $1)",
+/// `(build, status, machine)` of every step row of `builds`, in order.
+async fn step_rows(d: &Deployment, builds: &[i32]) -> Vec<(i32, Option<i32>, String)> {
+    sqlx::query_as(
+        "select build, status, machine from BuildSteps where build = any($1) order by build, stepnr",
     )
-    .bind(id)
-    .execute(&mut *tx)
+    .bind(builds)
+    .fetch_all(&d.pool)
     .await
-    .unwrap();
-    sqlx::query("update Builds set finished = 0, isCachedBuild = 0 where id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    .unwrap()
 }
 
 const CUTOFF: &str = r#"rec {

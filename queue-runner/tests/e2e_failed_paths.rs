@@ -92,22 +92,7 @@ async fn a_failed_path_is_a_cached_failure_until_a_restart_clears_it() {
 
     // Restarted as the web UI does it: its paths leave FailedPaths.
     let restarted = Instant::now();
-    let mut tx = d.pool.begin().await.unwrap();
-    sqlx::query(
-        "delete from FailedPaths where path in
-           (select path from BuildOutputs where build = $1
-            union select path from BuildStepOutputs where build = $1)",
-    )
-    .bind(second[0])
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    sqlx::query("update Builds set finished = 0, isCachedBuild = 0 where id = $1")
-        .bind(second[0])
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    d.restart_build_as_the_web_ui_does(second[0]).await;
 
     let statuses = d.wait_finished(&second[..1], 30).await;
     assert!(

@@ -194,6 +194,8 @@ pub struct Serving {
     _leftovers: StopLeftovers,
     pub tokens: PathBuf,
     pub port: u16,
+    /// Every argument after the data directory and token file.
+    args: Vec<String>,
     pub dir: tempfile::TempDir,
 }
 
@@ -201,22 +203,52 @@ impl Serving {
     /// Starts it with agent token `token` and more `args`; returns once it
     /// is up.
     pub fn start(token: &str, args: &[&str]) -> Serving {
+        Serving::start_with_env(token, args, &[])
+    }
+
+    /// [`Serving::start`] with failpoint `name` armed: see
+    /// [`Serving::expect_failpoint_stop`].
+    pub fn start_with_failpoint(token: &str, args: &[&str], name: &str) -> Serving {
+        Serving::start_with_env(token, args, &[("SLUICE_FAILPOINTS", name)])
+    }
+
+    fn start_with_env(token: &str, args: &[&str], env: &[(&str, &str)]) -> Serving {
         let dir = data_dir();
         let leftovers = StopLeftovers(dir.path().to_path_buf());
         let tokens = token_file(dir.path(), token);
         let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut all = vec!["--grpc-listen", listen.as_str()];
-        all.extend_from_slice(args);
-        let runner = serve_with(dir.path(), &tokens, &all);
+        let mut all = vec!["--grpc-listen".to_owned(), format!("127.0.0.1:{port}")];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let runner = serve_with_env(dir.path(), &tokens, &strs(&all), env);
         runner.expect_line("queue runner up", Duration::from_secs(120));
         Serving {
             runner,
             _leftovers: leftovers,
             tokens,
             port,
+            args: all,
             dir,
         }
+    }
+
+    /// Waits up to 120 s for failpoint `name` to stop the queue runner
+    /// dead, and checks it did.
+    pub fn expect_failpoint_stop(&mut self, name: &str) {
+        let status = self.runner.wait_exit(Duration::from_secs(120));
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "the failpoint stopped it: {status:?}\n{}",
+            self.runner.output()
+        );
+        assert!(self.runner.output().contains(&format!("failpoint {name}")));
+    }
+
+    /// Starts the queue runner again, with no failpoint, on the same data
+    /// directory, token file, port and arguments; returns once it is up.
+    pub fn serve_again(&mut self) {
+        self.runner = serve_with(self.dir.path(), &self.tokens, &strs(&self.args));
+        self.runner
+            .expect_line("queue runner up", Duration::from_secs(120));
     }
 
     /// An [`agent_proc`] dialling it, once the queue runner has seen it.
@@ -243,6 +275,10 @@ impl Serving {
             self.runner.output()
         );
     }
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 /// Waits up to 60 s for the first `BuildSteps` row.

@@ -369,6 +369,28 @@ impl Deployment {
         self.start_queue_runner_again().await;
     }
 
+    /// Restarts finished build `id` with the web UI's SQL, in one
+    /// transaction: its output paths leave `FailedPaths`, and it is queued
+    /// again.
+    pub async fn restart_build_as_the_web_ui_does(&self, id: i32) {
+        let mut tx = self.pool.begin().await.unwrap();
+        sqlx::query(
+            "delete from FailedPaths where path in
+               (select path from BuildOutputs where build = $1
+                union select path from BuildStepOutputs where build = $1)",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        sqlx::query("update Builds set finished = 0, isCachedBuild = 0 where id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+
     /// Stops the queue runner as SIGTERM does, and waits until it has
     /// (its agents and the database stay).
     pub async fn stop_queue_runner(&mut self) {

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_proto::v1 as pb;
 use tokio::sync::{watch, Notify};
 use tokio::task::{AbortHandle, JoinSet};
 use tonic::{Code, Status};
@@ -243,26 +242,18 @@ impl Jobs {
         self.phases.clone()
     }
 
-    /// The latest phase of each held step that has reported one, in step
-    /// order.
-    pub(crate) fn held_phases(&self) -> Vec<pb::PhaseUpdate> {
+    /// The latest phase (busy code, slot) of each held step that has
+    /// reported one, in step order.
+    pub(crate) fn held_phases(&self) -> Vec<(String, u32, Option<u32>)> {
         let mut phases = self.phases.lock();
         // A phase a cancelled job reported on its way out is dropped here.
         phases.retain(|step, _| self.running.contains_key(step));
-        let mut updates: Vec<pb::PhaseUpdate> = self
-            .running
-            .keys()
-            .filter_map(|step| {
-                let (busy, slot) = *phases.get(step)?;
-                Some(pb::PhaseUpdate {
-                    step_id: step.clone(),
-                    busy,
-                    slot,
-                })
-            })
+        let mut held: Vec<(String, u32, Option<u32>)> = phases
+            .iter()
+            .map(|(step, (busy, slot))| (step.clone(), *busy, *slot))
             .collect();
-        updates.sort_by(|a, b| a.step_id.cmp(&b.step_id));
-        updates
+        held.sort();
+        held
     }
 
     /// The slots, for a new job to wait on.

@@ -78,15 +78,21 @@ impl SessionCtx {
     /// if it holds one. Advisory: dropped if the stream is full or gone.
     pub(crate) fn phase(&self, step_id: &str, busy: u32, slot: Option<u32>) {
         self.phases.lock().insert(step_id.to_owned(), (busy, slot));
-        let event = pb::AgentEvent {
-            session_id: self.id.clone(),
-            event: Some(pb::agent_event::Event::Phase(pb::PhaseUpdate {
-                step_id: step_id.to_owned(),
-                busy,
-                slot,
-            })),
-        };
-        let _ = self.events.try_send(event);
+        let _ = self
+            .events
+            .try_send(phase_event(&self.id, step_id.to_owned(), busy, slot));
+    }
+}
+
+/// A phase update of step `step_id` on session `session_id`.
+fn phase_event(session_id: &str, step_id: String, busy: u32, slot: Option<u32>) -> pb::AgentEvent {
+    pb::AgentEvent {
+        session_id: session_id.to_owned(),
+        event: Some(pb::agent_event::Event::Phase(pb::PhaseUpdate {
+            step_id,
+            busy,
+            slot,
+        })),
     }
 }
 
@@ -222,11 +228,8 @@ async fn serve(
     let _ = events.try_send(hello);
     // Then where each held step is, which a restarted queue runner does
     // not know (advisory, like every phase update).
-    for phase in held_phases {
-        let _ = events.try_send(pb::AgentEvent {
-            session_id: registered.session_id.clone(),
-            event: Some(pb::agent_event::Event::Phase(phase)),
-        });
+    for (step_id, busy, slot) in held_phases {
+        let _ = events.try_send(phase_event(&registered.session_id, step_id, busy, slot));
     }
     let mut commands = client
         .clone()

@@ -114,10 +114,18 @@ fn a_server_that_exits_while_it_is_adopted_is_replaced_by_a_fresh_one() {
     // killed an instant ago): alive when the next start looks, gone soon.
     let fake = dir.path().join("postgres");
     std::fs::copy("/bin/sleep", &fake).expect("copies sleep");
-    let mut dying = std::process::Command::new(&fake)
-        .arg("1")
-        .spawn()
-        .expect("runs");
+    // A process another test forks at this instant holds the copy's write
+    // descriptor until it execs: running it fails with ETXTBSY meanwhile.
+    let mut tries = 0;
+    let mut dying = loop {
+        match std::process::Command::new(&fake).arg("1").spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            spawned => break spawned.expect("runs"),
+        }
+    };
     let lock = dir.path().join("data/postmaster.pid");
     std::fs::write(
         &lock,
